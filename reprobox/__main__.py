@@ -1,0 +1,5 @@
+"""`python -m reprobox`."""
+
+from reprobox.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,186 @@
+"""argv -> one call into the library -> an exit code. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from reprobox import __version__
+from reprobox.errors import EXIT_CHECK_FAILED, ReproboxError
+
+__all__ = ["entrypoint", "main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from reprobox.render import starter_spec
+
+    sys.stdout.write(starter_spec(torch=args.torch, cuda=args.cuda, name=args.name))
+    return 0
+
+
+def _cmd_lock(args: argparse.Namespace) -> int:
+    from reprobox import pipeline
+
+    report = pipeline.lock(Path(args.spec), output=_opt_path(args.output), relock=args.relock)
+    return _emit(args, report, report["summary"])
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from reprobox import pipeline
+
+    report = pipeline.render(
+        Path(args.spec),
+        Path(args.output),
+        lock_path=_opt_path(args.lock),
+        relock=args.relock,
+        wheels=not args.no_wheels,
+        refetch=args.refetch,
+    )
+    return _emit(args, report, report["summary"])
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from reprobox import pipeline
+
+    report = pipeline.build(
+        Path(args.spec),
+        lock_path=_opt_path(args.lock),
+        tag=args.tag,
+        relock=args.relock,
+        nocache=args.no_cache,
+        check=not args.no_check,
+        refetch=args.refetch,
+    )
+    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from reprobox import pipeline
+
+    report = pipeline.check(args.image)
+    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+
+
+def _opt_path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _emit(args: argparse.Namespace, report: dict[str, Any], summary: str, code: int = 0) -> int:
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(summary.rstrip("\n") + "\n")
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reprobox",
+        description="Build container images in which PyTorch training is bit-for-bit reproducible, and prove it.",
+    )
+    parser.add_argument("--version", action="version", version=f"reprobox {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Command, help_text: str, *, spec: bool = True, json_out: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if spec:
+            p.add_argument("spec", metavar="SPEC", help="the spec file (YAML)")
+        if json_out:
+            p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+        return p
+
+    def lock_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--lock", metavar="LOCK", help="the lock file (default: SPEC with .lock)")
+        p.add_argument("--relock", action="store_true", help="resolve again when the spec changed")
+        p.add_argument(
+            "--refetch", action="store_true", help="fetch again wheels that fail verification"
+        )
+
+    p = command("init", _cmd_init, "print a commented starter spec", spec=False, json_out=False)
+    p.add_argument(
+        "--torch", default="2.13.0", metavar="VERSION", help="torch version (default 2.13.0)"
+    )
+    p.add_argument(
+        "--cuda", default="cpu", metavar="VERSION|cpu", help="CUDA version or cpu (default cpu)"
+    )
+    p.add_argument("--name", default="my-env", help="image name (default my-env)")
+
+    p = command("lock", _cmd_lock, "resolve every wheel for the image's platform, pinned by sha256")
+    p.add_argument(
+        "-o", "--output", metavar="LOCK", help="where to write (default: SPEC with .lock)"
+    )
+    p.add_argument("--relock", action="store_true", help="rewrite a lock whose spec changed")
+
+    p = command(
+        "render", _cmd_render, "write the build context (Dockerfile, hook, self-check, lock)"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="an empty or new directory")
+    p.add_argument(
+        "--no-wheels", action="store_true", help="leave the wheel folders empty (for review)"
+    )
+    lock_options(p)
+
+    p = command("build", _cmd_build, "lock, fetch, render, build and self-check an image")
+    p.add_argument(
+        "--tag", metavar="NAME:TAG", help="tag (default: the spec's name and a content tag)"
+    )
+    p.add_argument("--no-cache", action="store_true", help="build every layer again")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the self-check (the image is not proven)"
+    )
+    lock_options(p)
+
+    p = command(
+        "check",
+        _cmd_check,
+        "rerun the self-check in IMAGE and compare with its recorded fingerprint",
+        spec=False,
+    )
+    p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run reprobox with `argv`; the one place where errors become exit codes."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 for --help
+        return int(exc.code or 0)
+    func: Command = args.func
+    try:
+        return func(args)
+    except ReproboxError as exc:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"reprobox: error: {exc.render()}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("reprobox: interrupted\n")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            sys.stderr.write(
+                f"reprobox: internal error: {type(exc).__name__}: {exc}\n"
+                "  hint: this is a bug in reprobox; run again with --debug and report the traceback\n"
+            )
+        return EXIT_CHECK_FAILED
+
+
+def entrypoint() -> None:
+    """The console script."""
+    raise SystemExit(main())
