@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -17,14 +17,14 @@ import yaml
 
 from reprobox import __version__
 from reprobox.compat import driver_minimum
+from reprobox._lockfile import GROUPS, requirements_text
 from reprobox.errors import ReproboxError
 from reprobox.spec import Spec, parse_spec
 
 if TYPE_CHECKING:
-    from reprobox.lock import Lock, LockedWheel
+    from reprobox.lock import Lock
 
 __all__ = [
-    "GROUPS",
     "RenderedContext",
     "default_tag",
     "dockerfile_quote",
@@ -34,7 +34,6 @@ __all__ = [
     "starter_spec",
 ]
 
-GROUPS = ("installer", "torch", "rest")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IMAGE_FILES = ("reprobox_hook.py", "reprobox_selfcheck.py")
 
@@ -65,11 +64,11 @@ def dockerfile_quote(value: object) -> str:
 def source_date_epoch(lock_sha256: str) -> int:
     """A timestamp derived from the lock, not the clock: the same lock, the same dates.
 
-    reprobox images carry no real build time; every date in them is this one, a fixed
-    point (2020-01-01) plus a few days chosen by the lock's hash, so that images of
+    reprobox images carry no real build time; every date in them is this one: midnight of
+    a day in 2020-2024 chosen by the lock's hash, always in the past, so that images of
     different locks do not all claim one instant.
     """
-    return 1_577_836_800 + int(lock_sha256[:8], 16) % (3_650 * 86_400) // 86_400 * 86_400
+    return 1_577_836_800 + int(lock_sha256[:8], 16) % 1_826 * 86_400
 
 
 def default_tag(spec: Spec, lock_sha256: str) -> str:
@@ -221,8 +220,8 @@ def render_context(
     )
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "Dockerfile", dockerfile)
-    _write(out / "requirements" / "torch.txt", _requirements(by_group["torch"]))
-    _write(out / "requirements" / "rest.txt", _requirements(by_group["rest"] + installer))
+    _write(out / "requirements" / "torch.txt", requirements_text(by_group["torch"]))
+    _write(out / "requirements" / "rest.txt", requirements_text(by_group["rest"] + installer))
     templates = resources.files("reprobox.templates")
     _write(
         out / "build" / "reprobox_install.py",

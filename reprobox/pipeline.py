@@ -1,0 +1,270 @@
+"""The stages in order, for the CLI: spec -> lock -> fetch -> render -> build -> check -> label."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reprobox.base import bootstrap_base
+from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.check import (
+    SELFCHECK_LABEL,
+    compare_with_recorded,
+    fingerprint_label,
+    run_selfcheck,
+    selfcheck_argv,
+)
+from reprobox.engine import DockerEngine, Engine
+from reprobox.errors import EngineError, ReproboxError
+from reprobox.lock import Lock, default_lock_path, ensure_lock
+from reprobox.progress import Reporter
+from reprobox.render import RenderedContext, render_context
+from reprobox.spec import Spec, load_spec
+
+__all__ = ["build", "check", "lock", "render"]
+
+_BUILD_ID_LABEL = "reprobox.build-id"
+_TRACE_LABEL = "reprobox.trace."
+
+
+@dataclass(frozen=True)
+class _Locked:
+    spec: Spec
+    lock: Lock
+    path: Path
+    text: str
+
+
+def _locked(spec_path: Path, lock_path: Path | None, relock: bool, reporter: Reporter) -> _Locked:
+    spec = load_spec(spec_path)
+    path = lock_path or default_lock_path(spec_path)
+    with reporter.stage(f"lock {path}"):
+        lock = ensure_lock(spec, path, relock=relock)
+    return _Locked(spec, lock, path, path.read_text(encoding="utf-8"))
+
+
+def _fetch(locked: _Locked, refetch: bool, reporter: Reporter) -> dict[str, Path]:
+    cache = WheelCache(default_cache_dir())
+    with reporter.stage(f"fetch and verify {len(locked.lock.wheels)} wheels into {cache.root}"):
+        return cache.fetch(locked.lock.wheels, progress=reporter.transfer, refetch=refetch)
+
+
+def _engine(reporter: Reporter) -> Engine:
+    engine = DockerEngine()
+    info = engine.ping()
+    reporter.note(f"Docker Engine {info.server_version} (API {info.api_version}, {info.arch}) at {info.host}")
+    return engine
+
+
+def _base_ref(spec: Spec, engine: Engine, reporter: Reporter) -> str:
+    if spec.base.image is not None:
+        if not engine.image_exists(spec.base.image):
+            raise EngineError(
+                f"the base image {spec.base.image} is not in the engine",
+                hint=f"pull or load it first (`docker pull {spec.base.image}`); reprobox builds offline",
+            )
+        return spec.base.image
+    suite = spec.base.suite or "bookworm"
+    with reporter.stage(f"base debian:{suite}"):
+        cache_dir = default_cache_dir() / "bases"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        base = bootstrap_base(suite, spec.apt, engine, cache_dir=cache_dir, on_line=reporter.detail)
+        reporter.note(f"base {base.ref} = {base.image_id} ({'reused' if base.reused else 'made'})")
+    return base.image_id
+
+
+@contextmanager
+def _context_dir() -> Iterator[Path]:
+    # Beside the wheel cache, so wheels are hard-linked rather than copied into the context.
+    root = default_cache_dir() / "contexts"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ctx-", dir=root) as tmp:
+        yield Path(tmp) / "context"
+
+
+def lock(spec_path: Path, *, output: Path | None, relock: bool) -> dict[str, Any]:
+    """`reprobox lock`: resolve and write the lock (or confirm the one there is current)."""
+    reporter = Reporter()
+    locked = _locked(spec_path, output, relock, reporter)
+    return {
+        "lock": str(locked.path),
+        "spec_sha256": locked.spec.sha256,
+        "wheels": len(locked.lock.wheels),
+        "summary": f"{locked.path}: {len(locked.lock.wheels)} wheels pinned by sha256",
+    }
+
+
+def render(
+    spec_path: Path, out: Path, *, lock_path: Path | None, relock: bool, wheels: bool, refetch: bool
+) -> dict[str, Any]:
+    """`reprobox render`: the build context, without building."""
+    reporter = Reporter()
+    locked = _locked(spec_path, lock_path, relock, reporter)
+    files = _fetch(locked, refetch, reporter) if wheels else None
+    spec = locked.spec
+    if spec.base.image is not None:
+        base_ref = spec.base.image
+    else:
+        # Without an engine the bootstrapped base has no ID yet: name it; `build` uses the ID.
+        base_ref = f"reprobox/base:{spec.base.suite}"
+    with reporter.stage(f"render {out}"):
+        ctx = render_context(spec, locked.lock, locked.text, out, base_ref=base_ref, wheels=files)
+    return {
+        "context": str(ctx.path),
+        "tag": ctx.tag,
+        "lock": str(locked.path),
+        "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock)",
+    }
+
+
+def _selfcheck_labels(spec: Spec) -> dict[str, str]:
+    return {SELFCHECK_LABEL: json.dumps(selfcheck_argv(spec))}
+
+
+def _reusable(engine: Engine, built_id: str) -> str | None:
+    """A checked, labelled image made from exactly this build, if one exists."""
+    for image_id in engine.find_images({_BUILD_ID_LABEL: built_id}):
+        labels = engine.inspect_image(image_id).get("Config", {}).get("Labels") or {}
+        if any(k.startswith("reprobox.fingerprint.") for k in labels):
+            return image_id
+    return None
+
+
+def build(
+    spec_path: Path,
+    *,
+    lock_path: Path | None,
+    tag: str | None,
+    relock: bool,
+    nocache: bool,
+    check: bool,
+    refetch: bool,
+) -> dict[str, Any]:
+    """`reprobox build`: everything, ending in a tagged image that passed its self-check."""
+    started = time.monotonic()
+    reporter = Reporter()
+    engine = _engine(reporter)
+    locked = _locked(spec_path, lock_path, relock, reporter)
+    spec = locked.spec
+    files = _fetch(locked, refetch, reporter)
+    base_ref = _base_ref(spec, engine, reporter)
+    with _context_dir() as ctx_dir:
+        ctx: RenderedContext = render_context(spec, locked.lock, locked.text, ctx_dir, base_ref=base_ref, wheels=files)
+        with reporter.stage("build"):
+            built_id = engine.build(ctx.path, nocache=nocache, labels=_selfcheck_labels(spec), on_event=reporter.build_event)
+    tags = [tag or ctx.tag]
+    report: dict[str, Any] = {
+        "spec": str(spec_path),
+        "lock": str(locked.path),
+        "spec_sha256": spec.sha256,
+        "lock_sha256": ctx.lock_sha256,
+        "base": base_ref,
+        "built_id": built_id,
+        "tags": tags,
+    }
+    reused = None if nocache else _reusable(engine, built_id)
+    if not check:
+        image_id = engine.add_labels(built_id, {_BUILD_ID_LABEL: built_id})
+        report |= {"image_id": image_id, "passed": True, "selfcheck": None}
+        summary = f"built {image_id} (self-check skipped: --no-check, the image is not proven)"
+    elif reused is not None:
+        image_id = reused
+        labels = engine.inspect_image(image_id)["Config"]["Labels"]
+        fingerprints = {k: v for k, v in labels.items() if k.startswith("reprobox.fingerprint.")}
+        report |= {"image_id": image_id, "passed": True, "selfcheck": {"passed": True, "reused": True, "fingerprints": fingerprints}}
+        shown = ", ".join(f"{k.removeprefix('reprobox.fingerprint.')} {v}" for k, v in fingerprints.items())
+        summary = f"built {image_id}: unchanged since its last self-check ({shown})"
+    else:
+        with reporter.stage(f"self-check ({spec.selfcheck.steps} steps, twice, in fresh interpreters)"):
+            result = run_selfcheck(engine, built_id, selfcheck_argv(spec))
+        report["selfcheck"] = {
+            "passed": result.passed,
+            "fingerprint": result.fingerprint,
+            "device_class": result.device_class,
+            "first_difference": result.first_difference,
+            "report": result.report,
+        }
+        if not result.passed:
+            report |= {"image_id": built_id, "passed": False, "tags": []}
+            summary = (
+                f"self-check FAILED in {built_id}: the two runs differ at {json.dumps(result.first_difference)}; "
+                "the image was not tagged"
+            )
+            report["summary"] = summary
+            return report
+        trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
+        image_id = engine.add_labels(
+            built_id,
+            {
+                _BUILD_ID_LABEL: built_id,
+                fingerprint_label(result.device_class): result.fingerprint,
+                _TRACE_LABEL + result.device_class: trace,
+            },
+        )
+        report |= {"image_id": image_id, "passed": True}
+        summary = f"built {image_id}: self-check passed on {result.device_class}, fingerprint {result.fingerprint}"
+    for ref in tags:
+        engine.tag(image_id, ref)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report["summary"] = f"{summary}\ntagged {', '.join(tags)} ({report['seconds']} s)"
+    return report
+
+
+def check(image: str) -> dict[str, Any]:
+    """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded."""
+    reporter = Reporter()
+    engine = _engine(reporter)
+    if not engine.image_exists(image):
+        raise ReproboxError(f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it")
+    labels: dict[str, str] = engine.inspect_image(image).get("Config", {}).get("Labels") or {}
+    raw_argv = labels.get(SELFCHECK_LABEL)
+    if raw_argv is None:
+        raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
+    argv = json.loads(raw_argv)
+    with reporter.stage(f"self-check in {image}"):
+        result = run_selfcheck(engine, image, argv)
+    verdict = compare_with_recorded(result, labels)
+    passed = result.passed and verdict.matches is not False
+    difference = result.first_difference
+    if verdict.matches is False:
+        recorded_trace = labels.get(_TRACE_LABEL + result.device_class)
+        difference = _first_step_difference(recorded_trace, result.report)
+    lines = [
+        "self-check passed: the two runs here match bit for bit"
+        if result.passed
+        else f"self-check FAILED: the two runs here differ at {json.dumps(result.first_difference)}",
+        verdict.message,
+    ]
+    if verdict.matches is False and difference is not None:
+        lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
+    return {
+        "image": image,
+        "passed": passed,
+        "device_class": result.device_class,
+        "fingerprint": result.fingerprint,
+        "recorded": verdict.recorded,
+        "matches_recorded": verdict.matches,
+        "first_difference": difference,
+        "selfcheck": result.report,
+        "summary": "\n".join(lines),
+    }
+
+
+def _first_step_difference(recorded_trace: str | None, report: dict[str, Any] | Any) -> dict[str, Any] | None:
+    if recorded_trace is None:
+        return None
+    recorded = json.loads(recorded_trace)
+    runs = report.get("runs") or [{}]
+    now = runs[0]
+    for step, (a, b) in enumerate(zip(recorded.get("losses", []), now.get("losses", []), strict=False)):
+        if a != b:
+            return {"step": step, "recorded": a, "here": b}
+    if recorded.get("state_sha256") != now.get("state_sha256"):
+        return {"step": "final state", "recorded": recorded.get("state_sha256"), "here": now.get("state_sha256")}
+    return None
