@@ -1,0 +1,302 @@
+"""Test doubles: `FakeEngine`, an in-memory `reprobox.engine.Engine` for unit tests.
+
+Import it as `from fakes import FakeEngine` (pytest puts tests/ on sys.path). Images are docker
+config dicts whose ID is the sha256 of their JSON, as in the real engine; builds replay the
+Dockerfile through the real `BuildLog`, so step events and BuildErrors look like the real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shlex
+import tarfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reprobox.engine import BuildEvent, BuildLog, EngineInfo, ImageNotFoundError, RunResult
+from reprobox.errors import EngineError
+
+__all__ = ["FakeEngine", "config_id"]
+
+RunHandler = Callable[[str, Sequence[str], Mapping[str, str]], RunResult]
+
+
+def config_id(config: Mapping[str, Any]) -> str:
+    """The image ID of a config dict serialised canonically (as reprobox writes them)."""
+    return _bytes_id(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+
+
+@dataclass
+class _Image:
+    id: str
+    config: dict[str, Any]
+    tags: set[str] = field(default_factory=set)
+
+
+class FakeEngine:
+    """An in-memory engine: deterministic IDs, scripted build failures and container runs.
+
+    `fail_on` maps an instruction substring to the output its (failing) step prints;
+    `run_handler(image, argv, env)` answers `run` (default: exit 0, no output); `alive=False`
+    makes every call raise EngineError (exit 3) as a missing engine would. `calls` records
+    (method, argument) pairs for assertions.
+    """
+
+    def __init__(
+        self,
+        *,
+        alive: bool = True,
+        arch: str = "amd64",
+        fail_on: Mapping[str, str] | None = None,
+        run_handler: RunHandler | None = None,
+    ) -> None:
+        self.alive = alive
+        self.arch = arch
+        self.fail_on = dict(fail_on or {})
+        self.run_handler = run_handler
+        self.images: dict[str, _Image] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.pushed: dict[str, str] = {}
+
+    def _call(self, method: str, arg: str) -> None:
+        self.calls.append((method, arg))
+        if not self.alive:
+            raise EngineError("no Docker Engine answers at fake://engine", hint="start it")
+
+    def add_image(self, config: Mapping[str, Any], *tags: str, image_id: str | None = None) -> str:
+        """Put an image (a docker config dict) into the engine, as `docker load` would."""
+        copy: dict[str, Any] = json.loads(json.dumps(config))
+        image = self.images.setdefault(
+            image_id or config_id(copy), _Image(image_id or config_id(copy), copy)
+        )
+        for ref in tags:
+            self.tag(image.id, ref)
+        return image.id
+
+    def _resolve(self, ref: str) -> _Image:
+        for image in self.images.values():
+            if ref in (image.id, image.id.removeprefix("sha256:")) or _full_ref(ref) in image.tags:
+                return image
+        raise ImageNotFoundError(f"inspecting {ref}: no such image in the fake engine")
+
+    def ping(self) -> EngineInfo:
+        """The fake's identity, or EngineError when `alive` is False."""
+        self._call("ping", "")
+        return EngineInfo("fake://engine", "20.10.24", "1.41", "linux", self.arch)
+
+    def build(
+        self,
+        context_dir: Path,
+        *,
+        tag: str | None = None,
+        nocache: bool = False,
+        labels: Mapping[str, str] | None = None,
+        buildargs: Mapping[str, str] | None = None,
+        dockerfile: str = "Dockerfile",
+        on_event: Callable[[BuildEvent], None] | None = None,
+    ) -> str:
+        """Replay the Dockerfile's steps through BuildLog; the ID hashes the whole context."""
+        self._call("build", str(context_dir))
+        steps = _instructions((context_dir / dockerfile).read_text())
+        log = BuildLog(on_event)
+        if not steps:
+            log.fail("the Dockerfile has no instructions")
+        config: dict[str, Any] = {}
+        layers: list[str] = []
+        for number, step in enumerate(steps, 1):
+            log.feed({"stream": f"Step {number}/{len(steps)} : {step}\n"})
+            if number == 1:
+                config = self._from(step, log)
+                layers = list(config.get("rootfs", {}).get("diff_ids", []))
+            for needle, output in self.fail_on.items():
+                if needle in step:
+                    log.feed({"stream": output if output.endswith("\n") else output + "\n"})
+                    log.feed({"error": f"The command '{step}' returned a non-zero code: 1"})
+                    log.finish()  # raises the BuildError, as the real stream ends here
+            if step.split()[0].upper() in {"RUN", "COPY", "ADD"}:
+                layers.append(_bytes_id(f"{layers}{step}".encode()))
+        config["rootfs"] = {"type": "layers", "diff_ids": layers}
+        settings = config.setdefault("config", {})
+        settings["Labels"] = {**(settings.get("Labels") or {}), **(labels or {})}
+        config["context"] = _tree_digest(context_dir)
+        config["buildargs"] = dict(sorted((buildargs or {}).items()))
+        log.feed({"aux": {"ID": self.add_image(config)}})
+        image_id = log.finish()
+        if tag is not None:
+            self.tag(image_id, tag)
+        return image_id
+
+    def _from(self, step: str, log: BuildLog) -> dict[str, Any]:
+        words = step.split()
+        if len(words) < 2 or words[0].upper() != "FROM":
+            log.fail("the first instruction must be FROM")
+        if words[1] == "scratch":
+            return {}
+        if not self.image_exists(words[1]):
+            log.fail(f"pull access denied for {words[1]}: no registry is reachable")
+        config: dict[str, Any] = json.loads(json.dumps(self._resolve(words[1]).config))
+        return config
+
+    def run(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float,
+        gpus: bool = False,
+    ) -> RunResult:
+        """Answer with `run_handler` (default: exit 0, no output) for an image the fake holds."""
+        self._call("run", shlex.join([image, *argv]))
+        self._resolve(image)
+        if self.run_handler is None:
+            return RunResult(0, "", "")
+        return self.run_handler(image, argv, dict(env or {}))
+
+    def inspect_image(self, ref: str) -> dict[str, Any]:
+        """The part of `docker inspect` that reprobox reads."""
+        self._call("inspect_image", ref)
+        image = self._resolve(ref)
+        return {
+            "Id": image.id,
+            "RepoTags": sorted(image.tags),
+            "Config": image.config.get("config", {}),
+            "RootFS": {
+                "Type": "layers",
+                "Layers": list(image.config.get("rootfs", {}).get("diff_ids", [])),
+            },
+            "Architecture": image.config.get("architecture", self.arch),
+            "Os": image.config.get("os", "linux"),
+            "Created": image.config.get("created", ""),
+        }
+
+    def image_exists(self, ref: str) -> bool:
+        """Whether the fake holds `ref`."""
+        self._call("image_exists", ref)
+        try:
+            self._resolve(ref)
+        except ImageNotFoundError:
+            return False
+        return True
+
+    def find_images(self, labels: Mapping[str, str]) -> list[str]:
+        """IDs of the images that carry all of `labels`, sorted."""
+        self._call("find_images", json.dumps(dict(labels), sort_keys=True))
+        return sorted(
+            image.id
+            for image in self.images.values()
+            if labels.items() <= (image.config.get("config", {}).get("Labels") or {}).items()
+        )
+
+    def tag(self, image_id: str, ref: str) -> None:
+        """Move `ref` to `image_id`."""
+        self._call("tag", f"{image_id} {ref}")
+        target = self._resolve(image_id)
+        for image in self.images.values():
+            image.tags.discard(_full_ref(ref))
+        target.tags.add(_full_ref(ref))
+
+    def remove_image(self, ref: str, *, force: bool = False) -> None:
+        """Untag `ref`; drop the image when it was named by ID or lost its last tag."""
+        self._call("remove_image", ref)
+        image = self._resolve(ref)
+        image.tags.discard(_full_ref(ref))
+        if not image.tags or ref.removeprefix("sha256:") in image.id:
+            del self.images[image.id]
+
+    def save(self, refs: Sequence[str], dest: Path) -> None:
+        """A docker-archive of manifest and configs (no layer data: the fake has none)."""
+        self._call("save", " ".join(refs))
+        manifest = []
+        with tarfile.open(dest, "w") as archive:
+            for ref in refs:
+                image = self._resolve(ref)
+                name = image.id.removeprefix("sha256:") + ".json"
+                _add_bytes(
+                    archive,
+                    name,
+                    json.dumps(image.config, sort_keys=True, separators=(",", ":")).encode(),
+                )
+                manifest.append(
+                    {"Config": name, "RepoTags": sorted(image.tags) or None, "Layers": []}
+                )
+            _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
+
+    def load(self, archive: Path) -> list[str]:
+        """Read a docker-archive's manifest and configs; real archives too (layers are skipped)."""
+        self._call("load", str(archive))
+        ids = []
+        with tarfile.open(archive) as tar:
+            for entry in json.loads(_member(tar, "manifest.json")):
+                raw = _member(tar, entry["Config"])
+                tags = entry.get("RepoTags") or []
+                ids.append(self.add_image(json.loads(raw), *tags, image_id=_bytes_id(raw)))
+        return sorted(set(ids))
+
+    def push(
+        self,
+        repository: str,
+        tag: str,
+        auth_config: Mapping[str, str] | None = None,
+        *,
+        on_status: Callable[[str], None] | None = None,
+    ) -> str:
+        """Record the push; the digest is derived from the image ID."""
+        self._call("push", f"{repository}:{tag}")
+        image = self._resolve(f"{repository}:{tag}")
+        digest = _bytes_id(f"manifest of {image.id}".encode())
+        self.pushed[f"{repository}:{tag}"] = digest
+        if on_status is not None:
+            on_status(f"{tag}: digest: {digest}")
+        return digest
+
+    def add_labels(self, image_id: str, labels: Mapping[str, str]) -> str:
+        """A new image with the same layers and `labels` merged in."""
+        self._call("add_labels", image_id)
+        config: dict[str, Any] = json.loads(json.dumps(self._resolve(image_id).config))
+        settings = config.setdefault("config", {})
+        settings["Labels"] = {**(settings.get("Labels") or {}), **labels}
+        return self.add_image(config)
+
+
+def _bytes_id(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _full_ref(ref: str) -> str:
+    return ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest"
+
+
+def _instructions(dockerfile: str) -> list[str]:
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    return [
+        line.strip()
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes:
+    member = tar.extractfile(name)
+    if member is None:
+        raise EngineError(f"{name} is missing from the image archive")
+    return member.read()
