@@ -1,0 +1,411 @@
+"""Bootstrap Debian base images with mmdebstrap, written as a reproducible image archive.
+
+`docker import` stamps the clock into the image config, so reprobox writes the docker-archive itself:
+one layer normalised (sorted entries, clamped mtimes, numeric owners, no host files), a config with
+fixed times, then `docker load`. The image ID is then a function of the suite, the package versions
+and the architecture alone, and a base already in the engine (found by its key) is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from reprobox.engine import Engine
+from reprobox.errors import BuildError, EngineError, ReproboxError
+
+__all__ = [
+    "ALWAYS_INCLUDED",
+    "BASE_FORMAT",
+    "DEFAULT_MIRROR",
+    "DEFAULT_SOURCE_DATE_EPOCH",
+    "BaseImage",
+    "Runner",
+    "base_key",
+    "bootstrap_base",
+    "run_command",
+    "write_base_archive",
+    "write_normalized_layer",
+]
+
+#: Bump when the archive layout or the mmdebstrap options change: it is part of every base key.
+BASE_FORMAT = 1
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: 2023-06-10T00:00:00Z, Debian 12's release day. Any fixed instant would do; the clock would not.
+DEFAULT_SOURCE_DATE_EPOCH = 1686355200
+#: What every reprobox image needs from its base: python3 and the venv module.
+ALWAYS_INCLUDED = ("python3", "python3-venv")
+
+_LABEL = "reprobox.base."
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV = [f"PATH={_PATH}", "LANG=C.UTF-8"]
+_CMD = ["/bin/bash"]
+# Engine architecture (Go's names) -> Debian's.
+_DPKG_ARCH = {
+    "amd64": "amd64",
+    "arm64": "arm64",
+    "arm": "armhf",
+    "386": "i386",
+    "ppc64le": "ppc64el",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+_SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+# mmdebstrap copies these from the build host; the engine mounts its own over them at run time.
+_HOST_FILES = {"etc/hostname": b"", "etc/resolv.conf": b""}
+_TAIL_LINES = 20
+
+#: Runs argv with extra environment, feeding each output line to the callback; returns the status.
+Runner = Callable[[Sequence[str], Mapping[str, str], Callable[[str], None]], int]
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A bootstrapped base in the engine; `installed` lists every Debian package as name=version."""
+
+    image_id: str
+    ref: str
+    suite: str
+    packages: tuple[str, ...]
+    key: str
+    installed: tuple[str, ...]
+    reused: bool
+
+
+def base_key(
+    suite: str,
+    packages: Sequence[str],
+    arch: str,
+    *,
+    mirror: str = DEFAULT_MIRROR,
+    source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH,
+) -> str:
+    """The sha256 naming a base: what was asked for, not what the mirror happened to serve."""
+    asked = {
+        "format": BASE_FORMAT,
+        "suite": suite,
+        "packages": sorted(set(packages)),
+        "arch": arch,
+        "mirror": mirror,
+        "source_date_epoch": source_date_epoch,
+    }
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str], on_line: Callable[[str], None]) -> int:
+    """Run a tool found on PATH, streaming its merged output line by line."""
+    if shutil.which(argv[0]) is None:
+        raise EngineError(
+            f"{argv[0]} is not installed; reprobox needs it to bootstrap a Debian base",
+            hint=f"`apt-get install {argv[0]}` (or `make setup`), or use `base.image` instead",
+        )
+    with subprocess.Popen(
+        argv,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
+        for line in proc.stdout:
+            on_line(line.rstrip("\n"))
+        return proc.wait()
+
+
+def bootstrap_base(
+    suite: str,
+    packages: Sequence[str],
+    engine: Engine,
+    *,
+    cache_dir: Path,
+    on_line: Callable[[str], None],
+    mirror: str = DEFAULT_MIRROR,
+    source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH,
+    runner: Runner = run_command,
+) -> BaseImage:
+    """The base for `suite` (e.g. "bookworm") plus `packages`, reused when the engine has it.
+
+    `cache_dir` is scratch space for the root filesystem and the archive (about twice the base's
+    size while it runs, emptied afterwards).
+    """
+    _validate(suite, packages)
+    wanted = tuple(sorted(set(packages)))
+    arch = engine.ping().arch
+    key = base_key(suite, wanted, arch, mirror=mirror, source_date_epoch=source_date_epoch)
+    ref = f"reprobox/base:{suite}-{key[:12]}"
+    found = _find(engine, key, ref)
+    if found is not None:
+        return found
+    if arch not in _DPKG_ARCH:
+        raise EngineError(f"the engine runs on {arch!r}: reprobox cannot bootstrap Debian for it")
+    included = ",".join((*ALWAYS_INCLUDED, *wanted))
+    command = ["mmdebstrap", "--variant=minbase", f"--architectures={_DPKG_ARCH[arch]}"]
+    command += ["--format=tar", f"--include={included}", suite]
+    labels = {
+        f"{_LABEL}format": str(BASE_FORMAT),
+        f"{_LABEL}key": key,
+        f"{_LABEL}mirror": mirror,
+        f"{_LABEL}packages": ",".join(wanted),
+        f"{_LABEL}suite": suite,
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="base-", dir=cache_dir) as work:
+        rootfs, archive = Path(work) / "rootfs.tar", Path(work) / "image.tar"
+        tail: deque[str] = deque(maxlen=_TAIL_LINES)
+
+        def line(text: str) -> None:
+            tail.append(text)
+            on_line(text)
+
+        env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
+        if runner([*command, str(rootfs), mirror], env, line) != 0:
+            raise BuildError(
+                f"mmdebstrap could not make the {suite} base",
+                step=" ".join([*command, "OUT.tar", mirror]),
+                log_tail="\n".join(tail),
+                hint=f"check the package names and that {mirror} answers",
+            )
+        on_line(f"writing the image archive for {ref}")
+        image_id, installed = write_base_archive(
+            rootfs,
+            archive,
+            arch=arch,
+            labels=labels,
+            ref=ref,
+            source_date_epoch=source_date_epoch,
+            created_by=" ".join([*command, mirror]),
+        )
+        on_line(f"loading {ref} into the engine")
+        loaded = engine.load(archive)
+    if image_id not in loaded:
+        raise EngineError(f"the engine loaded {loaded} for {ref}, expected {image_id}")
+    return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
+
+
+def write_base_archive(
+    rootfs: Path,
+    dest: Path,
+    *,
+    arch: str,
+    labels: Mapping[str, str],
+    ref: str,
+    source_date_epoch: int,
+    created_by: str,
+) -> tuple[str, tuple[str, ...]]:
+    """Write a one-layer docker-archive of `rootfs`; its image ID and installed packages."""
+    layer = dest.with_name(dest.name + ".layer")
+    diff_id = write_normalized_layer(
+        rootfs,
+        layer,
+        source_date_epoch=source_date_epoch,
+        replace=_HOST_FILES,
+        drop=lambda name: name.startswith("dev/"),  # the engine mounts its own /dev
+    )
+    with tarfile.open(layer) as tar:
+        installed = _installed(_member_bytes(tar, "var/lib/dpkg/status"))
+    created = datetime.fromtimestamp(source_date_epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    config = {
+        "architecture": arch,
+        "config": {
+            "Cmd": _CMD,
+            "Env": _ENV,
+            "Labels": {
+                **labels,
+                f"{_LABEL}installed": ",".join(installed),
+                "org.opencontainers.image.created": created,
+            },
+        },
+        "created": created,
+        "history": [{"created": created, "created_by": created_by}],
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    config_hex = hashlib.sha256(config_bytes).hexdigest()
+    layer_name = diff_id.removeprefix("sha256:") + "/layer.tar"
+    manifest = [{"Config": f"{config_hex}.json", "RepoTags": [ref], "Layers": [layer_name]}]
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as archive:
+        with layer.open("rb") as data:
+            _add(archive, layer_name, data, layer.stat().st_size, source_date_epoch)
+        _add(
+            archive,
+            f"{config_hex}.json",
+            io.BytesIO(config_bytes),
+            len(config_bytes),
+            source_date_epoch,
+        )
+        blob = json.dumps(manifest, separators=(",", ":")).encode()
+        _add(archive, "manifest.json", io.BytesIO(blob), len(blob), source_date_epoch)
+    layer.unlink()
+    return f"sha256:{config_hex}", installed
+
+
+def write_normalized_layer(
+    src: Path,
+    dst: Path,
+    *,
+    source_date_epoch: int,
+    replace: Mapping[str, bytes] | None = None,
+    drop: Callable[[str], bool] | None = None,
+) -> str:
+    """Rewrite a layer tar reproducibly; its diff ID (sha256 of the uncompressed tar).
+
+    Entries are sorted by path, mtimes clamped to `source_date_epoch`, owners numeric with blank
+    names, and only xattrs kept of the PAX records. `replace` gives files new contents; `drop`
+    leaves entries out. Hard links are re-pointed so that each target precedes its links.
+    """
+    replace = replace or {}
+    with tarfile.open(src) as tar:
+        everything = {_clean(m.name): m for m in tar.getmembers()}
+        kept = sorted(n for n in everything if n and not (drop is not None and drop(n)))
+        first: dict[str, str] = {}  # hard-link group -> the kept name that carries the data
+        with dst.open("wb") as raw:
+            sink = _Sha256Writer(raw)
+            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:  # type: ignore[call-overload]
+                for name in kept:
+                    member = everything[name]
+                    info = _normalized_info(name, member, source_date_epoch)
+                    data: IO[bytes] | None = None
+                    if name in replace:
+                        info.type, info.mode, info.linkname = tarfile.REGTYPE, 0o644, ""
+                        info.size, data = len(replace[name]), io.BytesIO(replace[name])
+                    elif member.isreg() or member.islnk():
+                        group = _clean(member.linkname) if member.islnk() else name
+                        if group in first:
+                            info.type, info.linkname, info.size = tarfile.LNKTYPE, first[group], 0
+                        else:
+                            first[group] = name
+                            source = everything.get(group)
+                            if source is None or not source.isreg():
+                                raise ReproboxError(
+                                    f"{src}: hard link {name} -> {group}: no such file"
+                                )
+                            info.type, info.linkname, info.size = tarfile.REGTYPE, "", source.size
+                            data = tar.extractfile(source)
+                    out.addfile(info, data)
+    return f"sha256:{sink.hexdigest()}"
+
+
+class _Sha256Writer:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._digest.update(data)
+        return self._raw.write(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _normalized_info(name: str, member: tarfile.TarInfo, epoch: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = member.type
+    info.mode = member.mode
+    info.uid, info.gid = member.uid, member.gid
+    info.uname = info.gname = ""
+    info.mtime = min(int(member.mtime), epoch)
+    info.linkname = member.linkname
+    info.devmajor, info.devminor = member.devmajor, member.devminor
+    info.pax_headers = {
+        k: v for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")
+    }
+    return info
+
+
+def _clean(name: str) -> str:
+    name = name.removeprefix("./").lstrip("/").rstrip("/")
+    return "" if name == "." else name
+
+
+def _add(archive: tarfile.TarFile, name: str, data: IO[bytes], size: int, epoch: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, epoch, 0o644
+    archive.addfile(info, data)
+
+
+def _member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
+    try:
+        member = tar.extractfile(name)
+    except KeyError:
+        member = None
+    if member is None:
+        raise ReproboxError(f"the root filesystem has no {name}: is it a Debian system?")
+    return member.read()
+
+
+def _installed(status: bytes) -> tuple[str, ...]:
+    """name=version of every installed package in a dpkg status file, sorted."""
+    found = []
+    for stanza in status.decode("utf-8", errors="replace").split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in stanza.splitlines() if ": " in line and line[0] != " "
+        )
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            found.append(f"{fields['Package']}={fields.get('Version', '')}")
+    return tuple(sorted(found))
+
+
+def _find(engine: Engine, key: str, ref: str) -> BaseImage | None:
+    """The base with this key if the engine holds it (images built on it inherit its labels)."""
+    for image_id in engine.find_images({f"{_LABEL}key": key}):
+        info = engine.inspect_image(image_id)
+        if _is_base(info):
+            engine.tag(image_id, ref)  # the tag keeps `docker image prune` off it
+            labels: dict[str, str] = info["Config"]["Labels"]
+            return BaseImage(
+                image_id=image_id,
+                ref=ref,
+                suite=labels[f"{_LABEL}suite"],
+                packages=tuple(p for p in labels[f"{_LABEL}packages"].split(",") if p),
+                key=key,
+                installed=tuple(labels[f"{_LABEL}installed"].split(",")),
+                reused=True,
+            )
+    return None
+
+
+def _is_base(info: Mapping[str, Any]) -> bool:
+    """One layer, and exactly the config we write: not an image built FROM the base."""
+    config = info.get("Config") or {}
+    labels = config.get("Labels") or {}
+    ours = {f"{_LABEL}{n}" for n in ("format", "installed", "key", "mirror", "packages", "suite")}
+    return (
+        len(info.get("RootFS", {}).get("Layers", [])) == 1
+        and set(labels) == {*ours, "org.opencontainers.image.created"}
+        and config.get("Env") == _ENV
+        and config.get("Cmd") == _CMD
+    )
+
+
+def _validate(suite: str, packages: Sequence[str]) -> None:
+    if not _SUITE.match(suite):
+        raise ReproboxError(
+            f"{suite!r} is not a Debian suite name",
+            hint="use a codename such as bookworm or trixie (without the `debian:` prefix)",
+        )
+    bad = [p for p in packages if not _PACKAGE.match(p)]
+    if bad:
+        raise ReproboxError(
+            f"not Debian package names: {', '.join(map(repr, bad))}",
+            hint="write `name` or `name=version`, e.g. `libgomp1` or `libgomp1=12.2.0-14`",
+        )

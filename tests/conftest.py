@@ -1,0 +1,60 @@
+"""Shared fixtures: the real Docker Engine (or a clear skip) and one bootstrapped base per session.
+
+Docker tests request `docker_engine` or `debian_base`. Where no engine answers they skip with the
+reason; with CI=true they fail instead, because CI must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from reprobox.base import BaseImage, bootstrap_base
+from reprobox.engine import DockerEngine
+from reprobox.errors import EngineError
+
+#: The suite the tests bootstrap; the same key as a spec's `base.bootstrap: debian:bookworm`.
+TEST_SUITE = "bookworm"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip with `reason`, or fail where CI=true (CI must run every docker test)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true, so this is a failure, not a skip: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_docker() -> DockerEngine:
+    """A DockerEngine that answers, or a skip (a failure under CI=true) saying what to do."""
+    engine = DockerEngine()
+    try:
+        engine.ping()
+    except EngineError as err:
+        skip_or_fail(f"{err.message}: run `make setup`")
+    return engine
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """The real engine, pinged once per session."""
+    engine = require_docker()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def debian_base(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> BaseImage:
+    """A bookworm base (python3, venv) made by mmdebstrap once, or reused from the engine."""
+    if shutil.which("mmdebstrap") is None:
+        skip_or_fail(
+            "mmdebstrap is not installed: run `make setup` (or `apt-get install mmdebstrap`)"
+        )
+    cache_dir: Path = tmp_path_factory.mktemp("base-cache")
+    return bootstrap_base(
+        TEST_SUITE, (), docker_engine, cache_dir=cache_dir, on_line=lambda _: None
+    )
