@@ -294,38 +294,29 @@ def _probe(device_name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the parent
 
 
-def _run_children(arguments: list[str], workdir: Path, labels: list[str]) -> list[dict[str, Any]]:
-    """Start this file once per label, each in a fresh interpreter, side by side.
+class _Child:
+    """This file started in a fresh interpreter, its output going to a file in `workdir`."""
 
-    Side by side halves the wall time (most of a run is importing torch); the runs share
-    nothing, and each reads its thread counts from the same environment either way.
-    """
-    started = []
-    for label in labels:
-        result, log = workdir / f"{label}.json", workdir / f"{label}.log"
-        with log.open("wb") as output:  # a file, not a pipe: no deadlock on a chatty run
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    *arguments,
-                    "--result",
-                    str(result),
-                ],
+    def __init__(self, arguments: list[str], workdir: Path, label: str) -> None:
+        self.label = label
+        self.result, self.log = workdir / f"{label}.json", workdir / f"{label}.log"
+        command = [sys.executable, str(Path(__file__).resolve()), *arguments]
+        with self.log.open("wb") as output:  # a file, not a pipe: no deadlock on a chatty run
+            self.process = subprocess.Popen(
+                [*command, "--result", str(self.result)],
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
             )
-        started.append((label, process, result, log))
-    outcomes = []
-    for label, process, result, log in started:
-        returncode = process.wait()
-        if returncode != 0 or not result.exists():
-            tail = log.read_text(encoding="utf-8", errors="replace")[-_TAIL:]
-            outcomes.append({"error": f"{label} exited with {returncode}", "stderr_tail": tail})
-        else:
-            outcomes.append(json.loads(result.read_text(encoding="utf-8")))
-    return outcomes
+
+    def outcome(self) -> dict[str, Any]:
+        """Wait; return what the child wrote, or why it wrote nothing."""
+        returncode = self.process.wait()
+        if returncode != 0 or not self.result.exists():
+            tail = self.log.read_text(encoding="utf-8", errors="replace")[-_TAIL:]
+            return {"error": f"{self.label} exited with {returncode}", "stderr_tail": tail}
+        loaded: dict[str, Any] = json.loads(self.result.read_text(encoding="utf-8"))
+        return loaded
 
 
 def _sha256(data: bytes) -> str:
@@ -351,7 +342,10 @@ def _first_loss_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, An
 
 def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
     arguments = ["--train", "--steps", str(steps), "--device", device]
-    runs = _run_children(arguments, workdir, ["run-1", "run-2"])
+    # Side by side: most of a run is importing torch, the runs share nothing, and each
+    # reads its thread counts from the same environment either way.
+    children = [_Child(arguments, workdir, label) for label in ("run-1", "run-2")]
+    runs = [child.outcome() for child in children]
     report: dict[str, Any] = {"mode": "training", "steps": steps}
     failures = [f"{run['error']}: {run['stderr_tail']}" for run in runs if "error" in run]
     if failures:
@@ -432,8 +426,11 @@ def _check_script(script: Path, output_dir: Path, device: str, workdir: Path) ->
     for output in outputs:
         if output.exists() and any(output.iterdir()):
             raise _UsageError(f"{output} is not empty; each run needs an empty output directory")
+    # The probe imports torch while the script runs; the script's runs go one at a time,
+    # since a user's script may share more than its output directory (a cache, a port).
+    prober = _Child(["--probe", "--device", device], workdir, "probe")
     runs = [_run_script(script, output) for output in outputs]
-    [probe] = _run_children(["--probe", "--device", device], workdir, ["probe"])
+    probe = prober.outcome()
     report: dict[str, Any] = {"mode": "script", "script": str(script)}
     failures = [
         f"run {n} of {script.name} exited with {run['returncode']}: {run['stderr_tail']}"
