@@ -1,0 +1,366 @@
+"""Spec -> Lock: every wheel of the image resolved for its platform by pip, pinned by sha256.
+
+The resolver is pip's `install --dry-run --report` for the image's Python and manylinux tags
+(metadata only, no wheel is downloaded); this module chooses what to ask for, checks what came
+back against the spec (CUDA, cuDNN, torch wanted by others), groups the wheels for the
+Dockerfile's layers, and reads and writes the lock file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from reprobox import __version__
+from reprobox._diagnose import explain_no_match
+from reprobox._lockfile import (
+    GROUPS,
+    IndexSettings,
+    Lock,
+    LockedWheel,
+    format_lock,
+    parse_lock,
+    requirements_text,
+)
+from reprobox._pip import (
+    NoMatchError,
+    Resolution,
+    ResolvedDist,
+    Runner,
+    link_listing,
+    pip_version,
+    resolve_with_pip,
+    run_pip,
+)
+from reprobox._target import Target, manylinux_platforms, target_for
+from reprobox.compat import torch_release
+from reprobox.errors import EXIT_MISSING, LockError
+from reprobox.spec import Spec
+
+__all__ = [
+    "GROUPS",
+    "PYTORCH_INDEX",
+    "IndexSettings",
+    "Lock",
+    "LockedWheel",
+    "Runner",
+    "Target",
+    "default_lock_path",
+    "ensure_lock",
+    "format_lock",
+    "manylinux_platforms",
+    "parse_lock",
+    "read_lock",
+    "requirements_text",
+    "resolve",
+    "run_pip",
+    "target_for",
+    "write_lock",
+]
+
+#: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
+PYTORCH_INDEX = "https://download.pytorch.org/whl"
+
+_RUNTIME = re.compile(r"^(?:nvidia-cuda-runtime(?:-cu[0-9]+)?|cuda-toolkit)$")
+_CUDNN = re.compile(r"^nvidia-cudnn(?:-cu[0-9]+)?$")
+_EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+_OWN = {
+    "torch": "torch.version",
+    "transformers": "transformers",
+    "pip": "reprobox (the image's installer)",
+}
+
+
+def _where(spec: Spec) -> str:
+    return str(spec.source) if spec.source is not None else "<spec>"
+
+
+def _torch_requirement(spec: Spec) -> tuple[str, str | None]:
+    """torch's requirement for the spec's build, and the PyTorch index that has it, if any."""
+    torch = spec.torch
+    version, _, label = torch.version.partition("+")
+    wanted = "cpu" if not torch.is_cuda else "cu" + torch.cuda.replace(".", "")
+    row = torch_release(torch.release)
+    default_build = torch.is_cuda and row is not None and row.pypi_cuda == torch.cuda
+    if label and label != wanted:
+        raise LockError(
+            f"{_where(spec)}: torch.version: {torch.version} is the +{label} build, but torch.cuda "
+            f"is {torch.cuda}",
+            hint=f'write torch.version as "{version}" and let torch.cuda choose the build',
+        )
+    if default_build:
+        # `===` matches 2.5.1 only: `==2.5.1` would also take a local 2.5.1+cpu from find-links.
+        return f"torch==={version}", None
+    return f"torch=={version}+{wanted}", f"{PYTORCH_INDEX}/{wanted}"
+
+
+def _requirements(spec: Spec, torch: str, installer: str) -> list[str]:
+    for pin in spec.packages:
+        name = str(canonicalize_name(Requirement(pin).name))
+        if name in _OWN:
+            raise LockError(
+                f"{_where(spec)}: packages: {pin} pins {name}, which is set by {_OWN[name]}",
+                hint=f"remove {pin} from packages"
+                + ("" if name == "pip" else f" and set {_OWN[name]} instead"),
+            )
+    transformers = [f"transformers=={spec.transformers}"] if spec.transformers else []
+    return [torch, *transformers, *spec.packages, installer]
+
+
+def _index_args(spec: Spec) -> list[str]:
+    args: list[str] = []
+    if spec.index.url is not None:
+        args += ["--index-url", spec.index.url]
+    for url in spec.index.extra_urls:
+        args += ["--extra-index-url", url]
+    root = spec.source.parent if spec.source is not None else Path.cwd()
+    for link in spec.index.find_links:
+        args += ["--find-links", link if "://" in link else str((root / link).resolve())]
+    return args
+
+
+def _resolve(
+    target: Target, requirements: list[str], args: list[str], runner: Runner, fallback: str | None
+) -> Resolution:
+    """pip's resolution; if torch's build is missing, once more with its PyTorch index added."""
+    try:
+        try:
+            return resolve_with_pip(target, requirements, args, runner)
+        except NoMatchError as err:
+            if fallback is None or err.no_match.requirement != requirements[0]:
+                raise
+            try:
+                return resolve_with_pip(
+                    target, requirements, [*args, "--extra-index-url", fallback], runner
+                )
+            except LockError as again:
+                if isinstance(again, NoMatchError) or again.exit_code != EXIT_MISSING:
+                    raise
+                raise LockError(
+                    f"{requirements[0]} is not on the configured indexes, so reprobox asked "
+                    f"PyTorch's index {fallback}; {again.message}",
+                    hint=again.hint,
+                    exit_code=EXIT_MISSING,
+                ) from None
+    except NoMatchError as err:
+        listing = link_listing(target, err.no_match.requirement, err.index_args, runner)
+        raise explain_no_match(
+            err.no_match.requirement, err.no_match.usable_versions, listing, target, err.indexes
+        ) from None
+
+
+def _active(requirement: Requirement, env: Mapping[str, str], extras: Sequence[str]) -> bool:
+    if requirement.marker is None:
+        return True
+    return any(requirement.marker.evaluate({**env, "extra": extra}) for extra in ("", *extras))
+
+
+def _pins(dist: ResolvedDist, env: Mapping[str, str]) -> dict[str, str]:
+    """`name -> version` of the exact pins in a distribution's active requirements."""
+    pins: dict[str, str] = {}
+    for text in dist.requires:
+        req = Requirement(text)
+        exact = [s.version for s in req.specifier if s.operator in {"==", "==="}]
+        if exact and _active(req, env, ()):
+            pins[str(canonicalize_name(req.name))] = exact[0]
+    return pins
+
+
+def _built_cuda(spec: Spec, torch: ResolvedDist, runtime: tuple[str, str] | None) -> str:
+    """The CUDA major.minor torch was built for: from its runtime pin, else from +cuXYZ."""
+    if runtime is not None:
+        return ".".join(runtime[1].split(".")[:2])
+    label = torch.version.partition("+")[2]
+    if re.fullmatch(r"cu[0-9]{3,}", label):
+        return f"{label[2:-1]}.{label[-1]}"
+    raise LockError(
+        f"{_where(spec)}: torch {torch.version} pins no CUDA runtime and has no +cuXYZ label, so "
+        f"reprobox cannot check it against torch.cuda {spec.torch.cuda}",
+        hint="pick a torch release whose metadata pins its CUDA libraries",
+    )
+
+
+def _check_torch(
+    spec: Spec, torch: ResolvedDist, env: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """Fail unless the resolved torch is the build the spec names; return its CUDA and cuDNN."""
+    if not spec.torch.is_cuda:
+        return None, None
+    pins = _pins(torch, env)
+    runtime = next(((n, v) for n, v in sorted(pins.items()) if _RUNTIME.match(n)), None)
+    cudnn = next(((n, v) for n, v in sorted(pins.items()) if _CUDNN.match(n)), None)
+    built = _built_cuda(spec, torch, runtime)
+    if built != spec.torch.cuda:
+        pinned = f" (it pins {runtime[0]}=={runtime[1]})" if runtime else ""
+        raise LockError(
+            f"{_where(spec)}: torch.cuda: torch {torch.version} is built for CUDA {built}{pinned}, "
+            f"but the spec says {spec.torch.cuda}",
+            hint=f'set torch.cuda to "{built}"',
+        )
+    wanted = spec.torch.cudnn
+    if wanted is not None and cudnn is None:
+        raise LockError(
+            f"{_where(spec)}: torch.cudnn: torch {torch.version} pins no nvidia-cudnn wheel, so "
+            f"cuDNN {wanted} cannot be checked",
+            hint="remove torch.cudnn",
+        )
+    if wanted is not None and cudnn is not None and cudnn[1] != wanted:
+        raise LockError(
+            f"{_where(spec)}: torch.cudnn: torch {torch.version} pins cuDNN {cudnn[1]} "
+            f"({cudnn[0]}=={cudnn[1]}), not {wanted}",
+            hint=f'set torch.cudnn to "{cudnn[1]}" (or remove it: the lock records what torch pins)',
+        )
+    return (runtime[1] if runtime else built), (cudnn[1] if cudnn else None)
+
+
+def _check_torch_wanted(
+    spec: Spec, dists: Sequence[ResolvedDist], torch: str, env: Mapping[str, str]
+) -> None:
+    """Fail if a package asks for another torch, even through its 'torch' extra.
+
+    pip enforces plain requirements; transformers and others put torch behind an extra, so
+    a release that needs a newer torch would otherwise install quietly next to the old one.
+    """
+    for dist in dists:
+        for text in dist.requires:
+            req = Requirement(text)
+            if canonicalize_name(req.name) != "torch":
+                continue
+            extras = [
+                e for e in _EXTRA.findall(str(req.marker)) if "torch" in e or e in dist.extras
+            ]
+            if not _active(req, env, extras) or req.specifier.contains(torch, prereleases=True):
+                continue
+            via = f" (through its '{extras[0]}' extra)" if extras else ""
+            raise LockError(
+                f"{_where(spec)}: {dist.name} {dist.version} needs torch{req.specifier}{via}, but the "
+                f"spec pins torch {torch}; reprobox never changes torch to fit another package",
+                hint=f"pin a {dist.name} release that supports torch {torch}, or set torch.version "
+                f"to one that {dist.name} {dist.version} accepts",
+            )
+
+
+def _closure(root: str, dists: Mapping[str, ResolvedDist], env: Mapping[str, str]) -> set[str]:
+    """`root` and every resolved distribution it needs, directly or not, in the image."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo: list[tuple[str, tuple[str, ...]]] = [(root, ())]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen or name not in dists:
+            continue
+        seen.add((name, extras))
+        for text in dists[name].requires:
+            req = Requirement(text)
+            if _active(req, env, extras):
+                todo.append((str(canonicalize_name(req.name)), tuple(sorted(req.extras))))
+    return {name for name, _ in seen}
+
+
+def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[LockedWheel, ...]:
+    by_name = {d.name: d for d in dists}
+    torch_group = _closure("torch", by_name, env)
+    wheels = []
+    for dist in dists:
+        if dist.sha256 is None:
+            raise LockError(
+                f"{dist.name} {dist.version}: the index gave no sha256 for {dist.url}",
+                hint="use an index that publishes hashes (PyPI does) or a find-links folder",
+            )
+        group = (
+            "installer" if dist.name == "pip" else "torch" if dist.name in torch_group else "rest"
+        )
+        wheels.append(
+            LockedWheel(dist.name, dist.version, dist.filename, dist.url, dist.sha256, group)
+        )
+    return tuple(sorted(wheels, key=lambda w: w.name))
+
+
+def resolve(spec: Spec, *, runner: Runner = run_pip, arch: str | None = None) -> Lock:
+    """Resolve every wheel of `spec`'s image with pip, for its Python, architecture and glibc."""
+    target = target_for(spec, arch)
+    torch, variant_index = _torch_requirement(spec)
+    installer = f"pip=={pip_version()}"
+    requirements = _requirements(spec, torch, installer)
+    # A spec that names its own index decides where wheels come from; else PyTorch's index
+    # is tried for torch's build when pip's configured indexes do not have it.
+    fallback = variant_index if spec.index.url is None else None
+    resolution = _resolve(target, requirements, _index_args(spec), runner, fallback)
+    env = target.marker_environment()
+    dists = {d.name: d for d in resolution.dists}
+    if "torch" not in dists or "pip" not in dists:
+        raise LockError("pip's report lacks torch or pip; this pip is not one reprobox knows")
+    cuda, cudnn = _check_torch(spec, dists["torch"], env)
+    _check_torch_wanted(spec, resolution.dists, dists["torch"].version, env)
+    return Lock(
+        spec_sha256=spec.sha256,
+        python=target.python,
+        arch=target.arch,
+        glibc=target.glibc,
+        platforms=target.platforms,
+        index=IndexSettings(resolution.index_urls, resolution.find_links),
+        resolver=f"pip {pip_version()}",
+        installer=installer,
+        reprobox_version=__version__,
+        wheels=_wheels(resolution.dists, env),
+        torch_cuda=cuda,
+        torch_cudnn=cudnn,
+    )
+
+
+def default_lock_path(spec_path: Path) -> Path:
+    """The spec's path with `.lock` in place of `.yaml` / `.yml`."""
+    if spec_path.suffix in {".yaml", ".yml"}:
+        return spec_path.with_suffix(".lock")
+    return spec_path.with_name(spec_path.name + ".lock")
+
+
+def write_lock(lock: Lock, path: Path) -> None:
+    """Write the lock file atomically: a reader sees the old lock or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(format_lock(lock))
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_lock(path: Path) -> Lock:
+    """Read a lock file written by `write_lock`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(
+            f"{path}: no such lock file", hint="`reprobox lock SPEC` writes it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LockError(f"{path}: cannot read the lock: {exc}") from exc
+    return parse_lock(text, str(path))
+
+
+def ensure_lock(spec: Spec, path: Path, *, relock: bool = False, runner: Runner = run_pip) -> Lock:
+    """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
+
+    A lock made from another version of the spec is never rewritten silently: that is an error
+    unless `relock` is set.
+    """
+    if path.exists() and not relock:
+        lock = read_lock(path)
+        if lock.spec_sha256 != spec.sha256:
+            raise LockError(
+                f"the spec changed since {path} was written (the lock is for spec sha256 "
+                f"{lock.spec_sha256[:12]}, the spec is now {spec.sha256[:12]}); run with --relock",
+                hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
+            )
+        return lock
+    lock = resolve(spec, runner=runner)
+    write_lock(lock, path)
+    return lock
