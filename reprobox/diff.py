@@ -1,0 +1,381 @@
+"""Why two images differ: config field by field, layer by layer, file by file.
+
+Images are given as engine references (ID or tag) or as paths to `docker save` archives; a path
+that names an existing file is read as an archive. Images with the same ID are identical by
+construction (the ID hashes the config, which holds the sha256 of every layer), and so are two
+layers with the same diff ID, so only layers whose diff IDs differ are read, as streams, with file
+contents hashed in chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from reprobox.engine import Engine
+from reprobox.errors import ReproboxError
+
+__all__ = [
+    "Difference",
+    "ImageDiff",
+    "ImageSide",
+    "diff_images",
+    "diff_to_json",
+    "format_diff",
+]
+
+Section = Literal["config", "layer", "file"]
+_SECTIONS: tuple[Section, ...] = ("config", "layer", "file")
+_CHUNK = 1 << 20
+_MAX_ROWS = 30
+_MAX_CELL = 44
+_SKIP_CONFIG = "rootfs.diff_ids"  # reported layer by layer instead
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One difference; `a` and `b` are display values, None where that side has nothing.
+
+    `layer` is the 1-based layer number (None for config rows); `path` is a JSON path into the
+    config (`config.Env[0]`), or an absolute file path; `field` names what differs (`value` for
+    config rows, `diff_id` or `exists` for layers, and for files one of `exists`, `type`,
+    `sha256`, `mode`, `uid`, `gid`, `uname`, `gname`, `mtime`, `linkname`, `xattrs`).
+    """
+
+    section: Section
+    layer: int | None
+    path: str
+    field: str
+    a: str | None
+    b: str | None
+
+
+@dataclass(frozen=True)
+class ImageSide:
+    """One of the two images: as the user named it, its ID, and its layer count."""
+
+    ref: str
+    image_id: str
+    layers: int
+
+
+@dataclass(frozen=True)
+class ImageDiff:
+    """The two images and every difference, sorted by section, layer, path and field."""
+
+    a: ImageSide
+    b: ImageSide
+    differences: tuple[Difference, ...]
+
+    @property
+    def identical(self) -> bool:
+        """Whether nothing differs."""
+        return not self.differences
+
+
+@dataclass(frozen=True)
+class _Image:
+    side: ImageSide
+    archive: Path
+    config: dict[str, Any]
+    layers: tuple[str, ...]  # member names in the archive, bottom first
+    diff_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What is compared of one file; the field order is the order rows are listed in."""
+
+    type: str
+    sha256: str | None
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    mtime: int
+    linkname: str
+    xattrs: str
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(_Entry))
+_TYPES = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.DIRTYPE: "dir",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+
+
+def diff_images(
+    a: str, b: str, *, engine: Engine | None = None, workdir: Path | None = None
+) -> ImageDiff:
+    """Compare two images (IDs, tags, or docker-archive paths); `engine` saves the non-paths."""
+    infos = _inspect([ref for ref in (a, b) if not Path(ref).is_file()], engine)
+    if a in infos and b in infos and infos[a]["Id"] == infos[b]["Id"]:
+        side = ImageSide(a, str(infos[a]["Id"]), len(infos[a]["RootFS"]["Layers"]))
+        return ImageDiff(side, ImageSide(b, side.image_id, side.layers), ())
+    with tempfile.TemporaryDirectory(prefix="diff-", dir=workdir) as tmp:
+        saved = Path(tmp) / "images.tar"
+        if infos and engine is not None:
+            # One archive for both: layers they share are written once.
+            engine.save(sorted({str(info["Id"]) for info in infos.values()}), saved)
+        image_a, image_b = (
+            _read_image(ref, saved, str(infos[ref]["Id"]))
+            if ref in infos
+            else _read_image(ref, Path(ref), None)
+            for ref in (a, b)
+        )
+        differences: list[Difference] = []
+        if image_a.side.image_id != image_b.side.image_id:
+            differences += _config_differences(image_a.config, image_b.config)
+            differences += _layer_differences(image_a, image_b)
+    return ImageDiff(image_a.side, image_b.side, tuple(sorted(differences, key=_order)))
+
+
+def _order(row: Difference) -> tuple[int, int, str, int, str]:
+    field_rank = _ENTRY_FIELDS.index(row.field) if row.field in _ENTRY_FIELDS else -1
+    return (_SECTIONS.index(row.section), row.layer or 0, row.path, field_rank, row.field)
+
+
+def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, Any]]:
+    """The engine's description of each reference that does not name a file."""
+    if refs and engine is None:
+        raise ReproboxError(
+            f"{refs[0]} is not a file, and there is no engine to save it from",
+            hint="name a docker-archive (.tar) that exists, or an image in the engine",
+        )
+    return {ref: engine.inspect_image(ref) for ref in refs} if engine is not None else {}
+
+
+def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
+    """The image `image_id` in `archive`, or its only image when `image_id` is None."""
+    try:
+        with tarfile.open(archive) as tar:
+            manifest = json.loads(_member(tar, "manifest.json", archive))
+            found = []
+            for entry in manifest:
+                raw = _member(tar, entry["Config"], archive)
+                entry_id = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+                if image_id in (None, entry_id):
+                    found.append((entry_id, json.loads(raw), tuple(entry["Layers"])))
+    except (tarfile.TarError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ReproboxError(f"{archive} is not a docker-archive ({err})") from err
+    if len(found) != 1:
+        raise ReproboxError(
+            f"{archive} holds {len(found)} images{'' if image_id is None else ' with ID ' + image_id}",
+            hint="diff takes an archive of one image: `docker save IMAGE -o FILE.tar`",
+        )
+    entry_id, config, layers = found[0]
+    diff_ids = tuple(str(d) for d in config.get("rootfs", {}).get("diff_ids", []))
+    side = ImageSide(ref, entry_id, len(layers))
+    return _Image(side, archive, config, layers, diff_ids)
+
+
+def _member(tar: tarfile.TarFile, name: str, archive: Path) -> bytes:
+    data = tar.extractfile(name)
+    if data is None:
+        raise ReproboxError(f"{archive}: {name} is not a file")
+    return data.read()
+
+
+def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Difference]:
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    return [
+        Difference("config", None, path, "value", flat_a.get(path), flat_b.get(path))
+        for path in sorted(flat_a.keys() | flat_b.keys())
+        if flat_a.get(path) != flat_b.get(path) and not path.startswith(_SKIP_CONFIG)
+    ]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Leaf values as JSON, keyed by path: `config.Env[0]`, `config.Labels["a.b"]`."""
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            if not key.isidentifier():
+                out |= _flatten(item, f"{prefix}[{json.dumps(key)}]")
+            else:
+                out |= _flatten(item, f"{prefix}.{key}" if prefix else key)
+        return out
+    if isinstance(value, list) and value:
+        out = {}
+        for index, item in enumerate(value):
+            out |= _flatten(item, f"{prefix}[{index}]")
+        return out
+    return {prefix: json.dumps(value, sort_keys=True)}
+
+
+def _layer_differences(a: _Image, b: _Image) -> list[Difference]:
+    rows: list[Difference] = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for index in range(max(len(a.layers), len(b.layers))):
+            id_a = a.diff_ids[index] if index < len(a.diff_ids) else None
+            id_b = b.diff_ids[index] if index < len(b.diff_ids) else None
+            if id_a is None or id_b is None:
+                rows.append(Difference("layer", index + 1, "", "exists", id_a, id_b))
+            elif id_a != id_b:
+                rows.append(Difference("layer", index + 1, "", "diff_id", id_a, id_b))
+                # The two layers are read at once: hashing releases the GIL.
+                files_a, files_b = pool.map(_layer_entries, (a, b), (index, index))
+                rows += _file_differences(index + 1, files_a, files_b)
+    return rows
+
+
+def _layer_entries(image: _Image, index: int) -> dict[str, _Entry]:
+    """Every entry of one layer, streamed; each thread opens its own handle on the archive."""
+    with (
+        tarfile.open(image.archive) as outer,
+        _layer_stream(outer, image.layers[index], image.archive) as layer,
+    ):
+        return {"/" + _clean(m.name): _entry(layer, m) for m in layer}
+
+
+@contextmanager
+def _layer_stream(outer: tarfile.TarFile, name: str, archive: Path) -> Iterator[tarfile.TarFile]:
+    data = outer.extractfile(name)
+    if data is None:
+        raise ReproboxError(f"{archive}: layer {name} is not a file")
+    # "r|*": a stream, read once front to back; compressed layers (OCI archives) work too.
+    with data, tarfile.open(fileobj=data, mode="r|*") as layer:
+        yield layer
+
+
+def _entry(layer: tarfile.TarFile, member: tarfile.TarInfo) -> _Entry:
+    xattrs = {k: v for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    return _Entry(
+        type=_type(member),
+        sha256=_sha256(layer.extractfile(member)) if member.isreg() else None,
+        mode=member.mode & 0o7777,
+        uid=member.uid,
+        gid=member.gid,
+        uname=member.uname,
+        gname=member.gname,
+        mtime=int(member.mtime),
+        linkname=member.linkname,
+        xattrs=" ".join(
+            f"{k.removeprefix('SCHILY.xattr.')}={v}" for k, v in sorted(xattrs.items())
+        ),
+    )
+
+
+def _type(member: tarfile.TarInfo) -> str:
+    if member.name.rpartition("/")[2].startswith(".wh."):
+        return "whiteout"  # a regular file to tar, a deletion to the engine
+    return _TYPES.get(member.type, f"type {member.type!r}")
+
+
+def _sha256(data: IO[bytes] | None) -> str | None:
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    while chunk := data.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _clean(name: str) -> str:
+    return name.removeprefix("./").strip("/")
+
+
+def _file_differences(
+    layer: int, a: Mapping[str, _Entry], b: Mapping[str, _Entry]
+) -> Iterator[Difference]:
+    for path in sorted(a.keys() | b.keys()):
+        entry_a, entry_b = a.get(path), b.get(path)
+        if entry_a is None or entry_b is None:
+            kind_a = entry_a.type if entry_a else None
+            kind_b = entry_b.type if entry_b else None
+            yield Difference("file", layer, path, "exists", kind_a, kind_b)
+            continue
+        for name in _ENTRY_FIELDS:
+            value_a, value_b = getattr(entry_a, name), getattr(entry_b, name)
+            if value_a != value_b:
+                yield Difference(
+                    "file", layer, path, name, _show(name, value_a), _show(name, value_b)
+                )
+
+
+def _show(field: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if field == "mode" and isinstance(value, int):
+        return f"{value:04o}"
+    if field == "mtime" and isinstance(value, int):
+        return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value)
+
+
+def format_diff(diff: ImageDiff, *, max_rows: int = _MAX_ROWS) -> str:
+    """A short table of the differences: a summary line, then at most `max_rows` rows."""
+    lines = [f"a: {_side(diff.a)}", f"b: {_side(diff.b)}"]
+    if diff.identical:
+        return "\n".join([*lines, "identical"])
+    lines.append(_summary(diff.differences))
+    rows = [("WHERE", "FIELD", "A", "B")]
+    rows += [(_where(d), d.field, _cell(d.a), _cell(d.b)) for d in diff.differences[:max_rows]]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines += [
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]) for r in rows
+    ]
+    left_out = len(diff.differences) - max_rows
+    if left_out > 0:
+        lines.append(f"... {left_out} more not shown (--json lists them all)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _side(side: ImageSide) -> str:
+    name = (
+        ""
+        if side.ref in (side.image_id, side.image_id.removeprefix("sha256:"))
+        else f" ({side.ref})"
+    )
+    return f"{side.image_id}{name}, {side.layers} layers"
+
+
+def _summary(differences: Sequence[Difference]) -> str:
+    counts = Counter(d.section for d in differences)
+    fields_ = Counter(d.field for d in differences if d.section == "file")
+    parts = [f"{counts[s]} {s}" for s in _SECTIONS if counts[s]]
+    by_field = ", ".join(
+        f"{n} {f}" for f, n in sorted(fields_.items(), key=lambda x: (-x[1], x[0]))
+    )
+    return f"{len(differences)} differences: {', '.join(parts)}" + (
+        f" (files by field: {by_field})" if by_field else ""
+    )
+
+
+def _where(row: Difference) -> str:
+    if row.section == "config":
+        return f"config {row.path}"
+    return f"layer {row.layer}" + (f" {row.path}" if row.path else "")
+
+
+def _cell(value: str | None) -> str:
+    if value is None:
+        return "-"
+    return value if len(value) <= _MAX_CELL else value[: _MAX_CELL - 3] + "..."
+
+
+def diff_to_json(diff: ImageDiff) -> dict[str, Any]:
+    """The `--json` form: both images, `identical`, and every difference in full."""
+    return {
+        "a": asdict(diff.a),
+        "b": asdict(diff.b),
+        "identical": diff.identical,
+        "differences": [asdict(d) for d in diff.differences],
+    }
