@@ -1,0 +1,328 @@
+"""Built image -> reproducible image: the same layer contents give the same image ID.
+
+The image is saved, each layer above the base is rewritten by `base.write_normalized_layer` (entries
+sorted, mtimes clamped to SOURCE_DATE_EPOCH, numeric owners with blank names, no atime or ctime)
+without its build debris, the config gets fixed times and loses its build-host fields, and the
+result is loaded back. The engine names a loaded image by the sha256 of its config bytes, and the
+config holds the sha256 of every layer, so the image ID is a pure function of what the image holds.
+
+Build debris, dropped from every layer above the base because it differs from build to build and
+nothing needs it at run time:
+
+- everything below /tmp, /var/tmp, /root/.cache and /home/*/.cache (pip's and uv's caches among
+  them); the directories themselves stay;
+- the files below /var/cache/apt, /var/lib/apt/lists and /var/log (package caches, downloaded
+  indexes, logs with times in them); their directories stay, as apt expects them;
+- /var/cache/ldconfig/aux-cache, which records inode numbers and ctimes;
+- timestamp-based .pyc files (PEP 552 flags 0), which plain imports write during a build: they
+  embed the source's build-time mtime, which clamping makes stale anyway. Hash-based .pyc files
+  (what a controlled `compileall --invalidation-mode unchecked-hash` writes) stay;
+- whiteouts that hide nothing once the layers below are normalised (left by deleted debris).
+
+The base image's layers are kept byte for byte: they are reproducible by construction (a
+bootstrapped base) or pinned by digest, and keeping them keeps them shared with the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from reprobox.base import write_normalized_layer
+from reprobox.engine import Engine
+from reprobox.errors import EngineError, ReproboxError
+
+__all__ = ["NormalizedImage", "normalize_config", "normalize_image", "rfc3339"]
+
+# Below these, everything goes (their names are often random or cache keys); the roots stay.
+_ALL_BELOW = re.compile(r"^(tmp|var/tmp|root/\.cache|home/[^/]+/\.cache)/.")
+# Below these, files go and directories stay: apt expects its directory skeleton.
+_FILES_BELOW = re.compile(r"^(var/cache/apt|var/lib/apt/lists|var/log)/.")
+_FILES = frozenset({"var/cache/ldconfig/aux-cache"})
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+# The image config's build-host fields: the build container, the engine's version.
+_HOST_FIELDS = ("container", "container_config", "docker_version")
+# In `config`: the build container's hostname and the ID of the previous step's image.
+_HOST_CONFIG_FIELDS = ("Hostname", "Image")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class NormalizedImage:
+    """The loaded, normalised image; `removed` lists the dropped entries as absolute paths."""
+
+    image_id: str
+    source_id: str
+    diff_ids: tuple[str, ...]
+    source_date_epoch: int
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    diff_id: str
+    removed: frozenset[str]
+
+
+def rfc3339(epoch: int) -> str:
+    """`epoch` as the UTC time the image config carries, e.g. 2023-06-10T00:00:00Z."""
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def normalize_image(
+    engine: Engine,
+    image_id: str,
+    *,
+    source_date_epoch: int,
+    workdir: Path,
+    labels: Mapping[str, str] | None = None,
+    base_image: str | None = None,
+) -> NormalizedImage:
+    """Rewrite `image_id` reproducibly (see the module docstring), load it, and describe it.
+
+    `labels` are merged into the config, so labels can be set without a rebuild; `base_image`
+    names the image it was built FROM, whose layers are kept as they are. Temporary files go to
+    a directory under `workdir` that is removed afterwards.
+    """
+    base_ids = _base_layers(engine, image_id, base_image)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="normalize-", dir=workdir) as tmp:
+        saved, out = Path(tmp) / "saved.tar", Path(tmp) / "normalized.tar"
+        engine.save([image_id], saved)
+        new_id, layers = _rewrite(saved, out, base_ids, source_date_epoch, labels)
+        saved.unlink()  # before the load: the engine copies the archive, so the disk holds three
+        loaded = engine.load(out)
+    if new_id not in loaded:
+        raise EngineError(f"the engine loaded {loaded} for the normalised {image_id}, not {new_id}")
+    return NormalizedImage(
+        image_id=new_id,
+        source_id=image_id,
+        diff_ids=tuple(layer.diff_id for layer in layers),
+        source_date_epoch=source_date_epoch,
+        removed=tuple(sorted({f"/{name}" for layer in layers for name in layer.removed})),
+    )
+
+
+def normalize_config(
+    config: Mapping[str, Any],
+    *,
+    diff_ids: Sequence[str],
+    source_date_epoch: int,
+    labels: Mapping[str, str] | None = None,
+) -> bytes:
+    """The config as canonical JSON bytes: fixed times, no build-host fields, new diff IDs."""
+    out: dict[str, Any] = json.loads(json.dumps(config))  # a deep copy
+    created = rfc3339(source_date_epoch)
+    for key in _HOST_FIELDS:
+        out.pop(key, None)
+    inner = out.get("config") or {}
+    for key in _HOST_CONFIG_FIELDS:
+        inner.pop(key, None)
+    if labels:
+        inner["Labels"] = {**(inner.get("Labels") or {}), **labels}
+    out["config"] = inner
+    out["created"] = created
+    out["history"] = [{**entry, "created": created} for entry in out.get("history") or []]
+    out["rootfs"] = {"type": "layers", "diff_ids": list(diff_ids)}
+    return json.dumps(out, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _base_layers(engine: Engine, image_id: str, base_image: str | None) -> tuple[str, ...]:
+    """The diff IDs of `base_image`, checked to be where `image_id`'s layers start."""
+    if base_image is None:
+        return ()
+    base = _diff_ids(engine.inspect_image(base_image))
+    if _diff_ids(engine.inspect_image(image_id))[: len(base)] != base:
+        raise ReproboxError(
+            f"{image_id} is not built on {base_image}: its layers do not start with the base's",
+            hint="pass the image that the Dockerfile names in FROM as the base",
+        )
+    return base
+
+
+def _diff_ids(info: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(d) for d in info.get("RootFS", {}).get("Layers") or [])
+
+
+def _rewrite(
+    saved: Path,
+    out: Path,
+    base_ids: Sequence[str],
+    epoch: int,
+    labels: Mapping[str, str] | None,
+) -> tuple[str, list[_Layer]]:
+    """Write the normalised docker-archive of the image saved at `saved`; its ID and layers."""
+    with (
+        tarfile.open(saved) as archive,
+        tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dest,
+    ):
+        config, names = _manifest_entry(archive, saved)
+        rewriter = _Rewriter(archive, dest, saved.parent, epoch)
+        layers = [
+            rewriter.keep(name, base_ids[i]) if i < len(base_ids) else rewriter.normalize(name)
+            for i, name in enumerate(names)
+        ]
+        diff_ids = [layer.diff_id for layer in layers]
+        blob = normalize_config(config, diff_ids=diff_ids, source_date_epoch=epoch, labels=labels)
+        return _write_image(dest, blob, diff_ids, epoch), layers
+
+
+def _manifest_entry(archive: tarfile.TarFile, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The config and the layer paths of the one image in a docker-archive."""
+    manifest = json.loads(_read(archive, "manifest.json", path))
+    if len(manifest) != 1:
+        raise ReproboxError(f"{path} holds {len(manifest)} images; expected exactly one")
+    entry = manifest[0]
+    config: dict[str, Any] = json.loads(_read(archive, entry["Config"], path))
+    layers = [str(name) for name in entry["Layers"]]
+    if len(layers) != len(config["rootfs"]["diff_ids"]):
+        raise ReproboxError(f"{path}: the manifest and the config disagree on the layer count")
+    return config, layers
+
+
+def _read(archive: tarfile.TarFile, name: str, path: Path) -> bytes:
+    try:
+        member = archive.extractfile(name)
+    except KeyError:
+        member = None
+    if member is None:
+        raise ReproboxError(f"{path} is not a docker-archive: it has no {name}")
+    return member.read()
+
+
+class _Rewriter:
+    """Adds a saved image's layers to `dest`, bottom to top: the base's as they are, others normalised."""
+
+    def __init__(
+        self, archive: tarfile.TarFile, dest: tarfile.TarFile, work: Path, epoch: int
+    ) -> None:
+        self._archive, self._dest, self._work, self._epoch = archive, dest, work, epoch
+        self._held: set[str] = set()  # what the layers so far hold, with ancestors
+
+    def keep(self, name: str, diff_id: str) -> _Layer:
+        """Add a base layer byte for byte."""
+        with _open_member(self._archive, name) as data, tarfile.open(fileobj=data) as layer:
+            _hold(self._held, (_path(m.name) for m in layer.getmembers()), frozenset())
+        with _open_member(self._archive, name) as data:
+            _add_layer(self._dest, diff_id, data, self._epoch)
+        return _Layer(diff_id, frozenset())
+
+    def normalize(self, name: str) -> _Layer:
+        """Add a layer rewritten by `write_normalized_layer`, less its debris."""
+        raw, normal = self._work / "layer.tar", self._work / "layer.normal.tar"
+        with _open_member(self._archive, name) as data, raw.open("wb") as copy:
+            shutil.copyfileobj(data, copy, _CHUNK)
+        with tarfile.open(raw) as layer:
+            removed = _debris(layer, self._held)
+            _hold(self._held, (_path(m.name) for m in layer.getmembers()), removed)
+        diff_id = write_normalized_layer(
+            raw, normal, source_date_epoch=self._epoch, drop=removed.__contains__
+        )
+        raw.unlink()
+        with normal.open("rb") as data:
+            _add_layer(self._dest, diff_id, data, self._epoch)
+        normal.unlink()
+        return _Layer(diff_id, removed)
+
+
+def _open_member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
+    data = archive.extractfile(name)
+    if data is None:
+        raise ReproboxError(f"the saved image's {name} is not a file")
+    return data
+
+
+def _debris(layer: tarfile.TarFile, held: set[str]) -> frozenset[str]:
+    """The entries of `layer` to drop, given what the layers below still hold."""
+    dropped: set[str] = set()
+    for member in layer.getmembers():
+        name = _path(member.name)
+        if _is_debris(layer, member, held=held, dropped=dropped):
+            dropped.add(name)
+    return frozenset(dropped)
+
+
+def _is_debris(
+    layer: tarfile.TarFile, member: tarfile.TarInfo, *, held: set[str], dropped: set[str]
+) -> bool:
+    name = _path(member.name)
+    path = PurePosixPath(name)
+    if path.name.startswith(_WHITEOUT):
+        return _stale_whiteout(path, held)
+    if _ALL_BELOW.match(name) or name in _FILES:
+        return True
+    if _FILES_BELOW.match(name):
+        return not member.isdir()
+    if not name.endswith(".pyc"):
+        return False
+    if member.islnk():
+        return _path(member.linkname) in dropped
+    return member.isreg() and _timestamp_pyc(layer, member)
+
+
+def _stale_whiteout(path: PurePosixPath, held: set[str]) -> bool:
+    """Whether a whiteout hides nothing: such ones differ with the debris they once hid."""
+    if path.name == _OPAQUE:
+        return bool(_ALL_BELOW.match(str(path.parent)))  # it goes with its directory
+    return str(path.parent / path.name.removeprefix(_WHITEOUT)) not in held
+
+
+def _timestamp_pyc(layer: tarfile.TarFile, member: tarfile.TarInfo) -> bool:
+    """Whether a .pyc is timestamp-based (PEP 552: a zero flags word after the magic)."""
+    data = layer.extractfile(member)
+    head = data.read(8) if data is not None else b""
+    return len(head) == 8 and int.from_bytes(head[4:], "little") == 0
+
+
+def _hold(held: set[str], names: Iterable[str], removed: frozenset[str]) -> None:
+    """Add the files `names` keep, and their ancestors (a whiteout of a directory hides its tree)."""
+    for name in names:
+        if name in removed or name.rpartition("/")[2].startswith(_WHITEOUT):
+            continue
+        path = name
+        while path and path not in held:
+            held.add(path)
+            path = path.rpartition("/")[0]
+
+
+def _path(name: str) -> str:
+    """A member name as `write_normalized_layer` sees it: relative, no trailing slash."""
+    name = name.removeprefix("./").lstrip("/").rstrip("/")
+    return "" if name == "." else name
+
+
+def _add_layer(dest: tarfile.TarFile, diff_id: str, data: IO[bytes], epoch: int) -> None:
+    name = diff_id.removeprefix("sha256:") + "/layer.tar"
+    if name in dest.getnames():  # an image may hold one layer twice; the archive needs it once
+        return
+    size = data.seek(0, 2)
+    data.seek(0)
+    _add(dest, name, data, size, epoch)
+
+
+def _add(dest: tarfile.TarFile, name: str, data: IO[bytes], size: int, epoch: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, epoch, 0o644
+    dest.addfile(info, data)
+
+
+def _write_image(dest: tarfile.TarFile, config: bytes, diff_ids: Sequence[str], epoch: int) -> str:
+    """Add the config and manifest.json; the image ID the engine will give the image."""
+    config_hex = hashlib.sha256(config).hexdigest()
+    layers = [d.removeprefix("sha256:") + "/layer.tar" for d in diff_ids]
+    manifest = [{"Config": f"{config_hex}.json", "Layers": layers, "RepoTags": None}]
+    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    for name, data in ((f"{config_hex}.json", config), ("manifest.json", blob)):
+        _add(dest, name, io.BytesIO(data), len(data), epoch)
+    return f"sha256:{config_hex}"
