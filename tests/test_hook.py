@@ -320,3 +320,51 @@ def test_sitecustomize_and_pth_together_hook_once(tmp_path: Path, venv: Path) ->
     )
     done = run(venv, "-c", code, PYTHONPATH=str(stdlib))
     assert done.stdout.split() == ["1", "0"]
+
+
+# --------------------------------------------------------------------------- Debian's Python
+
+DEBIAN_CHECK = textwrap.dedent(
+    """
+    set -eu
+    printf '%s' "$HOOK_SOURCE" > /tmp/reprobox_hook.py
+    # Debian's own sitecustomize is a link into /etc; make it say when it runs.
+    etc=$(readlink -f /usr/lib/python3*/sitecustomize.py)
+    echo 'import sys; sys.stderr.write("debian sitecustomize ran\\\\n")' >> "$etc"
+    python3 /tmp/reprobox_hook.py install > /dev/null 2>&1
+    python3 /tmp/reprobox_hook.py install > /dev/null 2>&1
+    python3 -m venv --without-pip /opt/venv 2> /dev/null
+    code='import random, sys; print(random.random(), sum(type(f).__name__ == "_Finder" for f in sys.meta_path))'
+    for python in python3 /opt/venv/bin/python "python3 -I"; do
+        echo "== $python"
+        $python -c "$code" 2>&1
+    done
+    echo "== diversions"
+    dpkg-divert --list '*sitecustomize*'
+    """
+)
+
+
+@pytest.mark.docker
+def test_debian_system_python_and_its_venvs_are_hooked(
+    docker_engine: Any, debian_base: Any
+) -> None:
+    result = docker_engine.run(
+        debian_base.image_id,
+        ["sh", "-c", DEBIAN_CHECK],
+        env={"HOOK_SOURCE": HOOK.read_text()},
+        timeout_s=120,
+    )
+    assert result.exit_code == 0, result.stderr
+    sections: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("== "):
+            current = sections.setdefault(line[3:], [])
+        else:
+            current.append(line)
+    seeded = f"{random.Random(0).random()} 1"
+    for python in ("python3", "/opt/venv/bin/python", "python3 -I"):
+        assert sections[python] == ["debian sitecustomize ran", seeded], python
+    [diversion] = sections["diversions"]
+    assert diversion.startswith("local diversion of /usr/lib/python3")
+    assert diversion.endswith("/reprobox_chained_sitecustomize.py")
