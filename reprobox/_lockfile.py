@@ -29,6 +29,7 @@ _HASH = re.compile(r"^\s+--hash=sha256:(?P<hex>[0-9a-f]{64})$")
 _NOTE = re.compile(r"^\s+# (?P<key>group|file|url): (?P<value>\S+)$")
 # A plain wheel file name: it becomes a path in build contexts, so no `/`, no leading dot.
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*\.whl$")
+_ASSUMED = " (assumed: the glibc of a base.image is not known)"
 _HEADER = re.compile(r"^# (?P<key>[a-z0-9-]+): (?P<value>.*)$")
 
 
@@ -73,6 +74,8 @@ class Lock:
     wheels: tuple[LockedWheel, ...]
     torch_cuda: str | None
     torch_cudnn: str | None
+    #: True where the base's glibc is not known (a `base.image`) and `glibc` is an assumption.
+    glibc_assumed: bool = False
 
     def group(self, name: str) -> tuple[LockedWheel, ...]:
         """The wheels of one install group ('installer', 'torch' or 'rest')."""
@@ -113,7 +116,7 @@ def format_lock(lock: Lock) -> str:
         f"# spec-sha256: {lock.spec_sha256}",
         f"# python: {lock.python}",
         f"# arch: {lock.arch}",
-        f"# glibc: {lock.glibc}",
+        f"# glibc: {lock.glibc}" + (_ASSUMED if lock.glibc_assumed else ""),
         f"# platforms: {' '.join(lock.platforms)}",
         f"# resolver: {lock.resolver}",
         f"# installer: {lock.installer}",
@@ -211,7 +214,7 @@ def parse_lock(text: str, where: str = "<lock>") -> Lock:
         spec_sha256=one("spec-sha256"),
         python=one("python"),
         arch=one("arch"),
-        glibc=one("glibc"),
+        glibc=one("glibc").split()[0],
         platforms=tuple(one("platforms").split()),
         index=_index(lines),
         resolver=one("resolver"),
@@ -220,4 +223,5 @@ def parse_lock(text: str, where: str = "<lock>") -> Lock:
         wheels=_entries(lines, where),
         torch_cuda=optional("torch-cuda"),
         torch_cudnn=optional("torch-cudnn"),
+        glibc_assumed=one("glibc").endswith(_ASSUMED),
     )

@@ -310,6 +310,7 @@ def resolve(spec: Spec, *, runner: Runner = run_pip, arch: str | None = None) ->
         wheels=_wheels(resolution.dists, env),
         torch_cuda=cuda,
         torch_cudnn=cudnn,
+        glibc_assumed=target.glibc_assumed,
     )
 
 

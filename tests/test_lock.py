@@ -399,6 +399,17 @@ def _cpu_lock() -> Lock:
     return resolve(load_spec(CPU_SPEC), runner=FakeRunner.recorded("cpu"), arch="x86_64")
 
 
+def test_an_assumed_glibc_is_said_so_and_read_back() -> None:
+    torch = _item("torch", "2.5.1", ["nvidia-cuda-runtime-cu12==12.4.127"])
+    spec = _spec(torch="2.5.1", cuda="12.4", python="3.12")
+    lock = resolve(spec, runner=FakeRunner([_ok(_report(torch))]), arch="x86_64")
+    text = format_lock(lock)
+    assert "# glibc: 2.28 (assumed: the glibc of a base.image is not known)" in text.splitlines()
+    back = parse_lock(text)
+    assert (back.glibc, back.glibc_assumed) == ("2.28", True)
+    assert back == lock
+
+
 def test_lock_file_round_trips_and_is_deterministic(tmp_path: Path) -> None:
     first, second = tmp_path / "a.lock", tmp_path / "b.lock"
     write_lock(_cpu_lock(), first)
