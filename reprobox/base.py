@@ -65,6 +65,16 @@ _DPKG_ARCH = {
 }
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 _SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+_HOOKS = Path("/usr/share/mmdebstrap/hooks")
+# What Debian's slim images leave out as well; the rules stay in the image's dpkg configuration, so
+# packages installed later (a spec's `apt:`) follow them too. Copyright files stay.
+_SLIM = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+)
 # mmdebstrap copies these from the build host; the engine mounts its own over them at run time.
 _HOST_FILES = {"etc/hostname": b"", "etc/resolv.conf": b""}
 _TAIL_LINES = 20
@@ -102,6 +112,7 @@ def base_key(
         "arch": arch,
         "mirror": mirror,
         "source_date_epoch": source_date_epoch,
+        "options": _options(arch, packages),
     }
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()
 
@@ -154,9 +165,7 @@ def bootstrap_base(
         return found
     if arch not in _DPKG_ARCH:
         raise EngineError(f"the engine runs on {arch!r}: reprobox cannot bootstrap Debian for it")
-    included = ",".join((*ALWAYS_INCLUDED, *wanted))
-    command = ["mmdebstrap", "--variant=minbase", f"--architectures={_DPKG_ARCH[arch]}"]
-    command += ["--format=tar", f"--include={included}", suite]
+    command = ["mmdebstrap", *_options(arch, wanted), suite]
     labels = {
         f"{_LABEL}format": str(BASE_FORMAT),
         f"{_LABEL}key": key,
@@ -196,6 +205,18 @@ def bootstrap_base(
     if image_id not in loaded:
         raise EngineError(f"the engine loaded {loaded} for {ref}, expected {image_id}")
     return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
+
+
+def _options(arch: str, packages: Sequence[str]) -> list[str]:
+    """mmdebstrap's options for a base: part of its key, so that changing them makes a new base."""
+    included = ",".join((*ALWAYS_INCLUDED, *sorted(set(packages))))
+    options = ["--variant=minbase", f"--architectures={_DPKG_ARCH.get(arch, arch)}"]
+    options += ["--format=tar", f"--include={included}"]
+    hook = _HOOKS / "maybe-merged-usr"
+    if hook.is_dir():
+        # Merges /usr as debootstrap does; otherwise bookworm pulls in usrmerge, and perl with it.
+        options.append(f"--hook-dir={hook}")
+    return options + [f"--dpkgopt={rule}" for rule in _SLIM]
 
 
 def write_base_archive(

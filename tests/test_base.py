@@ -261,6 +261,7 @@ def test_bootstrap_runs_mmdebstrap_once_then_reuses_the_base(tmp_path: Path) -> 
     assert f"--include={','.join((*ALWAYS_INCLUDED, 'curl', 'libgomp1'))}" in argv
     assert argv[-3] == "bookworm"
     assert argv[-1] == "http://deb.debian.org/debian"
+    assert "--dpkgopt=path-exclude=/usr/share/doc/*" in argv  # slim, as Debian's own images
     assert env == {"SOURCE_DATE_EPOCH": str(EPOCH)}
     assert list((tmp_path / "cache").iterdir()) == []  # scratch emptied
     again = _bootstrap(engine, tmp_path, runner, ["curl", "libgomp1"])
