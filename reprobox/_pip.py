@@ -277,8 +277,21 @@ def resolve_with_pip(
                 raise NoMatchError(no_match, tuple(index_args), indexes)
             raise _generic_error(result)
         data = json.loads(report.read_text(encoding="utf-8"))
+    _check_environment(data.get("environment"), target)
     dists = tuple(_dist(item) for item in data["install"])
     return Resolution(dists, indexes, links)
+
+
+def _check_environment(environment: Mapping[str, str] | None, target: Target) -> None:
+    """Fail if pip evaluated markers for this machine rather than the image (a changed pip)."""
+    wanted = target.marker_environment()
+    if environment is not None and any(environment.get(k) != v for k, v in wanted.items()):
+        raise LockError(
+            f"pip {pip_version()} evaluated dependency markers for this machine "
+            f"(Python {environment.get('python_full_version')}), not for the image "
+            f"(Python {target.python}); the lock would be wrong",
+            hint="install reprobox with the pip version it pins (`pip install -e .`)",
+        )
 
 
 def link_listing(

@@ -359,6 +359,21 @@ def test_credentials_never_reach_the_lock() -> None:
     assert "--index-url https://mirror.example/simple" in text
 
 
+def test_a_pip_that_ignored_the_image_markers_is_refused() -> None:
+    report = _report(_item("torch", "2.13.0+cpu"))
+    report["environment"] = {"python_version": "3.9", "python_full_version": "3.9.2"}
+    with pytest.raises(LockError, match="evaluated dependency markers for this machine"):
+        resolve(_spec(), runner=FakeRunner([_ok(report)]), arch="x86_64")
+
+
+def test_an_unexplained_pip_failure_with_a_network_error_is_exit_3() -> None:
+    call = {"rc": 2, "stdout": "", "stderr": "ERROR: ... NewConnectionError(...)\n", "report": None}
+    with pytest.raises(LockError) as err:
+        resolve(_spec(), runner=FakeRunner([call]), arch="x86_64")
+    assert err.value.exit_code == EXIT_MISSING
+    assert "NewConnectionError" in err.value.message
+
+
 def test_a_wheel_without_a_published_hash_is_refused() -> None:
     torch = _item("torch", "2.13.0+cpu", sha="")
     with pytest.raises(LockError, match="no sha256"):
