@@ -218,17 +218,20 @@ def test_verbose_prints_one_line(venv: Path) -> None:
 
 
 def test_report_shows_the_settings_applied_to_torch(venv: Path) -> None:
-    args = ("-m", "reprobox_hook", "--report", "--import", "torch")
+    # Inductor too: the hook sets its deterministic flag as use_deterministic_algorithms would.
+    args = ("-m", "reprobox_hook", "--report", "--import", "torch._inductor.config")
     relaxed = run_json(venv, *args, REPROBOX_WARN_ONLY="1", REPROBOX_FILL_UNINITIALIZED_MEMORY="0")
     assert relaxed["active"]
     assert relaxed["loaded_at_startup"]
     assert relaxed["torch"]["warn_only"]
     assert relaxed["torch_now"]["warn_only"]
+    assert relaxed["torch_now"]["inductor_deterministic"] is True
     assert relaxed["torch"]["fill_uninitialized_memory"] is False
     off = run_json(venv, *args, REPROBOX_DETERMINISTIC="0")
     assert off["active"]
     assert off["seeded"]["torch"] == 0
     assert off["torch_now"]["deterministic_algorithms"] is False
+    assert off["torch_now"]["inductor_deterministic"] is False
     disabled = run_json(venv, "-m", "reprobox_hook", "--report", REPROBOX_DISABLE="1")
     assert (disabled["active"], disabled["disabled"]) == (False, True)
 

@@ -448,6 +448,10 @@ def _report(imports: "list[str]") -> "dict[str, object]":
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            # Only once something loaded Inductor (torch.compile does): None until then.
+            "inductor_deterministic": getattr(
+                sys.modules.get("torch._inductor.config"), "deterministic", None
+            ),
         }
     return report
 
