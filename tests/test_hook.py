@@ -288,9 +288,20 @@ def test_installer_chains_to_the_distribution_sitecustomize(tmp_path: Path) -> N
     chained = stdlib / "reprobox_chained_sitecustomize.py"
     assert chained.is_symlink()
     assert chained.resolve() == tmp_path / "etc" / "sitecustomize.py"
+    cache = stdlib / "__pycache__"
+    compiled = {path.name: path.read_bytes() for path in cache.iterdir()}
     done = start(stdlib)
     assert done.stderr == "distro sitecustomize ran\n"
     assert done.stdout.split() == [str(random.Random(0).random()), "1"]
+    # Compiled at install with checked hashes: starting Python writes no pyc of its own
+    # (a timestamped one would make an image layer irreproducible).
+    assert {name.split(".")[0] for name in compiled} == {
+        "reprobox_hook",
+        "sitecustomize",
+        "reprobox_chained_sitecustomize",
+    }
+    assert all(int.from_bytes(pyc[4:8], "little") == 0b11 for pyc in compiled.values())
+    assert {path.name: path.read_bytes() for path in cache.iterdir()} == compiled
 
 
 def test_a_plain_sitecustomize_would_have_shadowed_the_distro_one(tmp_path: Path) -> None:

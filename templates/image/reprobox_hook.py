@@ -386,9 +386,13 @@ def _install(mode: str, directory: str | None) -> list[str]:
         site.write_text(_sitecustomize_source(), encoding="utf-8")
         written.append(site)
         done.append(f"sitecustomize: {site}")
+        chained = target / f"{_CHAINED}.py"
+        if chained.exists():
+            written.append(chained)
     for path in written:
         # A checked-hash pyc: no timestamp in it, and Python need not write one at run time
-        # (where the directory may be read-only, every start would compile the hook again).
+        # (where the directory may be read-only, every start would compile these again; and
+        # where it is writable, a later build step would leave a timestamped pyc in a layer).
         py_compile.compile(
             str(path), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
         )
