@@ -489,7 +489,7 @@ def main(argv: "list[str] | None" = None) -> int:
             parser.error("--python-stdlib goes with --mode sitecustomize, --site with --mode pth")
         try:
             done = _install(args.mode, args.python_stdlib or args.site)
-        except (OSError, ValueError) as error:
+        except Exception as error:  # permissions, dpkg-divert, py_compile: one line each
             sys.stderr.write(f"reprobox_hook: install failed: {error}\n")
             return 1
         for line in done:
