@@ -36,6 +36,7 @@ __all__ = [
 
 Section = Literal["config", "layer", "file"]
 _SECTIONS: tuple[Section, ...] = ("config", "layer", "file")
+_PLACES = {"config": "the config", "layer": "layers", "file": "files"}
 _CHUNK = 1 << 20
 _MAX_ROWS = 30
 _MAX_CELL = 44
@@ -134,12 +135,7 @@ def diff_images(
         if infos and engine is not None:
             # One archive for both: layers they share are written once.
             engine.save(sorted({str(info["Id"]) for info in infos.values()}), saved)
-        image_a, image_b = (
-            _read_image(ref, saved, str(infos[ref]["Id"]))
-            if ref in infos
-            else _read_image(ref, Path(ref), None)
-            for ref in (a, b)
-        )
+        image_a, image_b = (_image(ref, infos, saved) for ref in (a, b))
         differences: list[Difference] = []
         if image_a.side.image_id != image_b.side.image_id:
             differences += _config_differences(image_a.config, image_b.config)
@@ -160,6 +156,12 @@ def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, 
             hint="name a docker-archive (.tar) that exists, or an image in the engine",
         )
     return {ref: engine.inspect_image(ref) for ref in refs} if engine is not None else {}
+
+
+def _image(ref: str, infos: Mapping[str, Mapping[str, Any]], saved: Path) -> _Image:
+    if ref in infos:
+        return _read_image(ref, saved, str(infos[ref]["Id"]))
+    return _read_image(ref, Path(ref), None)
 
 
 def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
@@ -348,14 +350,15 @@ def _side(side: ImageSide) -> str:
 
 
 def _summary(differences: Sequence[Difference]) -> str:
+    """E.g. `13 differences: 6 in the config, 2 in layers, 5 in files (4 mtime, 1 sha256)`."""
     counts = Counter(d.section for d in differences)
-    fields_ = Counter(d.field for d in differences if d.section == "file")
-    parts = [f"{counts[s]} {s}" for s in _SECTIONS if counts[s]]
-    by_field = ", ".join(
-        f"{n} {f}" for f, n in sorted(fields_.items(), key=lambda x: (-x[1], x[0]))
+    by_field = Counter(d.field for d in differences if d.section == "file")
+    parts = [f"{counts[s]} in {_PLACES[s]}" for s in _SECTIONS if counts[s]]
+    fields_ = ", ".join(
+        f"{n} {f}" for f, n in sorted(by_field.items(), key=lambda x: (-x[1], x[0]))
     )
     return f"{len(differences)} differences: {', '.join(parts)}" + (
-        f" (files by field: {by_field})" if by_field else ""
+        f" ({fields_})" if fields_ else ""
     )
 
 

@@ -106,7 +106,7 @@ def test_format_diff_caps_the_rows_and_says_how_many_are_left(tmp_path: Path) ->
     diff = diff_images(str(a), str(b))
     assert len(diff.differences) == 51  # the layer's diff ID, then 50 mtimes
     text = format_diff(diff, max_rows=10)
-    assert "51 differences: 1 layer, 50 file (files by field: 50 mtime)" in text
+    assert "51 differences: 1 in layers, 50 in files (50 mtime)" in text
     assert "layer 1 /opt/f008  mtime" in text
     assert "/opt/f009" not in text
     assert text.endswith("... 41 more not shown (--json lists them all)")
