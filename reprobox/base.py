@@ -406,12 +406,19 @@ def _find(engine: Engine, key: str, ref: str) -> BaseImage | None:
 
 
 def _is_base(info: Mapping[str, Any]) -> bool:
-    """One layer, and exactly the config we write: not an image built FROM the base."""
+    """One layer, and exactly the config we write: not an image built FROM the base.
+
+    A step that changes no file (`RUN true`) adds no layer and inherits every label, so the
+    layer count and labels alone cannot tell; the pinned creation time and the absence of a
+    parent can, since the builder stamps the clock and records the parent on what it makes.
+    """
     config = info.get("Config") or {}
     labels = config.get("Labels") or {}
     ours = {f"{_LABEL}{n}" for n in ("format", "installed", "key", "mirror", "packages", "suite")}
     return (
-        len(info.get("RootFS", {}).get("Layers", [])) == 1
+        not info.get("Parent")
+        and info.get("Created") == labels.get("org.opencontainers.image.created")
+        and len(info.get("RootFS", {}).get("Layers", [])) == 1
         and set(labels) == {*ours, "org.opencontainers.image.created"}
         and config.get("Env") == _ENV
         and config.get("Cmd") == _CMD

@@ -55,7 +55,12 @@ def selfcheck_argv(spec: Spec) -> list[str]:
     argv = ["python", _PROGRAM, "--steps", str(spec.selfcheck.steps)]
     script = spec.script_path
     if script is not None:
-        argv += ["--script", f"/opt/reprobox/user/{script.name}", "--output-dir", "/tmp/reprobox-output"]
+        argv += [
+            "--script",
+            f"/opt/reprobox/user/{script.name}",
+            "--output-dir",
+            "/tmp/reprobox-output",  # noqa: S108 - a fresh container's /tmp, nobody else's
+        ]
     return argv
 
 
@@ -68,7 +73,11 @@ def fingerprint_label(device_class: str) -> str:
 
 def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
     """Device class -> fingerprint, from an image's labels."""
-    return {k.removeprefix(FINGERPRINT_LABEL): v for k, v in labels.items() if k.startswith(FINGERPRINT_LABEL)}
+    return {
+        k.removeprefix(FINGERPRINT_LABEL): v
+        for k, v in labels.items()
+        if k.startswith(FINGERPRINT_LABEL)
+    }
 
 
 def run_selfcheck(
@@ -94,8 +103,12 @@ def run_selfcheck(
             hint="run with --debug, or `docker run --rm IMAGE python /opt/reprobox/reprobox_selfcheck.py`",
         ) from exc
     if not isinstance(passed, bool) or passed != (result.exit_code == 0):
-        raise CheckError(f"the self-check's report (passed={passed!r}) disagrees with its exit code {result.exit_code}")
-    return SelfCheckResult(passed, str(fingerprint), str(device_class), report.get("first_difference"), report)
+        raise CheckError(
+            f"the self-check's report (passed={passed!r}) disagrees with its exit code {result.exit_code}"
+        )
+    return SelfCheckResult(
+        passed, str(fingerprint), str(device_class), report.get("first_difference"), report
+    )
 
 
 def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) -> Verdict:
@@ -110,7 +123,9 @@ def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) ->
             f"(it has: {known}); this run's fingerprint is {result.fingerprint}",
         )
     if recorded == result.fingerprint:
-        return Verdict(True, recorded, f"fingerprint {recorded} reproduced on {result.device_class}")
+        return Verdict(
+            True, recorded, f"fingerprint {recorded} reproduced on {result.device_class}"
+        )
     return Verdict(
         False,
         recorded,

@@ -26,16 +26,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_lock(args: argparse.Namespace) -> int:
-    from reprobox import pipeline
+    from reprobox.pipeline import lock
 
-    report = pipeline.lock(Path(args.spec), output=_opt_path(args.output), relock=args.relock)
+    report = lock(Path(args.spec), output=_opt_path(args.output), relock=args.relock)
     return _emit(args, report, report["summary"])
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from reprobox import pipeline
+    from reprobox.pipeline import render
 
-    report = pipeline.render(
+    report = render(
         Path(args.spec),
         Path(args.output),
         lock_path=_opt_path(args.lock),
@@ -47,9 +47,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from reprobox import pipeline
+    from reprobox.pipeline import build
 
-    report = pipeline.build(
+    report = build(
         Path(args.spec),
         lock_path=_opt_path(args.lock),
         tag=args.tag,
@@ -62,9 +62,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from reprobox import pipeline
+    from reprobox.pipeline import check
 
-    report = pipeline.check(args.image)
+    report = check(args.image)
     return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
 
 

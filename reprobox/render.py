@@ -16,8 +16,8 @@ import jinja2
 import yaml
 
 from reprobox import __version__
-from reprobox.compat import driver_minimum
 from reprobox._lockfile import GROUPS, requirements_text
+from reprobox.compat import driver_minimum
 from reprobox.errors import ReproboxError
 from reprobox.spec import Spec, parse_spec
 
@@ -124,14 +124,6 @@ def _labels(
         "reprobox.seed": str(spec.determinism.seed),
     }
     return tuple(sorted(labels.items()))
-
-
-def _requirements(wheels: Sequence[LockedWheel]) -> str:
-    lines = [
-        f"{w.name}=={w.version} --hash=sha256:{w.sha256}"
-        for w in sorted(wheels, key=lambda w: w.name)
-    ]
-    return "".join(f"{line}\n" for line in lines)
 
 
 def _environment() -> jinja2.Environment:

@@ -35,7 +35,14 @@ def fake_lock(spec: Spec) -> Lock:
         _wheel("filelock", "4.2.11", "torch"),
     ]
     if spec.torch.is_cuda:
-        wheels.append(_wheel("nvidia-cudnn-cu12", spec.torch.cudnn or "9.1.0.70", "torch", "py3-none-manylinux2014_x86_64"))
+        wheels.append(
+            _wheel(
+                "nvidia-cudnn-cu12",
+                spec.torch.cudnn or "9.1.0.70",
+                "torch",
+                "py3-none-manylinux2014_x86_64",
+            )
+        )
     if spec.transformers:
         wheels.append(_wheel("transformers", spec.transformers, "rest"))
     for pin in spec.packages:
@@ -70,7 +77,9 @@ def test_golden_dockerfile(path: Path, tmp_path: Path) -> None:
     golden = GOLDEN / f"{path.stem}.Dockerfile"
     if os.environ.get("REPROBOX_UPDATE_GOLDEN") == "1":
         golden.write_text(rendered)
-    assert rendered == golden.read_text(), f"re-render with REPROBOX_UPDATE_GOLDEN=1 if {golden.name} should change"
+    assert rendered == golden.read_text(), (
+        f"re-render with REPROBOX_UPDATE_GOLDEN=1 if {golden.name} should change"
+    )
 
 
 def _instructions(dockerfile: str) -> list[str]:
@@ -127,7 +136,9 @@ def test_cpu_image_sets_no_nvidia_variables(tmp_path: Path) -> None:
 
 
 def test_build_only_files_stay_out_of_the_final_stage(tmp_path: Path) -> None:
-    instructions = _instructions(_render(load_spec(ROOT / "images" / "demo-cpu.yaml"), tmp_path / "ctx"))
+    instructions = _instructions(
+        _render(load_spec(ROOT / "images" / "demo-cpu.yaml"), tmp_path / "ctx")
+    )
     final = instructions[max(i for i, ins in enumerate(instructions) if ins.startswith("FROM ")) :]
     copies = [i for i in final if i.startswith("COPY ")]
     assert copies == [
@@ -141,13 +152,20 @@ def test_render_twice_is_byte_identical(tmp_path: Path) -> None:
     spec = load_spec(ROOT / "images" / "demo-cpu.yaml")
 
     def tree(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
 
     _render(spec, tmp_path / "a")
     _render(spec, tmp_path / "b")
     first, second = tree(tmp_path / "a"), tree(tmp_path / "b")
     assert first == second
-    assert {"Dockerfile", "image/reprobox_hook.py", "image/reprobox_selfcheck.py", "image/reprobox.lock"} <= set(first)
+    assert {
+        "Dockerfile",
+        "image/reprobox_hook.py",
+        "image/reprobox_selfcheck.py",
+        "image/reprobox.lock",
+    } <= set(first)
 
 
 def test_render_refuses_a_non_empty_directory(tmp_path: Path) -> None:
@@ -163,7 +181,7 @@ HOSTILE_ENV = {
     "SUBSTITUTION": "$(id) ${HOME} $HOME `id`",
     "CONTINUATION": "trailing backslash \\",
     "HASH": "# not a comment",
-    "QUOTES": "it's \"quoted\"",
+    "QUOTES": 'it\'s "quoted"',
 }
 
 
@@ -178,11 +196,15 @@ def _pairs(instructions: list[str], keyword: str = "ENV") -> dict[str, str]:
 def test_hostile_env_values_add_no_instruction(tmp_path: Path) -> None:
     demo = (ROOT / "images" / "demo-cpu.yaml").read_text()
     plain = _instructions(_render(parse_spec(demo), tmp_path / "plain"))
-    env_yaml = "env:\n" + "".join(f"  {k}: {dockerfile_quote(v)}\n".replace("\\$", "$") for k, v in HOSTILE_ENV.items())
+    env_yaml = "env:\n" + "".join(
+        f"  {k}: {dockerfile_quote(v)}\n".replace("\\$", "$") for k, v in HOSTILE_ENV.items()
+    )
     spec = parse_spec(demo.replace("env: {}", env_yaml.rstrip("\n")))
     assert dict(spec.env) == HOSTILE_ENV
     hostile = _instructions(_render(spec, tmp_path / "hostile"))
-    assert [i.split()[0] for i in hostile] == [i.split()[0] for i in plain], "same instructions, in order"
+    assert [i.split()[0] for i in hostile] == [i.split()[0] for i in plain], (
+        "same instructions, in order"
+    )
     assert _pairs(hostile) == _pairs(plain) | HOSTILE_ENV
 
 
@@ -196,5 +218,5 @@ def test_starter_spec_renders(tmp_path: Path) -> None:
 
 
 def test_starter_spec_refuses_an_impossible_combination() -> None:
-    with pytest.raises(ReproboxError, match="never shipped for CUDA 12.6"):
+    with pytest.raises(ReproboxError, match=r"never shipped for CUDA 12\.6"):
         starter_spec(torch="2.5.1", cuda="12.6")

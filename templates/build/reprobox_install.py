@@ -9,7 +9,6 @@ copied under that directory, so a later stage can take just them.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def _copy_delta(before: dict[str, tuple[int, int]], venv: Path, delta: Path) -> 
         target = delta / source.relative_to("/")
         if source.is_symlink():
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(os.readlink(source))
+            target.symlink_to(source.readlink())
         elif source.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             shutil.copystat(source, target)

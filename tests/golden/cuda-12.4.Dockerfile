@@ -8,13 +8,13 @@ COPY build/reprobox_install.py /reprobox-build/reprobox_install.py
 COPY wheels/installer/ /reprobox-build/installer/
 COPY requirements/torch.txt /reprobox-build/torch.txt
 COPY wheels/torch/ /reprobox-build/wheels/
-RUN SOURCE_DATE_EPOCH=1621123200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
+RUN SOURCE_DATE_EPOCH=1707436800 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
 
 # Stage 2: everything else; only the files it adds travel to the final image.
 FROM torch AS rest
 COPY requirements/rest.txt /reprobox-build/rest.txt
 COPY wheels/rest/ /reprobox-build/wheels-rest/
-RUN SOURCE_DATE_EPOCH=1621123200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
+RUN SOURCE_DATE_EPOCH=1707436800 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
 
 # Final stage: the base, the two package layers, the seed-on-import hook and the self-check.
 # Build-only files (wheels, requirement subsets, the installer script) never reach it.
@@ -42,13 +42,13 @@ ENV VIRTUAL_ENV="/opt/venv" \
     HF_HUB_OFFLINE="1"
 
 # Labels last: provenance never invalidates a cached layer.
-LABEL org.opencontainers.image.created="2021-05-16T00:00:00Z" \
+LABEL org.opencontainers.image.created="2024-02-09T00:00:00Z" \
       org.opencontainers.image.description="reprobox image: torch 2.5.1 (12.4)" \
       org.opencontainers.image.title="cuda-12-4" \
-      org.opencontainers.image.version="c2b08284acc3" \
+      org.opencontainers.image.version="e7daded2e675" \
       reprobox.base="sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" \
       reprobox.cuda="12.4" \
-      reprobox.lock-sha256="47d31dd9f9967a46b06489dff0532dd2d57d8da3c526387122736a7c91a299a8" \
+      reprobox.lock-sha256="d5794392f9e5d80cde4d36fb9c851e091fb3149181bd9050a480a7a27cd79d04" \
       reprobox.seed="1234" \
       reprobox.spec-sha256="a09efb54e43c2e76e8ee7446cf85c9c0d4b3456bc4b03203f43c3a3d2bf42ed9" \
       reprobox.torch="2.5.1" \

@@ -8,13 +8,13 @@ COPY build/reprobox_install.py /reprobox-build/reprobox_install.py
 COPY wheels/installer/ /reprobox-build/installer/
 COPY requirements/torch.txt /reprobox-build/torch.txt
 COPY wheels/torch/ /reprobox-build/wheels/
-RUN SOURCE_DATE_EPOCH=1625443200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
+RUN SOURCE_DATE_EPOCH=1629331200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
 
 # Stage 2: everything else; only the files it adds travel to the final image.
 FROM torch AS rest
 COPY requirements/rest.txt /reprobox-build/rest.txt
 COPY wheels/rest/ /reprobox-build/wheels-rest/
-RUN SOURCE_DATE_EPOCH=1625443200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
+RUN SOURCE_DATE_EPOCH=1629331200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
 
 # Final stage: the base, the two package layers, the seed-on-import hook and the self-check.
 # Build-only files (wheels, requirement subsets, the installer script) never reach it.
@@ -38,13 +38,13 @@ ENV VIRTUAL_ENV="/opt/venv" \
     REPROBOX_FILL_UNINITIALIZED_MEMORY="1"
 
 # Labels last: provenance never invalidates a cached layer.
-LABEL org.opencontainers.image.created="2021-07-05T00:00:00Z" \
+LABEL org.opencontainers.image.created="2021-08-19T00:00:00Z" \
       org.opencontainers.image.description="reprobox image: torch 2.13.0 (cpu)" \
       org.opencontainers.image.title="demo-cpu" \
-      org.opencontainers.image.version="6f7e48dca89d" \
+      org.opencontainers.image.version="71d079e870a0" \
       reprobox.base="sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb" \
       reprobox.cuda="cpu" \
-      reprobox.lock-sha256="fce9b7bbd07217852fb22d046a89a1a72fb0be95916008d6b80e23a850c575d7" \
+      reprobox.lock-sha256="07879fb268db3df629a61bb4cc9b11cba82a264811028fde5153e0c9d3614bcb" \
       reprobox.seed="0" \
       reprobox.spec-sha256="da29ef344034e0bdf1398ec4f107de9a1103f564ca65eea08dfa2abb418b9fa3" \
       reprobox.torch="2.13.0" \
