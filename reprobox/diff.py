@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tarfile
 import tempfile
 from collections import Counter
@@ -41,6 +42,8 @@ _CHUNK = 1 << 20
 _MAX_ROWS = 30
 _MAX_CELL = 44
 _SKIP_CONFIG = "rootfs.diff_ids"  # reported layer by layer instead
+_MISSING = object()  # a config field that one side lacks (JSON null is None)
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,9 @@ def diff_images(
 
 def _order(row: Difference) -> tuple[int, int, str, int, str]:
     field_rank = _ENTRY_FIELDS.index(row.field) if row.field in _ENTRY_FIELDS else -1
-    return (_SECTIONS.index(row.section), row.layer or 0, row.path, field_rank, row.field)
+    # Numbers in paths sort as numbers: Env[2] before Env[10].
+    path = _INDEX.sub(lambda m: f"[{int(m[1]):09d}]", row.path)
+    return (_SECTIONS.index(row.section), row.layer or 0, path, field_rank, row.field)
 
 
 def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, Any]]:
@@ -195,31 +200,33 @@ def _member(tar: tarfile.TarFile, name: str, archive: Path) -> bytes:
     return data.read()
 
 
-def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Difference]:
-    flat_a, flat_b = _flatten(a), _flatten(b)
-    return [
-        Difference("config", None, path, "value", flat_a.get(path), flat_b.get(path))
-        for path in sorted(flat_a.keys() | flat_b.keys())
-        if flat_a.get(path) != flat_b.get(path) and not path.startswith(_SKIP_CONFIG)
-    ]
+def _config_differences(a: Any, b: Any, path: str = "") -> Iterator[Difference]:
+    """Walk both configs together; a field one side lacks is one row, however deep it is."""
+    if path == _SKIP_CONFIG or a == b:
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys()):
+            yield from _config_differences(
+                a.get(key, _MISSING), b.get(key, _MISSING), _step(path, key)
+            )
+    elif isinstance(a, list) and isinstance(b, list):
+        for index in range(max(len(a), len(b))):
+            item_a = a[index] if index < len(a) else _MISSING
+            item_b = b[index] if index < len(b) else _MISSING
+            yield from _config_differences(item_a, item_b, f"{path}[{index}]")
+    else:
+        yield Difference("config", None, path, "value", _json(a), _json(b))
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
-    """Leaf values as JSON, keyed by path: `config.Env[0]`, `config.Labels["a.b"]`."""
-    if isinstance(value, dict) and value:
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            if not key.isidentifier():
-                out |= _flatten(item, f"{prefix}[{json.dumps(key)}]")
-            else:
-                out |= _flatten(item, f"{prefix}.{key}" if prefix else key)
-        return out
-    if isinstance(value, list) and value:
-        out = {}
-        for index, item in enumerate(value):
-            out |= _flatten(item, f"{prefix}[{index}]")
-        return out
-    return {prefix: json.dumps(value, sort_keys=True)}
+def _step(path: str, key: str) -> str:
+    """`path.key`, or `path["key"]` where the key is no identifier (labels: `a.b.c`)."""
+    if not key.isidentifier():
+        return f"{path}[{json.dumps(key)}]"
+    return f"{path}.{key}" if path else key
+
+
+def _json(value: Any) -> str | None:
+    return None if value is _MISSING else json.dumps(value, sort_keys=True)
 
 
 def _layer_differences(a: _Image, b: _Image) -> list[Difference]:
