@@ -34,6 +34,7 @@ __all__ = [
     "EngineInfo",
     "ImageNotFoundError",
     "RunResult",
+    "registry_auth",
 ]
 
 _DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -141,6 +142,10 @@ class Engine(Protocol):
         *,
         on_status: Callable[[str], None] | None = None,
     ) -> str: ...
+
+    def pull(self, ref: str, auth_config: Mapping[str, str] | None = None) -> str: ...
+
+    def info(self) -> dict[str, Any]: ...
 
     def add_labels(self, image_id: str, labels: Mapping[str, str]) -> str: ...
 
@@ -516,6 +521,34 @@ class DockerEngine:
             raise EngineError(f"pushing {repository}:{tag}: the engine reported no digest")
         return digest
 
+    def pull(self, ref: str, auth_config: Mapping[str, str] | None = None) -> str:
+        """Pull `ref` (`repo:tag` or `repo@digest`); the ID of the image it names."""
+        import docker.utils
+
+        api = self._client()
+        repository, tag = docker.utils.parse_repository_tag(ref)
+        auth = dict(auth_config) if auth_config is not None else None
+        error = ""
+        with self._errors(f"pulling {ref}"):
+            for chunk in api.pull(
+                repository, tag=tag or "latest", auth_config=auth, stream=True, decode=True
+            ):
+                error = error or str(chunk.get("error", ""))
+        if error:
+            raise EngineError(
+                f"pulling {ref}: the registry said: {error}",
+                hint="check the reference and `docker login` to its registry",
+            )
+        image_id: str = self.inspect_image(ref)["Id"]
+        return image_id
+
+    def info(self) -> dict[str, Any]:
+        """The engine's `docker info`: storage root, runtimes, registry settings."""
+        api = self._client()
+        with self._errors("asking the engine for its settings"):
+            info: dict[str, Any] = api.info()
+        return info
+
     def add_labels(self, image_id: str, labels: Mapping[str, str]) -> str:
         """A new image: `image_id` plus `labels`, with the very same layers (no rebuild)."""
         api = self._client()
@@ -528,3 +561,26 @@ class DockerEngine:
             ):
                 log.feed(chunk)
         return log.finish()
+
+
+def registry_auth(registry: str) -> dict[str, str] | None:
+    """The credentials the user's Docker config holds for `registry` (None: none there).
+
+    Read the way `docker login` left them: `$DOCKER_CONFIG/config.json` (default
+    `~/.docker/config.json`), its `auths`, `credsStore` and `credHelpers`. The values are secrets:
+    pass them on, never print them.
+    """
+    import docker.auth
+    import docker.errors
+
+    try:
+        config = docker.auth.load_config()
+        found = config.resolve_authconfig(registry)
+    except docker.errors.DockerException as err:
+        raise EngineError(
+            f"cannot read the credentials for {registry} from the Docker config: {type(err).__name__}",
+            hint=f"run `docker login {registry}` again",
+        ) from None
+    if not found:
+        return None
+    return {str(k).lower(): str(v) for k, v in found.items() if v}

@@ -62,6 +62,12 @@ class FakeEngine:
         self.images: dict[str, _Image] = {}
         self.calls: list[tuple[str, str]] = []
         self.pushed: dict[str, str] = {}
+        #: What `info()` answers; tests edit it (runtimes, storage root, registry settings).
+        self.info_answer: dict[str, Any] = {
+            "DockerRootDir": "/var/lib/docker",
+            "Runtimes": {"runc": {"path": "runc"}},
+            "RegistryConfig": {"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}},
+        }
 
     def _call(self, method: str, arg: str) -> None:
         self.calls.append((method, arg))
@@ -254,6 +260,19 @@ class FakeEngine:
         if on_status is not None:
             on_status(f"{tag}: digest: {digest}")
         return digest
+
+    def pull(self, ref: str, auth_config: Mapping[str, str] | None = None) -> str:
+        """Only what was pushed to the fake (or is held) can be pulled; its image ID."""
+        self._call("pull", ref)
+        if _full_ref(ref) not in self.pushed and not self.image_exists(ref):
+            raise EngineError(f"pulling {ref}: the registry said: manifest unknown")
+        return self._resolve(ref).id
+
+    def info(self) -> dict[str, Any]:
+        """`docker info` as the fake was told to answer (`info_answer`)."""
+        self._call("info", "")
+        answer: dict[str, Any] = json.loads(json.dumps(self.info_answer))
+        return answer
 
     def add_labels(self, image_id: str, labels: Mapping[str, str]) -> str:
         """A new image with the same layers and `labels` merged in."""
