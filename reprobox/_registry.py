@@ -1,0 +1,309 @@
+"""Image references and a registry's HTTP API (v2): can we push there, and what digest does it hold.
+
+Only what publish needs: parse and validate `REGISTRY/REPO`, knock on `/v2/` with the user's
+credentials (Basic, or a Bearer token from the registry's token service), and read a manifest's
+digest back. Credentials travel in headers only; no message here ever contains them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.message import Message
+from typing import Any
+
+from reprobox.errors import EXIT_BAD_INPUT, EngineError, ReproboxError
+
+__all__ = [
+    "MANIFEST_TYPES",
+    "RegistryAuthError",
+    "RegistryClient",
+    "RegistryUnreachableError",
+    "Target",
+    "check_tag",
+    "is_insecure",
+    "parse_target",
+]
+
+#: What a Docker Engine 20.10 pushes (schema 2), and the OCI form other tools push.
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+)
+_HUB = "docker.io"
+_HUB_API = "registry-1.docker.io"
+_TIMEOUT_S = 15
+# distribution/reference's grammar, as the engine applies it.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_REPOSITORY = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
+_REGISTRY = re.compile(rf"^{_DOMAIN}$")
+_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
+
+
+class RegistryUnreachableError(EngineError):
+    """Nothing answers at the registry's address (exit 3)."""
+
+
+class RegistryAuthError(EngineError):
+    """The registry refused the credentials, or there were none (exit 3)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to publish: a registry and a repository in it."""
+
+    registry: str  # as written: `127.0.0.1:5000`, `ghcr.io`; `docker.io` when none was
+    repository: str  # the path in the registry: `team/model`, `library/ubuntu` on Docker Hub
+    name: str  # what the engine tags and pushes: the reference as the user wrote it
+
+    @property
+    def api_host(self) -> str:
+        """The host that serves the v2 API (Docker Hub's differs from its name)."""
+        return _HUB_API if self.registry == _HUB else self.registry
+
+    def ref(self, tag: str) -> str:
+        """`name:tag`."""
+        return f"{self.name}:{tag}"
+
+
+def _bad_reference(text: str, why: str) -> ReproboxError:
+    return ReproboxError(
+        f"--to {text!r} is not a valid repository name: {why}",
+        hint="write REGISTRY/REPO, for example 127.0.0.1:5000/team/model or ghcr.io/org/model: "
+        "lower-case letters, digits and . _ - in the path, no tag (give tags with --tag)",
+        exit_code=EXIT_BAD_INPUT,
+    )
+
+
+def parse_target(text: str) -> Target:
+    """Validate `REGISTRY/REPO` (Docker's reference grammar) before anything is built."""
+    if not text or text != text.strip():
+        raise _bad_reference(text, "it is empty or has spaces around it")
+    if "@" in text:
+        raise _bad_reference(text, "a digest cannot be pushed to; name the repository only")
+    first, _, rest = text.partition("/")
+    has_registry = bool(rest) and ("." in first or ":" in first or first == "localhost")
+    registry, path = (first, rest) if has_registry else (_HUB, text)
+    if not _REGISTRY.match(registry):
+        raise _bad_reference(text, f"{registry!r} is not a host name or host:port")
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        raise _bad_reference(text, f"it ends in a tag ({last.split(':', 1)[1]!r})")
+    if not _REPOSITORY.match(path):
+        raise _bad_reference(text, f"the repository path {path!r} breaks the naming rules")
+    if len(text) > 255:
+        raise _bad_reference(text, "it is longer than 255 characters")
+    if registry == _HUB and "/" not in path:
+        path = f"library/{path}"
+    return Target(registry, path, text)
+
+
+def check_tag(tag: str) -> str:
+    """A tag the engine accepts (letters, digits, `_ . -`, at most 128, not starting with . or -)."""
+    if not _TAG.match(tag):
+        raise ReproboxError(
+            f"--tag {tag!r} is not a valid tag",
+            hint="use letters, digits, _ . and -, at most 128 characters, not starting with . or -",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    return tag
+
+
+def _addresses(host: str) -> list[str]:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        return [str(info[4][0]) for info in socket.getaddrinfo(name, None)]
+    except OSError:
+        return []
+
+
+def is_insecure(registry: str, registry_config: Mapping[str, Any]) -> bool:
+    """Whether the engine talks plain HTTP to `registry` (its insecure-registries setting)."""
+    index = (registry_config.get("IndexConfigs") or {}).get(registry)
+    if isinstance(index, Mapping) and "Secure" in index:
+        return not index["Secure"]
+    networks = []
+    for cidr in registry_config.get("InsecureRegistryCIDRs") or []:
+        try:
+            networks.append(ipaddress.ip_network(str(cidr)))
+        except ValueError:
+            continue
+    return any(
+        ipaddress.ip_address(address.split("%", 1)[0]) in network
+        for address in _addresses(registry)
+        for network in networks
+    )
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Message
+    body: bytes
+
+
+class RegistryClient:
+    """The v2 API of one registry, for one repository, with one set of credentials."""
+
+    def __init__(
+        self, target: Target, auth: Mapping[str, str] | None, *, insecure: bool = False
+    ) -> None:
+        self.target = target
+        self._auth = dict(auth or {})
+        self._schemes = ("https", "http") if insecure else ("https",)
+        self._scheme: str | None = None
+        self._authorization: str | None = None
+
+    def check_access(self) -> None:
+        """Reachable, and the credentials accepted for push; else a clear error (exit 3)."""
+        answer = self._get("/v2/")
+        if answer.status == 401:
+            raise self._refused("refused the credentials from the Docker config")
+        if answer.status >= 400:
+            raise EngineError(
+                f"the registry {self.target.registry} answered HTTP {answer.status} at /v2/",
+                hint="check that the address is a container registry",
+            )
+
+    def manifest_digest(self, tag: str) -> str:
+        """The digest of the manifest `tag` names, as the registry serves it now."""
+        path = f"/v2/{self.target.repository}/manifests/{urllib.parse.quote(tag, safe='')}"
+        answer = self._get(path, accept=", ".join(MANIFEST_TYPES))
+        if answer.status == 404:
+            raise EngineError(
+                f"the registry {self.target.registry} holds no manifest for "
+                f"{self.target.repository}:{tag} right after the push",
+                hint="run the same command again; if it persists, the registry drops pushes",
+            )
+        if answer.status >= 400:
+            raise EngineError(
+                f"reading the manifest of {self.target.ref(tag)} back: HTTP {answer.status}"
+            )
+        computed = "sha256:" + hashlib.sha256(answer.body).hexdigest()
+        served = answer.headers.get("Docker-Content-Digest") or computed
+        if served != computed:
+            raise EngineError(
+                f"the registry {self.target.registry} says the manifest of {self.target.ref(tag)} "
+                f"is {served}, but its bytes hash to {computed}"
+            )
+        return served
+
+    def _get(self, path: str, *, accept: str | None = None) -> _Answer:
+        if self._authorization is None:
+            self._authorization = self._login()
+        headers = {"Authorization": self._authorization} if self._authorization else {}
+        if accept:
+            headers["Accept"] = accept
+        return self._send(path, headers)
+
+    def _login(self) -> str:
+        """The Authorization header value for this registry ('' where it asks for none)."""
+        answer = self._send("/v2/", {})
+        if answer.status != 401:
+            return ""
+        challenge = answer.headers.get("WWW-Authenticate", "")
+        scheme = challenge.split(" ", 1)[0].lower()
+        if not self._auth:
+            raise self._refused("asks for credentials, and the Docker config holds none for it")
+        if scheme == "basic":
+            return "Basic " + _basic(self._auth)
+        if scheme == "bearer":
+            return "Bearer " + self._token(dict(_CHALLENGE.findall(challenge)))
+        raise EngineError(
+            f"the registry {self.target.registry} asks for {scheme or 'an unknown'} authentication, "
+            "which reprobox does not speak"
+        )
+
+    def _token(self, params: Mapping[str, str]) -> str:
+        realm = params.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise EngineError(f"the registry {self.target.registry} named no usable token service")
+        query = {"scope": f"repository:{self.target.repository}:pull,push"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        token = self._auth.get("identitytoken")
+        if token:
+            form = {**query, "grant_type": "refresh_token", "refresh_token": token}
+            form["client_id"] = "reprobox"
+            data: bytes | None = urllib.parse.urlencode(form).encode()
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        else:
+            data, headers = None, {"Authorization": "Basic " + _basic(self._auth)}
+        url = f"{realm}?{urllib.parse.urlencode(query)}" if data is None else realm
+        answer = _fetch(url, headers, data)
+        if answer.status in (401, 403):
+            raise self._refused("'s token service refused the credentials from the Docker config")
+        try:
+            body = json.loads(answer.body)
+            return str(body.get("token") or body["access_token"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise EngineError(
+                f"the token service of {self.target.registry} answered HTTP {answer.status} "
+                "without a token"
+            ) from None
+
+    def _send(self, path: str, headers: Mapping[str, str]) -> _Answer:
+        schemes = (self._scheme,) if self._scheme else self._schemes
+        reasons = []
+        for scheme in schemes:
+            try:
+                answer = _fetch(f"{scheme}://{self.target.api_host}{path}", headers)
+            except OSError as err:
+                reasons.append(f"{scheme}: {_reason(err)}")
+                continue
+            self._scheme = scheme
+            return answer
+        raise RegistryUnreachableError(
+            f"the registry {self.target.registry} is unreachable ({'; '.join(reasons)})",
+            hint="check the address and that the registry runs; a registry on plain HTTP must be "
+            "in the engine's insecure-registries (127.0.0.0/8 is by default)",
+        )
+
+    def _refused(self, why: str) -> RegistryAuthError:
+        sep = "" if why.startswith("'") else " "
+        return RegistryAuthError(
+            f"the registry {self.target.registry}{sep}{why}",
+            hint=f"log in with `docker login {self.target.registry}`; reprobox uses the credentials "
+            "in the Docker config ($DOCKER_CONFIG/config.json, default ~/.docker/config.json) "
+            "and its credential helpers",
+        )
+
+
+def _basic(auth: Mapping[str, str]) -> str:
+    pair = f"{auth.get('username', '')}:{auth.get('password', '')}"
+    return base64.b64encode(pair.encode()).decode()
+
+
+def _fetch(url: str, headers: Mapping[str, str], data: bytes | None = None) -> _Answer:
+    """One HTTP exchange; an HTTP error status is an answer, a network failure an OSError."""
+    if not url.startswith(("https://", "http://")):
+        raise EngineError(f"refusing to fetch {url!r}: a registry speaks HTTP(S) only")
+    request = urllib.request.Request(url, data=data, headers=dict(headers))  # noqa: S310
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - http(s) only, checked above
+            request, timeout=_TIMEOUT_S, context=ssl.create_default_context()
+        ) as response:
+            return _Answer(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as err:
+        return _Answer(err.code, err.headers, err.read())
+
+
+def _reason(err: OSError) -> str:
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS failed: {reason.reason or reason}"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason)

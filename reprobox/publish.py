@@ -1,0 +1,254 @@
+"""The publish stage: build (or reuse) the image, let its self-check gate the push, tag, push, and
+read the digest back from the registry.
+
+Credentials come from the user's Docker config (`docker login`), go to the engine and the registry
+in headers, and nowhere else: not into a label, a layer, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from reprobox._registry import (
+    RegistryAuthError,
+    RegistryClient,
+    RegistryUnreachableError,
+    Target,
+    check_tag,
+    is_insecure,
+    parse_target,
+)
+from reprobox.engine import DockerEngine, Engine, ImageNotFoundError, registry_auth
+from reprobox.errors import EngineError
+from reprobox.progress import Reporter
+
+__all__ = [
+    "Builder",
+    "Published",
+    "PushInterruptedError",
+    "RegistryAuthError",
+    "RegistryUnreachableError",
+    "publish",
+    "push_image",
+    "scrub",
+]
+
+_AUTH = re.compile(r"unauthorized|authentication required|no basic auth credentials|denied", re.I)
+# What the engine says when the registry goes away during a push (after it answered before it).
+_NETWORK = re.compile(
+    r"connection refused|connection reset|broken pipe|i/o timeout|\bEOF\b|no such host|"
+    r"network is unreachable|context canceled",
+    re.I,
+)
+
+
+class PushInterruptedError(EngineError):
+    """The registry stopped answering during the push (exit 3); a retry resumes from what landed."""
+
+
+class Builder(Protocol):
+    """`reprobox.pipeline.build`'s shape, so tests can pass a fake one."""
+
+    def __call__(
+        self,
+        spec_path: Path,
+        *,
+        lock_path: Path | None,
+        tag: str | None,
+        relock: bool,
+        nocache: bool,
+        check: bool,
+        refetch: bool,
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Published:
+    """What landed in the registry: every tag names the manifest `digest`."""
+
+    target: Target
+    image_id: str
+    digest: str
+    tags: tuple[str, ...]
+    layers_pushed: int
+    layers_reused: int
+
+    @property
+    def reference(self) -> str:
+        """`name@digest`: the one reference that can never move."""
+        return f"{self.target.name}@{self.digest}"
+
+
+def scrub(text: str, auth: Mapping[str, str] | None) -> str:
+    """`text` with every credential value (and the encodings a header carries) blanked out."""
+    secrets = [v for k, v in (auth or {}).items() if k in {"password", "identitytoken", "auth"}]
+    if auth and auth.get("password"):
+        pair = f"{auth.get('username', '')}:{auth['password']}"
+        secrets += [pair, base64.b64encode(pair.encode()).decode()]
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class _LayerTally:
+    """The engine's push status lines, boiled down to layers pushed and layers already there."""
+
+    def __init__(self, show: Callable[[str], None]) -> None:
+        self._show = show
+        self.final: dict[str, str] = {}
+
+    def __call__(self, line: str) -> None:
+        self._show(line)
+        layer, _, status = line.partition(" ")
+        # A layer pushed for the first tag is "already there" for the next: the first word counts.
+        if status == "Pushed" or status == "Layer already exists" or status.startswith("Mounted"):
+            self.final.setdefault(layer, status)
+
+    @property
+    def pushed(self) -> int:
+        return sum(status == "Pushed" for status in self.final.values())
+
+    @property
+    def reused(self) -> int:
+        return len(self.final) - self.pushed
+
+
+def _push_error(err: EngineError, target: Target, auth: Mapping[str, str] | None) -> EngineError:
+    """The engine's push failure as one of the distinct errors a user can act on."""
+    said = scrub(err.message, auth)
+    if _AUTH.search(said):
+        return RegistryAuthError(
+            f"the registry {target.registry} refused the push: {said}",
+            hint=f"log in with `docker login {target.registry}` as a user who may push to "
+            f"{target.repository}; reprobox uses the credentials in the Docker config",
+        )
+    if _NETWORK.search(said):
+        return PushInterruptedError(
+            f"the push to {target.registry} was interrupted: {said}",
+            hint="the registry keeps the layers it received: once it answers again, run the same "
+            "command again and the push resumes from them",
+        )
+    return EngineError(said, hint=err.hint and scrub(err.hint, auth))
+
+
+def push_image(
+    engine: Engine,
+    client: RegistryClient,
+    image_id: str,
+    tags: Sequence[str],
+    *,
+    auth: Mapping[str, str] | None,
+    reporter: Reporter,
+) -> Published:
+    """Tag `image_id` in the target repository, push every tag, and check the registry's digest."""
+    target = client.target
+    tally = _LayerTally(reporter.detail)
+    digests = set()
+    for tag in tags:
+        engine.tag(image_id, target.ref(tag))
+        with reporter.stage(f"push {target.ref(tag)}"):
+            try:
+                digests.add(engine.push(target.name, tag, auth, on_status=tally))
+            except ImageNotFoundError:
+                raise
+            except EngineError as err:
+                raise _push_error(err, target, auth) from None
+    if len(digests) != 1:
+        raise EngineError(f"the tags of one image were pushed as different manifests: {digests}")
+    digest = digests.pop()
+    with reporter.stage(f"read the digest back from {target.registry}"):
+        for tag in tags:
+            served = client.manifest_digest(tag)
+            if served != digest:
+                raise EngineError(
+                    f"the registry serves {target.ref(tag)} as {served}, "
+                    f"but the engine pushed {digest}",
+                    hint="another push to the same tag may have raced this one; run it again",
+                )
+    return Published(target, image_id, digest, tuple(tags), tally.pushed, tally.reused)
+
+
+def _client(engine: Engine, target: Target, auth: Mapping[str, str] | None) -> RegistryClient:
+    registry_config = engine.info().get("RegistryConfig") or {}
+    insecure = is_insecure(target.registry, registry_config)
+    return RegistryClient(target, auth, insecure=insecure)
+
+
+def _default_builder() -> Builder:
+    from reprobox.pipeline import build
+
+    return build
+
+
+def publish(
+    spec_path: Path,
+    to: str,
+    *,
+    tags: Sequence[str] = (),
+    lock_path: Path | None = None,
+    relock: bool = False,
+    refetch: bool = False,
+    engine: Engine | None = None,
+    builder: Builder | None = None,
+    credentials: Callable[[str], dict[str, str] | None] = registry_auth,
+) -> dict[str, Any]:
+    """`reprobox publish`: build, gate on the self-check, push, verify the digest; a report."""
+    started = time.monotonic()
+    target = parse_target(to)
+    extra = [check_tag(tag) for tag in tags]
+    reporter = Reporter()
+    engine = engine or DockerEngine()
+    engine.ping()
+    auth = credentials(target.registry)
+    client = _client(engine, target, auth)
+    with reporter.stage(f"registry {target.registry}: reachable, credentials accepted"):
+        client.check_access()
+    built = (builder or _default_builder())(
+        spec_path,
+        lock_path=lock_path,
+        tag=None,
+        relock=relock,
+        nocache=False,
+        check=True,
+        refetch=refetch,
+    )
+    if not built["passed"]:
+        return _gated(target, built)
+    content_tag = str(built["tags"][0]).rsplit(":", 1)[1]
+    wanted = list(dict.fromkeys([content_tag, *extra]))
+    done = push_image(engine, client, built["image_id"], wanted, auth=auth, reporter=reporter)
+    seconds = round(time.monotonic() - started, 1)
+    refs = [target.ref(tag) for tag in done.tags]
+    return {
+        "passed": True,
+        "reference": done.reference,
+        "digest": done.digest,
+        "tags": refs,
+        "image_id": done.image_id,
+        "selfcheck": built["selfcheck"],
+        "layers": {"pushed": done.layers_pushed, "reused": done.layers_reused},
+        "seconds": seconds,
+        "summary": f"published {done.reference}\ntags: {', '.join(refs)} "
+        f"({done.layers_pushed} layers pushed, {done.layers_reused} already there; {seconds} s)",
+    }
+
+
+def _gated(target: Target, built: Mapping[str, Any]) -> dict[str, Any]:
+    """The report when the self-check failed: nothing was tagged in the target, nothing pushed."""
+    return {
+        "passed": False,
+        "reference": None,
+        "digest": None,
+        "tags": [],
+        "image_id": built.get("image_id"),
+        "selfcheck": built.get("selfcheck"),
+        "summary": f"{built.get('summary', 'the self-check failed')}\n"
+        f"nothing was pushed to {target.name}: the self-check gates publishing",
+    }
