@@ -1,0 +1,325 @@
+"""`reprobox doctor`: can this host build (and run) what a spec asks for? One line per fact, and for
+each failing line what to do.
+
+Every look at the host goes through `Probes`, so tests can describe a GPU host without one.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.compat import driver_minimum
+from reprobox.engine import DockerEngine, Engine
+from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
+from reprobox.lock import Lock, default_lock_path, read_lock
+from reprobox.spec import Spec, load_spec
+
+__all__ = ["Disk", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
+
+Status = Literal["ok", "warn", "fail"]
+
+_GB = 1e9
+# Without a lock to measure, what a build needs: torch CPU wheels are ~0.2 GB, CUDA ones with the
+# nvidia-* libraries ~3 GB; installed and copied between stages, about three times that.
+_FALLBACK_NEED = {"cpu": 5 * _GB, "cuda": 20 * _GB}
+_INSTALL_FACTOR = 3
+_NVIDIA_VERSION = Path("/proc/driver/nvidia/version")
+_KERNEL_MODULE = re.compile(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)")
+_QUERY = ("name", "driver_version", "compute_cap")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One fact about the host: ok, a warning, or a failure with what to do."""
+
+    name: str
+    status: Status
+    detail: str
+    hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One NVIDIA GPU as the driver reports it."""
+
+    name: str
+    driver: str
+    compute_cap: str | None = None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Free bytes on the filesystem that holds a path, and which filesystem that is."""
+
+    path: Path
+    free: int
+    device: int
+
+
+def probe_gpus(run: Callable[[Sequence[str]], str] | None = None) -> tuple[list[Gpu], str]:
+    """The GPUs nvidia-smi lists (or the driver /proc names), and where they were seen."""
+    runner = run or _run
+    if shutil.which("nvidia-smi") is not None:
+        for fields in (_QUERY, _QUERY[:2]):  # compute_cap is newer than some drivers
+            argv = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]
+            try:
+                out = runner(argv)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            gpus = [_gpu(line) for line in out.splitlines() if line.strip()]
+            return gpus, "nvidia-smi"
+    try:
+        text = _NVIDIA_VERSION.read_text()
+    except OSError:
+        return [], "no nvidia-smi on PATH and no /proc/driver/nvidia/version"
+    match = _KERNEL_MODULE.search(text)
+    if match is None:
+        return [], f"{_NVIDIA_VERSION} names no driver version"
+    return [Gpu("an NVIDIA GPU (nvidia-smi not on PATH)", match[1])], str(_NVIDIA_VERSION)
+
+
+def _run(argv: Sequence[str]) -> str:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def _gpu(line: str) -> Gpu:
+    parts = [part.strip() for part in line.split(",")]
+    cap = parts[2] if len(parts) > 2 and parts[2] not in {"", "[N/A]"} else None
+    return Gpu(parts[0], parts[1] if len(parts) > 1 else "", cap)
+
+
+def _disk(path: Path) -> Disk:
+    """Free space where `path` is, or where it would be made (its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return Disk(path, shutil.disk_usage(probe).free, probe.stat().st_dev)
+
+
+@dataclass(frozen=True)
+class Probes:
+    """How doctor looks at the host; tests replace any of them."""
+
+    engine: Callable[[], Engine] = DockerEngine
+    which: Callable[[str], str | None] = shutil.which
+    disk: Callable[[Path], Disk] = _disk
+    gpus: Callable[[], tuple[list[Gpu], str]] = field(default=probe_gpus)
+    cache_dir: Callable[[], Path] = default_cache_dir
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
+
+
+def _engine_lines(probes: Probes) -> tuple[list[Line], dict[str, Any] | None, str]:
+    try:
+        engine = probes.engine()
+        who = engine.ping()
+        info = engine.info()
+    except EngineError as err:
+        return [Line("engine", "fail", err.message, err.hint)], None, ""
+    detail = f"Docker Engine {who.server_version} (API {who.api_version}, {who.arch}) at {who.host}"
+    return [Line("engine", "ok", detail)], info, who.host
+
+
+def _cached_bytes(lock: Lock, cache_root: Path) -> tuple[int, int]:
+    """Bytes of the lock's wheels already in the cache, and how many are not there yet."""
+    cache = WheelCache(cache_root)
+    known, missing = 0, 0
+    for wheel in lock.wheels:
+        path = cache.path(wheel.sha256)
+        if path.is_file():
+            known += path.stat().st_size
+        else:
+            missing += 1
+    return known, missing
+
+
+def _lock_for(spec_path: Path | None) -> tuple[Lock | None, str]:
+    if spec_path is None:
+        return None, "no spec given"
+    path = default_lock_path(spec_path)
+    if not path.exists():
+        return None, f"no lock yet at {path}"
+    try:
+        return read_lock(path), str(path)
+    except ReproboxError as err:
+        return None, f"{path} unreadable ({err.message})"
+
+
+@dataclass(frozen=True)
+class _Need:
+    engine: float
+    cache: float
+    why: str
+
+
+def _needs(spec: Spec | None, lock: Lock | None, lock_note: str, cache_root: Path) -> _Need:
+    kind = "cuda" if spec is not None and spec.torch.is_cuda else "cpu"
+    fallback = _FALLBACK_NEED[kind]
+    if lock is None:
+        return _Need(fallback, fallback / _INSTALL_FACTOR, f"a fixed {kind} estimate: {lock_note}")
+    known, missing = _cached_bytes(lock, cache_root)
+    if missing:
+        why = f"{missing} of {len(lock.wheels)} wheels not cached yet, so a fixed {kind} estimate"
+        return _Need(fallback, fallback / _INSTALL_FACTOR, why)
+    why = f"{_INSTALL_FACTOR} x {known / _GB:.1f} GB of locked wheels, all cached"
+    return _Need(_INSTALL_FACTOR * known, 0.0, why)
+
+
+def _disk_lines(probes: Probes, info: dict[str, Any] | None, host: str, need: _Need) -> list[Line]:
+    """One line per filesystem: what it must hold (engine storage, wheel cache) against its free space."""
+    places: list[tuple[str, Disk, float]] = [
+        ("wheel cache", probes.disk(probes.cache_dir()), need.cache)
+    ]
+    lines = []
+    root = str((info or {}).get("DockerRootDir") or "")
+    if root and host.startswith("unix://"):
+        places.insert(0, ("engine storage", probes.disk(Path(root)), need.engine))
+    elif info is not None:
+        lines.append(
+            Line("disk", "warn", f"the engine at {host} is remote: its disk is not measured")
+        )
+    for device in dict.fromkeys(disk.device for _, disk, _ in places):
+        here = [(what, disk, needed) for what, disk, needed in places if disk.device == device]
+        total = sum(needed for _, _, needed in here)
+        free = here[0][1].free
+        where = " and ".join(f"{what} {disk.path}" for what, disk, _ in here)
+        detail = (
+            f"{where}: {free / _GB:.1f} GB free, about {total / _GB:.1f} GB needed ({need.why})"
+        )
+        if free < total:
+            hint = (
+                f"free {(total - free) / _GB:.1f} GB there (`docker system prune` drops unused "
+                "images and build cache), or point REPROBOX_CACHE_DIR at a roomier disk"
+            )
+            lines.append(Line("disk", "fail", detail, hint))
+        else:
+            lines.append(Line("disk", "ok", detail))
+    return lines
+
+
+def _tool_line(probes: Probes, spec: Spec | None) -> Line:
+    found = probes.which("mmdebstrap")
+    if found is not None:
+        return Line("mmdebstrap", "ok", f"mmdebstrap at {found} (makes base.bootstrap images)")
+    needed = spec is None or spec.base.suite is not None
+    hint = "`apt-get install mmdebstrap` (or `make setup`); a spec with base.image needs none"
+    if spec is not None and spec.base.suite is not None:
+        return Line("mmdebstrap", "fail", "mmdebstrap is missing; base.bootstrap needs it", hint)
+    return Line(
+        "mmdebstrap",
+        "warn" if needed else "ok",
+        "mmdebstrap is missing (only base.bootstrap specs need it)",
+        hint if needed else None,
+    )
+
+
+def _gpu_lines(probes: Probes, spec: Spec | None, info: dict[str, Any] | None) -> list[Line]:
+    cuda = spec.torch.cuda if spec is not None and spec.torch.is_cuda else None
+    gpus, where = probes.gpus()
+    if not gpus:
+        if cuda is None:
+            return [Line("gpu", "ok", f"no NVIDIA GPU ({where}): CPU specs only")]
+        return [
+            Line(
+                "gpu",
+                "fail",
+                f"the spec asks for CUDA {cuda}, and this host shows no NVIDIA GPU or driver ({where})",
+                "run on a machine with an NVIDIA GPU and its driver installed (nvidia-smi must work), "
+                "or set torch.cuda: cpu",
+            )
+        ]
+    shown = "; ".join(
+        f"{gpu.name}, driver {gpu.driver}"
+        + (f", compute capability {gpu.compute_cap}" if gpu.compute_cap else "")
+        for gpu in gpus
+    )
+    lines = [Line("gpu", "ok", f"{len(gpus)} GPU(s) from {where}: {shown}")]
+    if cuda is not None:
+        lines.append(_driver_line(cuda, gpus[0].driver))
+    lines.append(_runtime_line(probes, info, needed=cuda is not None))
+    return lines
+
+
+def _driver_line(cuda: str, driver: str) -> Line:
+    minimum = driver_minimum(cuda)
+    if minimum is None:
+        return Line(
+            "driver",
+            "warn",
+            f"driver {driver}; reprobox records no minimum driver for CUDA {cuda}",
+            "check NVIDIA's CUDA release notes (table 3), and add the row to reprobox/data/compat.json",
+        )
+    have = _version(driver)
+    figures = f"CUDA {cuda} needs {minimum.full} for full features, {minimum.minor_compat} with minor-version compatibility"
+    if have >= _version(minimum.full):
+        return Line("driver", "ok", f"driver {driver}: {figures}")
+    upgrade = f"install NVIDIA driver {minimum.full} or newer, or pick an older torch.cuda"
+    if have >= _version(minimum.minor_compat):
+        return Line(
+            "driver",
+            "warn",
+            f"driver {driver} runs CUDA {cuda} only through minor-version compatibility "
+            f"(no PTX JIT for newer code): {figures}",
+            upgrade,
+        )
+    return Line("driver", "fail", f"driver {driver} is too old: {figures}", upgrade)
+
+
+def _runtime_line(probes: Probes, info: dict[str, Any] | None, *, needed: bool) -> Line:
+    runtimes = sorted((info or {}).get("Runtimes") or {})
+    hook = probes.which("nvidia-container-runtime-hook") or probes.which("nvidia-container-cli")
+    if "nvidia" in runtimes or hook is not None:
+        where = "the engine's nvidia runtime" if "nvidia" in runtimes else hook
+        return Line("runtime", "ok", f"containers can reach the GPU through {where}")
+    return Line(
+        "runtime",
+        "fail" if needed else "warn",
+        f"the engine has no nvidia runtime (runtimes: {', '.join(runtimes) or 'unknown'}) and no "
+        "nvidia-container-runtime-hook is on PATH: containers cannot see the GPU",
+        "install NVIDIA Container Toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
+        "and restart dockerd",
+    )
+
+
+def doctor(spec_path: Path | None = None, *, probes: Probes | None = None) -> dict[str, Any]:
+    """`reprobox doctor [SPEC]`: what this host has, against what the spec needs."""
+    probes = probes or Probes()
+    spec = load_spec(spec_path) if spec_path is not None else None
+    lines, info, host = _engine_lines(probes)
+    lock, lock_note = _lock_for(spec_path)
+    lines += _disk_lines(probes, info, host, _needs(spec, lock, lock_note, probes.cache_dir()))
+    lines.append(_tool_line(probes, spec))
+    lines += _gpu_lines(probes, spec, info)
+    failed = [line for line in lines if line.status == "fail"]
+    return {
+        "spec": None if spec_path is None else str(spec_path),
+        "passed": not failed,
+        "exit_code": EXIT_MISSING if failed else 0,
+        "lines": [line.__dict__ for line in lines],
+        "summary": _render(lines, spec_path),
+    }
+
+
+def _render(lines: Sequence[Line], spec_path: Path | None) -> str:
+    out = []
+    for line in lines:
+        out.append(f"{line.status.upper():<5} {line.name:<10} {line.detail}")
+        if line.hint and line.status != "ok":
+            out.append(f"{'':<16} -> {line.hint}")
+    failed = sum(line.status == "fail" for line in lines)
+    against = f" for {spec_path}" if spec_path is not None else ""
+    out.append(
+        f"{failed} problem(s){against}: fix the FAIL lines above"
+        if failed
+        else f"this host can build{against or ' CPU specs'}"
+    )
+    return "\n".join(out)
