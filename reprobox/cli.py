@@ -68,6 +68,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from reprobox.publish import publish
+
+    report = publish(
+        Path(args.spec),
+        args.to,
+        tags=args.tag,
+        lock_path=_opt_path(args.lock),
+        relock=args.relock,
+        refetch=args.refetch,
+    )
+    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from reprobox.handoff import export_image
+
+    report = export_image(args.image, Path(args.output))
+    return _emit(args, report, report["summary"])
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from reprobox.handoff import import_image
+
+    report = import_image(Path(args.archive))
+    return _emit(args, report, report["summary"])
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from reprobox.doctor import doctor
+
+    report = doctor(_opt_path(args.spec))
+    return _emit(args, report, report["summary"], report["exit_code"])
+
+
 def _opt_path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
@@ -149,6 +184,23 @@ def _parser() -> argparse.ArgumentParser:
         spec=False,
     )
     p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+
+    p = command("publish", _cmd_publish, "build, gate on the self-check, push, verify the digest")
+    p.add_argument("--to", required=True, metavar="REGISTRY/REPO", help="where to push")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="TAG", help="another tag (repeatable)"
+    )
+    lock_options(p)
+
+    p = command("export", _cmd_export, "write IMAGE, its spec and lock to one archive", spec=False)
+    p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.tar", help="the archive")
+
+    p = command("import", _cmd_import, "verify and load an archive that export wrote", spec=False)
+    p.add_argument("archive", metavar="FILE.tar", help="the archive")
+
+    p = command("doctor", _cmd_doctor, "can this host build (and run) the spec?", spec=False)
+    p.add_argument("spec", nargs="?", metavar="SPEC", help="the spec to check the host against")
     return parser
 
 
