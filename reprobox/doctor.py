@@ -63,26 +63,30 @@ class Disk:
     device: int
 
 
-def probe_gpus(run: Callable[[Sequence[str]], str] | None = None) -> tuple[list[Gpu], str]:
+def probe_gpus(
+    run: Callable[[Sequence[str]], str] | None = None,
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    proc_version: Path = _NVIDIA_VERSION,
+) -> tuple[list[Gpu], str]:
     """The GPUs nvidia-smi lists (or the driver /proc names), and where they were seen."""
     runner = run or _run
-    if shutil.which("nvidia-smi") is not None:
+    if which("nvidia-smi") is not None:
         for fields in (_QUERY, _QUERY[:2]):  # compute_cap is newer than some drivers
             argv = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]
             try:
                 out = runner(argv)
             except (OSError, subprocess.SubprocessError):
                 continue
-            gpus = [_gpu(line) for line in out.splitlines() if line.strip()]
-            return gpus, "nvidia-smi"
+            return [_gpu(line) for line in out.splitlines() if line.strip()], "nvidia-smi"
     try:
-        text = _NVIDIA_VERSION.read_text()
+        text = proc_version.read_text()
     except OSError:
-        return [], "no nvidia-smi on PATH and no /proc/driver/nvidia/version"
+        return [], f"no nvidia-smi on PATH and no {proc_version}"
     match = _KERNEL_MODULE.search(text)
     if match is None:
-        return [], f"{_NVIDIA_VERSION} names no driver version"
-    return [Gpu("an NVIDIA GPU (nvidia-smi not on PATH)", match[1])], str(_NVIDIA_VERSION)
+        return [], f"{proc_version} names no driver version"
+    return [Gpu("an NVIDIA GPU (nvidia-smi not on PATH)", match[1])], str(proc_version)
 
 
 def _run(argv: Sequence[str]) -> str:

@@ -208,7 +208,7 @@ def publish(
     engine.ping()
     auth = credentials(target.registry)
     client = _client(engine, target, auth)
-    with reporter.stage(f"registry {target.registry}: reachable, credentials accepted"):
+    with reporter.stage(f"check the registry {target.registry} and the credentials for it"):
         client.check_access()
     built = (builder or _default_builder())(
         spec_path,
