@@ -102,6 +102,10 @@ def run_selfcheck(
             f"the self-check in {image} exited {result.exit_code} without a report\n{tail}",
             hint="run with --debug, or `docker run --rm IMAGE python /opt/reprobox/reprobox_selfcheck.py`",
         ) from exc
+    if fingerprint is None or device_class is None:
+        failures = "; ".join(str(f) for f in report.get("failures") or []) or "no reason given"
+        tail = "\n".join(result.stderr.splitlines()[-20:])
+        raise CheckError(f"the self-check in {image} could not train: {failures}\n{tail}".rstrip())
     if not isinstance(passed, bool) or passed != (result.exit_code == 0):
         raise CheckError(
             f"the self-check's report (passed={passed!r}) disagrees with its exit code {result.exit_code}"
