@@ -57,7 +57,9 @@ class BuildError(ReproboxError):
 
     exit_code = EXIT_CHECK_FAILED
 
-    def __init__(self, message: str, step: str = "", log_tail: str = "", hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, step: str = "", log_tail: str = "", hint: str | None = None
+    ) -> None:
         super().__init__(message, hint)
         self.step = step
         self.log_tail = log_tail

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +70,12 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def demo(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+def demo(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Built:
     """The CPU example, built and self-checked once for this module."""
     spec = spec_copy(tmp_path_factory.mktemp("demo"), "demo")
     result = reprobox("build", str(spec), "--json")
     assert result.code == 0, result.stderr
-    yield Built(spec, result.json())
+    return Built(spec, result.json())
 
 
 def labels(engine: DockerEngine, ref: str) -> dict[str, str]:

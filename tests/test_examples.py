@@ -4,7 +4,6 @@ needed) builds and passes its self-check on the real engine."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -78,7 +77,7 @@ def test_example_builds_and_passes_its_self_check(
 def test_cuda_example_builds_and_passes_on_a_gpu(
     path: Path, tmp_path: Path, docker_engine: object
 ) -> None:
-    if shutil.which("nvidia-smi") is None and not os.path.exists("/proc/driver/nvidia/version"):
+    if shutil.which("nvidia-smi") is None and not Path("/proc/driver/nvidia/version").exists():
         pytest.skip("needs an NVIDIA GPU and driver: none on this machine (CI has none)")
     spec = _copy(path, tmp_path)
     built = _cli("build", str(spec), "--json", cwd=tmp_path)
