@@ -68,6 +68,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
 
 
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from reprobox.diff import diff_images, diff_to_json, format_diff
+    from reprobox.engine import DockerEngine
+
+    diff = diff_images(args.image_a, args.image_b, engine=DockerEngine())
+    report = diff_to_json(diff) | {"summary": format_diff(diff)}
+    return _emit(args, report, report["summary"], 0 if diff.identical else EXIT_CHECK_FAILED)
+
+
 def _cmd_publish(args: argparse.Namespace) -> int:
     from reprobox.publish import publish
 
@@ -184,6 +193,19 @@ def _parser() -> argparse.ArgumentParser:
         spec=False,
     )
     p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+
+    p = command(
+        "diff",
+        _cmd_diff,
+        "why two images differ: config, layers, files (exit 1 if they do)",
+        spec=False,
+    )
+    p.add_argument(
+        "image_a", metavar="IMAGE_A", help="image ID, name:tag, or a saved archive (.tar)"
+    )
+    p.add_argument(
+        "image_b", metavar="IMAGE_B", help="image ID, name:tag, or a saved archive (.tar)"
+    )
 
     p = command("publish", _cmd_publish, "build, gate on the self-check, push, verify the digest")
     p.add_argument("--to", required=True, metavar="REGISTRY/REPO", help="where to push")
