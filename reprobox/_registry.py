@@ -201,12 +201,21 @@ class RegistryClient:
         return served
 
     def _get(self, path: str, *, accept: str | None = None) -> _Answer:
+        fresh = self._authorization is None
         if self._authorization is None:
             self._authorization = self._login()
+        answer = self._send(path, self._headers(accept))
+        if answer.status == 401 and not fresh:
+            # A token from before the build may have expired (registries give minutes): renew once.
+            self._authorization = self._login()
+            answer = self._send(path, self._headers(accept))
+        return answer
+
+    def _headers(self, accept: str | None) -> dict[str, str]:
         headers = {"Authorization": self._authorization} if self._authorization else {}
         if accept:
             headers["Accept"] = accept
-        return self._send(path, headers)
+        return headers
 
     def _login(self) -> str:
         """The Authorization header value for this registry ('' where it asks for none)."""
