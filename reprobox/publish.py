@@ -108,7 +108,7 @@ class _LayerTally:
         self._show(line)
         layer, _, status = line.partition(" ")
         # A layer pushed for the first tag is "already there" for the next: the first word counts.
-        if status == "Pushed" or status == "Layer already exists" or status.startswith("Mounted"):
+        if status in {"Pushed", "Layer already exists"} or status.startswith("Mounted"):
             self.final.setdefault(layer, status)
 
     @property
