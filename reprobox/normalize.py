@@ -33,7 +33,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -42,7 +42,13 @@ from reprobox.base import write_normalized_layer
 from reprobox.engine import Engine
 from reprobox.errors import EngineError, ReproboxError
 
-__all__ = ["NormalizedImage", "normalize_config", "normalize_image", "rfc3339"]
+__all__ = [
+    "NormalizedImage",
+    "normalize_config",
+    "normalize_image",
+    "relabel",
+    "rfc3339",
+]
 
 # Below these, everything goes (their names are often random or cache keys); the roots stay.
 _ALL_BELOW = re.compile(r"^(tmp|var/tmp|root/\.cache|home/[^/]+/\.cache)/.")
@@ -67,6 +73,7 @@ class NormalizedImage:
     diff_ids: tuple[str, ...]
     source_date_epoch: int
     removed: tuple[str, ...]
+    config: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ def normalize_image(
     with tempfile.TemporaryDirectory(prefix="normalize-", dir=workdir) as tmp:
         saved, out = Path(tmp) / "saved.tar", Path(tmp) / "normalized.tar"
         engine.save([image_id], saved)
-        new_id, layers = _rewrite(saved, out, base_ids, source_date_epoch, labels)
+        new_id, layers, config = _rewrite(saved, out, base_ids, source_date_epoch, labels)
         saved.unlink()  # before the load: the engine copies the archive, so the disk holds three
         loaded = engine.load(out)
     if new_id not in loaded:
@@ -111,7 +118,36 @@ def normalize_image(
         diff_ids=tuple(layer.diff_id for layer in layers),
         source_date_epoch=source_date_epoch,
         removed=tuple(sorted({f"/{name}" for layer in layers for name in layer.removed})),
+        config=config,
     )
+
+
+def relabel(
+    engine: Engine, image: NormalizedImage, labels: Mapping[str, str], *, workdir: Path
+) -> str:
+    """`image` with `labels` merged into its config, loaded without rewriting a layer.
+
+    The archive holds only the new config and a manifest: the engine already has every layer
+    of the chain, so `docker load` takes them from its store. The new ID is as reproducible
+    as the image and the labels are.
+    """
+    blob = normalize_config(
+        json.loads(image.config),
+        diff_ids=image.diff_ids,
+        source_date_epoch=image.source_date_epoch,
+        labels=labels,
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="relabel-", dir=workdir) as tmp:
+        archive = Path(tmp) / "labels.tar"
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as dest:
+            new_id = _write_image(dest, blob, image.diff_ids, image.source_date_epoch)
+        loaded = engine.load(archive)
+    if new_id not in loaded:
+        raise EngineError(
+            f"the engine loaded {loaded} for the relabelled {image.image_id}, not {new_id}"
+        )
+    return new_id
 
 
 def normalize_config(
@@ -161,8 +197,8 @@ def _rewrite(
     base_ids: Sequence[str],
     epoch: int,
     labels: Mapping[str, str] | None,
-) -> tuple[str, list[_Layer]]:
-    """Write the normalised docker-archive of the image saved at `saved`; its ID and layers."""
+) -> tuple[str, list[_Layer], bytes]:
+    """Write the normalised docker-archive of the image saved at `saved`; its ID, layers, config."""
     with (
         tarfile.open(saved) as archive,
         tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dest,
@@ -175,7 +211,7 @@ def _rewrite(
         ]
         diff_ids = [layer.diff_id for layer in layers]
         blob = normalize_config(config, diff_ids=diff_ids, source_date_epoch=epoch, labels=labels)
-        return _write_image(dest, blob, diff_ids, epoch), layers
+        return _write_image(dest, blob, diff_ids, epoch), layers, blob
 
 
 def _manifest_entry(archive: tarfile.TarFile, path: Path) -> tuple[dict[str, Any], list[str]]:

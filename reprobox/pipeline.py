@@ -14,6 +14,7 @@ from typing import Any
 from reprobox.base import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.check import (
+    FINGERPRINT_LABEL,
     SELFCHECK_LABEL,
     compare_with_recorded,
     fingerprint_label,
@@ -23,14 +24,16 @@ from reprobox.check import (
 from reprobox.engine import DockerEngine, Engine
 from reprobox.errors import EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, ensure_lock
+from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
+from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
 from reprobox.render import RenderedContext, render_context
 from reprobox.spec import Spec, load_spec
 
 __all__ = ["build", "check", "lock", "render"]
 
-_BUILD_ID_LABEL = "reprobox.build-id"
-_TRACE_LABEL = "reprobox.trace."
+CONTENT_LABEL = "reprobox.content-id"
+TRACE_LABEL = "reprobox.trace."
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ def _fetch(locked: _Locked, refetch: bool, reporter: Reporter) -> dict[str, Path
 def _engine(reporter: Reporter) -> Engine:
     engine = DockerEngine()
     info = engine.ping()
-    reporter.note(f"Docker Engine {info.server_version} (API {info.api_version}, {info.arch}) at {info.host}")
+    reporter.note(
+        f"Docker Engine {info.server_version} (API {info.api_version}, {info.arch}) at {info.host}"
+    )
     return engine
 
 
@@ -114,7 +119,9 @@ def render(
         # Without an engine the bootstrapped base has no ID yet: name it; `build` uses the ID.
         base_ref = f"reprobox/base:{spec.base.suite}"
     with reporter.stage(f"render {out}"):
-        ctx = render_context(spec, locked.lock, locked.text, out, base_ref=base_ref, wheels=files)
+        ctx = render_context(
+            spec, locked.lock, lock_body(locked.text), out, base_ref=base_ref, wheels=files
+        )
     return {
         "context": str(ctx.path),
         "tag": ctx.tag,
@@ -127,13 +134,20 @@ def _selfcheck_labels(spec: Spec) -> dict[str, str]:
     return {SELFCHECK_LABEL: json.dumps(selfcheck_argv(spec))}
 
 
-def _reusable(engine: Engine, built_id: str) -> str | None:
-    """A checked, labelled image made from exactly this build, if one exists."""
-    for image_id in engine.find_images({_BUILD_ID_LABEL: built_id}):
-        labels = engine.inspect_image(image_id).get("Config", {}).get("Labels") or {}
-        if any(k.startswith("reprobox.fingerprint.") for k in labels):
-            return image_id
-    return None
+def _reusable(engine: Engine, index: ReuseIndex, built_id: str) -> dict[str, str] | None:
+    """What this exact raw build became last time, if that image is still in the engine."""
+    record = index.get(built_id)
+    if record is None or not engine.image_exists(record.get("image_id", "")):
+        return None
+    return record
+
+
+def _fingerprints(labels: dict[str, str]) -> dict[str, str]:
+    return {
+        k.removeprefix(FINGERPRINT_LABEL): v
+        for k, v in labels.items()
+        if k.startswith(FINGERPRINT_LABEL)
+    }
 
 
 def build(
@@ -154,11 +168,19 @@ def build(
     spec = locked.spec
     files = _fetch(locked, refetch, reporter)
     base_ref = _base_ref(spec, engine, reporter)
+    body = lock_body(locked.text)
     with _context_dir() as ctx_dir:
-        ctx: RenderedContext = render_context(spec, locked.lock, locked.text, ctx_dir, base_ref=base_ref, wheels=files)
+        ctx: RenderedContext = render_context(
+            spec, locked.lock, body, ctx_dir, base_ref=base_ref, wheels=files
+        )
         with reporter.stage("build"):
-            built_id = engine.build(ctx.path, nocache=nocache, labels=_selfcheck_labels(spec), on_event=reporter.build_event)
-    tags = [tag or ctx.tag]
+            built_id = engine.build(
+                ctx.path,
+                nocache=nocache,
+                labels=_selfcheck_labels(spec),
+                on_event=reporter.build_event,
+            )
+    index = ReuseIndex(default_cache_dir() / "builds")
     report: dict[str, Any] = {
         "spec": str(spec_path),
         "lock": str(locked.path),
@@ -166,54 +188,104 @@ def build(
         "lock_sha256": ctx.lock_sha256,
         "base": base_ref,
         "built_id": built_id,
-        "tags": tags,
+        "tags": [tag or ctx.tag],
     }
-    reused = None if nocache else _reusable(engine, built_id)
-    if not check:
-        image_id = engine.add_labels(built_id, {_BUILD_ID_LABEL: built_id})
-        report |= {"image_id": image_id, "passed": True, "selfcheck": None}
-        summary = f"built {image_id} (self-check skipped: --no-check, the image is not proven)"
-    elif reused is not None:
-        image_id = reused
-        labels = engine.inspect_image(image_id)["Config"]["Labels"]
-        fingerprints = {k: v for k, v in labels.items() if k.startswith("reprobox.fingerprint.")}
-        report |= {"image_id": image_id, "passed": True, "selfcheck": {"passed": True, "reused": True, "fingerprints": fingerprints}}
-        shown = ", ".join(f"{k.removeprefix('reprobox.fingerprint.')} {v}" for k, v in fingerprints.items())
-        summary = f"built {image_id}: unchanged since its last self-check ({shown})"
-    else:
-        with reporter.stage(f"self-check ({spec.selfcheck.steps} steps, twice, in fresh interpreters)"):
-            result = run_selfcheck(engine, built_id, selfcheck_argv(spec))
-        report["selfcheck"] = {
-            "passed": result.passed,
-            "fingerprint": result.fingerprint,
-            "device_class": result.device_class,
-            "first_difference": result.first_difference,
-            "report": result.report,
-        }
-        if not result.passed:
-            report |= {"image_id": built_id, "passed": False, "tags": []}
-            summary = (
-                f"self-check FAILED in {built_id}: the two runs differ at {json.dumps(result.first_difference)}; "
-                "the image was not tagged"
-            )
-            report["summary"] = summary
-            return report
-        trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
-        image_id = engine.add_labels(
-            built_id,
-            {
-                _BUILD_ID_LABEL: built_id,
-                fingerprint_label(result.device_class): result.fingerprint,
-                _TRACE_LABEL + result.device_class: trace,
-            },
+    reused = None if nocache else _reusable(engine, index, built_id)
+    if reused is not None and (reused.get("checked") == "yes" or not check):
+        image_id, content_id = reused["image_id"], reused["content_id"]
+        fingerprints = _fingerprints(engine.inspect_image(image_id)["Config"].get("Labels") or {})
+        report["selfcheck"] = (
+            {"passed": True, "reused": True, "fingerprints": fingerprints} if check else None
         )
-        report |= {"image_id": image_id, "passed": True}
-        summary = f"built {image_id}: self-check passed on {result.device_class}, fingerprint {result.fingerprint}"
-    for ref in tags:
+        shown = ", ".join(f"{k} {v}" for k, v in fingerprints.items()) or "no self-check"
+        summary = f"built {image_id}: unchanged since its last build ({shown})"
+    else:
+        with reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
+            normalized = normalize_image(
+                engine,
+                built_id,
+                source_date_epoch=ctx.source_date_epoch,
+                workdir=default_cache_dir() / "work",
+                base_image=base_ref,
+            )
+        content_id = normalized.image_id
+        labels = {CONTENT_LABEL: content_id}
+        if check:
+            with reporter.stage(
+                f"self-check ({spec.selfcheck.steps} steps, twice, in fresh interpreters)"
+            ):
+                result = run_selfcheck(engine, content_id, selfcheck_argv(spec))
+            report["selfcheck"] = {
+                "passed": result.passed,
+                "fingerprint": result.fingerprint,
+                "device_class": result.device_class,
+                "first_difference": result.first_difference,
+                "report": result.report,
+            }
+            if not result.passed:
+                report |= {
+                    "image_id": content_id,
+                    "content_id": content_id,
+                    "passed": False,
+                    "tags": [],
+                }
+                report["summary"] = (
+                    f"self-check FAILED in {content_id}: the two runs differ at "
+                    f"{json.dumps(result.first_difference)}; the image was not tagged"
+                )
+                return report
+            trace = json.dumps(
+                result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":")
+            )
+            labels |= {
+                fingerprint_label(result.device_class): result.fingerprint,
+                TRACE_LABEL + result.device_class: trace,
+            }
+            summary = f"built {{image}}: self-check passed on {result.device_class}, fingerprint {result.fingerprint}"
+        else:
+            report["selfcheck"] = None
+            summary = "built {image} (self-check skipped: --no-check, the image is not proven)"
+        image_id = relabel(engine, normalized, labels, workdir=default_cache_dir() / "work")
+        index.put(
+            built_id,
+            {"image_id": image_id, "content_id": content_id, "checked": "yes" if check else "no"},
+        )
+        summary = summary.format(image=image_id)
+    report |= {"image_id": image_id, "content_id": content_id, "passed": True}
+    report["reproducible"] = _compare_recorded(locked.path, content_id)
+    for ref in report["tags"]:
         engine.tag(image_id, ref)
     report["seconds"] = round(time.monotonic() - started, 1)
-    report["summary"] = f"{summary}\ntagged {', '.join(tags)} ({report['seconds']} s)"
+    report["summary"] = (
+        f"{summary}\n{report['reproducible']['message']}\ntagged {', '.join(report['tags'])} ({report['seconds']} s)"
+    )
     return report
+
+
+def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
+    """Did this build give the image ID the lock recorded? Record it where none is."""
+    recorded = recorded_image_id(lock_path.read_text(encoding="utf-8"))
+    if recorded is None:
+        record_image_id(lock_path, content_id)
+        return {
+            "recorded": None,
+            "matches": None,
+            "message": f"image ID {content_id} recorded in {lock_path}",
+        }
+    if recorded == content_id:
+        return {
+            "recorded": recorded,
+            "matches": True,
+            "message": f"image ID {content_id} matches the one {lock_path} records",
+        }
+    return {
+        "recorded": recorded,
+        "matches": False,
+        "message": (
+            f"image ID {content_id} differs from the {recorded} that {lock_path} records; "
+            f"`reprobox diff {recorded} {content_id}` shows why (if both are in this engine)"
+        ),
+    }
 
 
 def check(image: str) -> dict[str, Any]:
@@ -221,7 +293,9 @@ def check(image: str) -> dict[str, Any]:
     reporter = Reporter()
     engine = _engine(reporter)
     if not engine.image_exists(image):
-        raise ReproboxError(f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it")
+        raise ReproboxError(
+            f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
+        )
     labels: dict[str, str] = engine.inspect_image(image).get("Config", {}).get("Labels") or {}
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
@@ -233,7 +307,7 @@ def check(image: str) -> dict[str, Any]:
     passed = result.passed and verdict.matches is not False
     difference = result.first_difference
     if verdict.matches is False:
-        recorded_trace = labels.get(_TRACE_LABEL + result.device_class)
+        recorded_trace = labels.get(TRACE_LABEL + result.device_class)
         difference = _first_step_difference(recorded_trace, result.report)
     lines = [
         "self-check passed: the two runs here match bit for bit"
@@ -256,15 +330,23 @@ def check(image: str) -> dict[str, Any]:
     }
 
 
-def _first_step_difference(recorded_trace: str | None, report: dict[str, Any] | Any) -> dict[str, Any] | None:
+def _first_step_difference(
+    recorded_trace: str | None, report: dict[str, Any] | Any
+) -> dict[str, Any] | None:
     if recorded_trace is None:
         return None
     recorded = json.loads(recorded_trace)
     runs = report.get("runs") or [{}]
     now = runs[0]
-    for step, (a, b) in enumerate(zip(recorded.get("losses", []), now.get("losses", []), strict=False)):
+    for step, (a, b) in enumerate(
+        zip(recorded.get("losses", []), now.get("losses", []), strict=False)
+    ):
         if a != b:
             return {"step": step, "recorded": a, "here": b}
     if recorded.get("state_sha256") != now.get("state_sha256"):
-        return {"step": "final state", "recorded": recorded.get("state_sha256"), "here": now.get("state_sha256")}
+        return {
+            "step": "final state",
+            "recorded": recorded.get("state_sha256"),
+            "here": now.get("state_sha256"),
+        }
     return None
