@@ -123,6 +123,8 @@ def _labels(
         "reprobox.cuda": spec.torch.cuda,
         "reprobox.seed": str(spec.determinism.seed),
     }
+    if spec.source_url is not None:
+        labels["org.opencontainers.image.source"] = spec.source_url
     return tuple(sorted(labels.items()))
 
 

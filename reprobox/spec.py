@@ -239,6 +239,9 @@ class Spec(_Model):
     determinism: Determinism = Field(default_factory=Determinism)
     selfcheck: SelfCheck = Field(default_factory=SelfCheck)
     index: Index = Field(default_factory=Index)
+    # Where the project lives (the OCI `source` label); not guessed from git, so that a clone
+    # made over SSH and one made over HTTPS still build the same image.
+    source_url: Annotated[str, AfterValidator(_index_url)] | None = None
 
     # Not part of the YAML: where it came from, so relative paths and errors can name the file.
     source: Path | None = Field(default=None, exclude=True)
