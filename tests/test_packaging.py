@@ -55,6 +55,7 @@ def test_built_wheel_ships_the_templates_and_renders(tmp_path: Path) -> None:
         assert (work / "ctx" / name).is_file(), name
     located = subprocess.run(
         [str(python), "-c", "import reprobox; print(reprobox.__file__)"],
+        cwd=work,
         capture_output=True,
         text=True,
         check=True,
