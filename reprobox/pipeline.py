@@ -14,10 +14,10 @@ from typing import Any
 from reprobox.base import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.check import (
-    FINGERPRINT_LABEL,
     SELFCHECK_LABEL,
     compare_with_recorded,
     fingerprint_label,
+    recorded_fingerprints,
     run_selfcheck,
     selfcheck_argv,
 )
@@ -142,14 +142,6 @@ def _reusable(engine: Engine, index: ReuseIndex, built_id: str) -> dict[str, str
     return record
 
 
-def _fingerprints(labels: dict[str, str]) -> dict[str, str]:
-    return {
-        k.removeprefix(FINGERPRINT_LABEL): v
-        for k, v in labels.items()
-        if k.startswith(FINGERPRINT_LABEL)
-    }
-
-
 def build(
     spec_path: Path,
     *,
@@ -190,76 +182,130 @@ def build(
         "built_id": built_id,
         "tags": [tag or ctx.tag],
     }
-    reused = None if nocache else _reusable(engine, index, built_id)
-    if reused is not None and (reused.get("checked") == "yes" or not check):
-        image_id, content_id = reused["image_id"], reused["content_id"]
-        fingerprints = _fingerprints(engine.inspect_image(image_id)["Config"].get("Labels") or {})
-        report["selfcheck"] = (
-            {"passed": True, "reused": True, "fingerprints": fingerprints} if check else None
-        )
-        shown = ", ".join(f"{k} {v}" for k, v in fingerprints.items()) or "no self-check"
-        summary = f"built {image_id}: unchanged since its last build ({shown})"
+    record = None if nocache else _reusable(engine, index, built_id)
+    if record is not None and (record.get("checked") == "yes" or not check):
+        outcome = _reused(engine, record, check=check)
     else:
-        with reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
-            normalized = normalize_image(
-                engine,
+        outcome = _prove(engine, spec, ctx, built_id, base_ref, check=check, reporter=reporter)
+        if outcome.passed:
+            index.put(
                 built_id,
-                source_date_epoch=ctx.source_date_epoch,
-                workdir=default_cache_dir() / "work",
-                base_image=base_ref,
+                {
+                    "image_id": outcome.image_id,
+                    "content_id": outcome.content_id,
+                    "checked": "yes" if check else "no",
+                },
             )
-        content_id = normalized.image_id
-        labels = {CONTENT_LABEL: content_id}
-        if check:
-            with reporter.stage(
-                f"self-check ({spec.selfcheck.steps} steps, twice, in fresh interpreters)"
-            ):
-                result = run_selfcheck(engine, content_id, selfcheck_argv(spec))
-            report["selfcheck"] = {
-                "passed": result.passed,
-                "fingerprint": result.fingerprint,
-                "device_class": result.device_class,
-                "first_difference": result.first_difference,
-                "report": result.report,
-            }
-            if not result.passed:
-                report |= {
-                    "image_id": content_id,
-                    "content_id": content_id,
-                    "passed": False,
-                    "tags": [],
-                }
-                report["summary"] = (
-                    f"self-check FAILED in {content_id}: the two runs differ at "
-                    f"{json.dumps(result.first_difference)}; the image was not tagged"
-                )
-                return report
-            trace = json.dumps(
-                result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":")
-            )
-            labels |= {
-                fingerprint_label(result.device_class): result.fingerprint,
-                TRACE_LABEL + result.device_class: trace,
-            }
-            summary = f"built {{image}}: self-check passed on {result.device_class}, fingerprint {result.fingerprint}"
-        else:
-            report["selfcheck"] = None
-            summary = "built {image} (self-check skipped: --no-check, the image is not proven)"
-        image_id = relabel(engine, normalized, labels, workdir=default_cache_dir() / "work")
-        index.put(
-            built_id,
-            {"image_id": image_id, "content_id": content_id, "checked": "yes" if check else "no"},
-        )
-        summary = summary.format(image=image_id)
-    report |= {"image_id": image_id, "content_id": content_id, "passed": True}
-    report["reproducible"] = _compare_recorded(locked.path, content_id)
+    report |= {
+        "image_id": outcome.image_id,
+        "content_id": outcome.content_id,
+        "passed": outcome.passed,
+        "selfcheck": outcome.selfcheck,
+    }
+    if not outcome.passed:
+        report |= {"tags": [], "summary": outcome.summary}
+        return report
+    report["reproducible"] = _compare_recorded(locked.path, outcome.content_id)
     for ref in report["tags"]:
-        engine.tag(image_id, ref)
+        engine.tag(outcome.image_id, ref)
     report["seconds"] = round(time.monotonic() - started, 1)
-    report["summary"] = (
-        f"{summary}\n{report['reproducible']['message']}\ntagged {', '.join(report['tags'])} ({report['seconds']} s)"
+    report["summary"] = "\n".join(
+        [
+            outcome.summary,
+            report["reproducible"]["message"],
+            f"tagged {', '.join(report['tags'])} ({report['seconds']} s)",
+        ]
     )
     return report
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a build became: the labelled image, its unlabelled content ID, the check's report."""
+
+    image_id: str
+    content_id: str
+    selfcheck: dict[str, Any] | None
+    summary: str
+    passed: bool = True
+
+
+def _reused(engine: Engine, record: dict[str, str], *, check: bool) -> _Outcome:
+    """The image this exact raw build became last time, with the proof it already carries."""
+    image_id = record["image_id"]
+    labels = engine.inspect_image(image_id)["Config"].get("Labels") or {}
+    fingerprints = recorded_fingerprints(labels)
+    shown = ", ".join(f"{k} {v}" for k, v in fingerprints.items()) or "no self-check"
+    return _Outcome(
+        image_id,
+        record["content_id"],
+        {"passed": True, "reused": True, "fingerprints": fingerprints} if check else None,
+        f"built {image_id}: unchanged since its last build ({shown})",
+    )
+
+
+def _prove(
+    engine: Engine,
+    spec: Spec,
+    ctx: RenderedContext,
+    built_id: str,
+    base_ref: str,
+    *,
+    check: bool,
+    reporter: Reporter,
+) -> _Outcome:
+    """Normalise the raw build, self-check the normalised image, then label it (no rewrite)."""
+    workdir = default_cache_dir() / "work"
+    with reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
+        normalized = normalize_image(
+            engine,
+            built_id,
+            source_date_epoch=ctx.source_date_epoch,
+            workdir=workdir,
+            base_image=base_ref,
+        )
+    content_id = normalized.image_id
+    labels = {CONTENT_LABEL: content_id}
+    if not check:
+        image_id = relabel(engine, normalized, labels, workdir=workdir)
+        return _Outcome(
+            image_id,
+            content_id,
+            None,
+            f"built {image_id} (self-check skipped: --no-check, the image is not proven)",
+        )
+    steps = spec.selfcheck.steps
+    with reporter.stage(f"self-check ({steps} steps, twice, in fresh interpreters)"):
+        result = run_selfcheck(engine, content_id, selfcheck_argv(spec))
+    selfcheck = {
+        "passed": result.passed,
+        "fingerprint": result.fingerprint,
+        "device_class": result.device_class,
+        "first_difference": result.first_difference,
+        "report": result.report,
+    }
+    if not result.passed:
+        return _Outcome(
+            content_id,
+            content_id,
+            selfcheck,
+            f"self-check FAILED in {content_id}: the two runs differ at "
+            f"{json.dumps(result.first_difference)}; the image was not tagged",
+            passed=False,
+        )
+    trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
+    labels |= {
+        fingerprint_label(result.device_class): result.fingerprint,
+        TRACE_LABEL + result.device_class: trace,
+    }
+    image_id = relabel(engine, normalized, labels, workdir=workdir)
+    return _Outcome(
+        image_id,
+        content_id,
+        selfcheck,
+        f"built {image_id}: self-check passed on {result.device_class}, "
+        f"fingerprint {result.fingerprint}",
+    )
 
 
 def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
