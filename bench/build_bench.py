@@ -28,7 +28,7 @@ PLAIN = """\
 FROM {base}
 COPY wheels/ /wheels/
 RUN python3 -m venv --without-pip /opt/venv \\
- && /opt/venv/bin/python /wheels/{pip} install --no-index --find-links /wheels {requirements}
+ && /opt/venv/bin/python /wheels/{pip}/pip install --no-index --find-links /wheels {requirements}
 ENV PATH=/opt/venv/bin:$PATH
 """
 

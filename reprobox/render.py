@@ -61,14 +61,17 @@ def dockerfile_quote(value: object) -> str:
     return f'"{escaped}"'
 
 
-def source_date_epoch(lock_sha256: str) -> int:
-    """A timestamp derived from the lock, not the clock: the same lock, the same dates.
+def source_date_epoch(lock: Lock) -> int:
+    """A timestamp derived from the lock, not the clock: the same pins, the same dates.
 
     reprobox images carry no real build time; every date in them is this one: midnight of
-    a day in 2020-2024 chosen by the lock's hash, always in the past, so that images of
-    different locks do not all claim one instant.
+    a day in 2020-2024 chosen by the hash of the installer's and torch's pins. Only those
+    pins, so that changing a small pin elsewhere leaves the torch layer byte for byte as it
+    was (its mtimes are clamped to this date), as its build cache already does.
     """
-    return 1_577_836_800 + int(lock_sha256[:8], 16) % 1_826 * 86_400
+    heavy = requirements_text(w for w in lock.wheels if w.group in {"installer", "torch"})
+    digest = hashlib.sha256(heavy.encode()).hexdigest()
+    return 1_577_836_800 + int(digest[:8], 16) % 1_826 * 86_400
 
 
 def default_tag(spec: Spec, lock_sha256: str) -> str:
@@ -185,7 +188,7 @@ def render_context(
     if out.exists() and any(out.iterdir()):
         raise ReproboxError(f"{out} is not empty", hint="render into a new or empty directory")
     lock_sha256 = hashlib.sha256(lock_text.encode()).hexdigest()
-    epoch = source_date_epoch(lock_sha256)
+    epoch = source_date_epoch(lock)
     tag = default_tag(spec, lock_sha256)
     env = image_env(spec)
     labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
@@ -206,7 +209,9 @@ def render_context(
             spec_sha256=spec.sha256,
             base_ref=base_ref,
             installer_filename=installer[0].filename,
-            install_env=f"SOURCE_DATE_EPOCH={epoch} PYTHONDONTWRITEBYTECODE=1",
+            # Nothing here may change with a pin outside torch's closure: it would invalidate
+            # the torch layer's build cache. The installer writes hash-based pycs, no dates.
+            install_env="PYTHONDONTWRITEBYTECODE=1",
             apt_install=apt_install,
             env=env,
             labels=labels,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,33 @@ def test_starter_spec_renders(tmp_path: Path) -> None:
 def test_starter_spec_refuses_an_impossible_combination() -> None:
     with pytest.raises(ReproboxError, match=r"never shipped for CUDA 12\.6"):
         starter_spec(torch="2.5.1", cuda="12.6")
+
+
+def _torch_stage(dockerfile: str) -> list[str]:
+    instructions = _instructions(dockerfile)
+    return instructions[
+        : next(i for i, ins in enumerate(instructions) if ins.startswith("FROM torch AS rest"))
+    ]
+
+
+def test_a_small_pin_change_leaves_the_torch_stage_and_its_dates_alone(tmp_path: Path) -> None:
+    demo = (ROOT / "images" / "demo-cpu.yaml").read_text()
+    spec_a = parse_spec(demo)
+    spec_b = parse_spec(demo.replace("numpy==2.4.6", "numpy==2.4.5"))
+    lock_a, lock_b = fake_lock(spec_a), fake_lock(spec_b)
+    ctx_a = render_context(spec_a, lock_a, format_lock(lock_a), tmp_path / "a", base_ref=BASE_ID)
+    ctx_b = render_context(spec_b, lock_b, format_lock(lock_b), tmp_path / "b", base_ref=BASE_ID)
+    assert ctx_a.lock_sha256 != ctx_b.lock_sha256
+    # Same instructions and same inputs for the torch stage: the engine's cache holds, and the
+    # normalised torch layer (mtimes clamped to the epoch) stays byte for byte the same.
+    assert _torch_stage((tmp_path / "a" / "Dockerfile").read_text()) == _torch_stage(
+        (tmp_path / "b" / "Dockerfile").read_text()
+    )
+    assert (tmp_path / "a" / "requirements" / "torch.txt").read_bytes() == (
+        tmp_path / "b" / "requirements" / "torch.txt"
+    ).read_bytes()
+    assert ctx_a.source_date_epoch == ctx_b.source_date_epoch
+    # The control: a change inside torch's closure moves the epoch.
+    heavier = replace(lock_a, wheels=(*lock_a.wheels, _wheel("sympy", "1.14.0", "torch")))
+    ctx_c = render_context(spec_a, heavier, format_lock(heavier), tmp_path / "c", base_ref=BASE_ID)
+    assert ctx_c.source_date_epoch != ctx_a.source_date_epoch

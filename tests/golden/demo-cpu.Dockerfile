@@ -8,13 +8,13 @@ COPY build/reprobox_install.py /reprobox-build/reprobox_install.py
 COPY wheels/installer/ /reprobox-build/installer/
 COPY requirements/torch.txt /reprobox-build/torch.txt
 COPY wheels/torch/ /reprobox-build/wheels/
-RUN SOURCE_DATE_EPOCH=1629331200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
+RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
 
 # Stage 2: everything else; only the files it adds travel to the final image.
 FROM torch AS rest
 COPY requirements/rest.txt /reprobox-build/rest.txt
 COPY wheels/rest/ /reprobox-build/wheels-rest/
-RUN SOURCE_DATE_EPOCH=1629331200 PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
+RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
 
 # Final stage: the base, the two package layers, the seed-on-import hook and the self-check.
 # Build-only files (wheels, requirement subsets, the installer script) never reach it.
@@ -38,7 +38,7 @@ ENV VIRTUAL_ENV="/opt/venv" \
     REPROBOX_FILL_UNINITIALIZED_MEMORY="1"
 
 # Labels last: provenance never invalidates a cached layer.
-LABEL org.opencontainers.image.created="2021-08-19T00:00:00Z" \
+LABEL org.opencontainers.image.created="2021-07-13T00:00:00Z" \
       org.opencontainers.image.description="reprobox image: torch 2.13.0 (cpu)" \
       org.opencontainers.image.title="demo-cpu" \
       org.opencontainers.image.version="71d079e870a0" \
