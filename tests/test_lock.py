@@ -171,8 +171,8 @@ def test_lock_records_the_spec_and_the_indexes_pip_used() -> None:
     lock = resolve(spec, runner=FakeRunner.recorded("cpu"), arch="x86_64")
     assert lock.spec_sha256 == spec.sha256
     assert lock.index == IndexSettings(
-        ("https://pypi.org/simple", "file:///opt/pypi/simple", "file:///opt/pypi-more/simple"),
-        ("/opt/wheels",),
+        ("https://pypi.org/simple", "file:///srv/mirror/pypi/simple", "file:///srv/mirror/pypi-more/simple"),
+        ("/srv/wheels",),
     )
     assert lock.installer == "pip==26.3"
 
@@ -437,7 +437,7 @@ def test_lock_file_is_a_hashed_requirements_file_with_a_header() -> None:
     text = format_lock(_cpu_lock())
     lines = text.splitlines()
     assert f"# spec-sha256: {load_spec(CPU_SPEC).sha256}" in lines
-    assert "--find-links /opt/wheels" in lines
+    assert "--find-links /srv/wheels" in lines
     entry = lines.index("torch==2.13.0+cpu \\")
     assert (
         lines[entry + 1]
