@@ -171,7 +171,11 @@ def test_lock_records_the_spec_and_the_indexes_pip_used() -> None:
     lock = resolve(spec, runner=FakeRunner.recorded("cpu"), arch="x86_64")
     assert lock.spec_sha256 == spec.sha256
     assert lock.index == IndexSettings(
-        ("https://pypi.org/simple", "file:///srv/mirror/pypi/simple", "file:///srv/mirror/pypi-more/simple"),
+        (
+            "https://pypi.org/simple",
+            "file:///srv/mirror/pypi/simple",
+            "file:///srv/mirror/pypi-more/simple",
+        ),
         ("/srv/wheels",),
     )
     assert lock.installer == "pip==26.3"
