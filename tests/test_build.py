@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli import reprobox
 
 from reprobox.check import run_selfcheck, selfcheck_argv
 from reprobox.engine import DockerEngine
@@ -20,29 +18,6 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "images" / "demo-cpu.yaml"
-
-
-@dataclass(frozen=True)
-class Cli:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def reprobox(*argv: str, env: dict[str, str] | None = None) -> Cli:
-    """The CLI as a user runs it: a fresh process, its exit code, its two streams."""
-    done = subprocess.run(
-        [sys.executable, "-m", "reprobox", *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=1800,
-        check=False,
-    )
-    return Cli(done.returncode, done.stdout, done.stderr)
 
 
 def spec_copy(tmp: Path, name: str, replace: dict[str, str] | None = None) -> Path:

@@ -18,12 +18,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli import reprobox
 from conftest import skip_or_fail
 from fakes import FakeEngine
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
@@ -393,29 +393,6 @@ def test_a_damaged_archive_is_refused_before_loading(tmp_path: Path, damage: str
 
 
 # --- the real registry and engine ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cli:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def reprobox(*argv: str | Path, env: Mapping[str, str] | None = None) -> Cli:
-    """The CLI as CI runs it: a fresh process, its exit code, its two streams."""
-    done = subprocess.run(
-        [sys.executable, "-m", "reprobox", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=1800,
-        check=False,
-    )
-    return Cli(done.returncode, done.stdout, done.stderr)
 
 
 def _spec(folder: Path, name: str, script: str | None = None) -> Path:
