@@ -24,11 +24,13 @@ from reprobox.errors import EXIT_MISSING, LockError
 
 __all__ = [
     "PYPI",
+    "PipConfig",
     "PipResult",
     "Resolution",
     "ResolvedDist",
     "Runner",
     "pip_version",
+    "read_pip_config",
     "resolve_with_pip",
     "run_pip",
 ]
@@ -79,12 +81,101 @@ class PipResult:
 Runner = Callable[[Sequence[str], Mapping[str, str]], PipResult]
 
 
+def _isolated_env() -> dict[str, str]:
+    """This process's environment without pip's: no PIP_* variable, no configuration file.
+
+    What pip chooses must follow from the spec and the index locations the lock records, not
+    from a constraints file or an option someone set on this machine; `read_pip_config` takes
+    the locations (and the network settings) from the user's configuration explicitly.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
+    return {**env, "PIP_CONFIG_FILE": os.devnull}
+
+
 def run_pip(argv: Sequence[str], extra_env: Mapping[str, str]) -> PipResult:
-    """The real runner: a subprocess, with the caller's environment plus `extra_env`."""
+    """The real runner: a subprocess, isolated from pip's configuration, plus `extra_env`."""
     done = subprocess.run(
-        list(argv), capture_output=True, text=True, check=False, env={**os.environ, **extra_env}
+        list(argv),
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**_isolated_env(), **extra_env},
     )
     return PipResult(done.returncode, done.stdout, done.stderr)
+
+
+#: pip settings that say where to look: used when the spec names no index of its own.
+_LOCATIONS = ("index-url", "extra-index-url", "find-links", "no-index")
+#: pip settings that say how to reach an index, never what it chooses: always passed on.
+_NETWORK_OPTIONS = {
+    "cert": "--cert",
+    "client-cert": "--client-cert",
+    "proxy": "--proxy",
+    "timeout": "--timeout",
+    "default-timeout": "--timeout",
+    "retries": "--retries",
+}
+#: Settings that change neither what is chosen nor how an index is reached.
+_HARMLESS = frozenset(
+    {
+        "disable-pip-version-check", "no-input", "progress-bar", "verbose", "quiet", "log",
+        "cache-dir", "no-cache-dir", "root-user-action", "require-virtualenv", "no-color",
+        "keyring-provider", "break-system-packages",
+    }
+)  # fmt: skip
+_CONFIG_LINE = re.compile(r"^(?P<section>[^.=\s]+|:env:)\.(?P<key>[a-z0-9-]+)='(?P<value>.*)'$")
+# Later sections override earlier ones, as pip applies them to `pip install`.
+_SECTIONS = ("global", "install", ":env:")
+
+
+@dataclass(frozen=True)
+class PipConfig:
+    """What reprobox takes from the user's pip configuration, and what it leaves out."""
+
+    locations: tuple[str, ...] = ()  # pip options naming index locations
+    network: tuple[str, ...] = ()  # pip options for reaching them (cert, proxy, timeout)
+    ignored: tuple[str, ...] = ()  # settings that would change what is chosen (constraint...)
+
+
+def read_pip_config(text: str | None = None) -> PipConfig:
+    """The user's pip configuration (files and PIP_* variables), sorted into what reprobox uses.
+
+    `text` is `pip config list` output (for tests); by default pip is asked.
+    """
+    if text is None:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
+        text = done.stdout if done.returncode == 0 else ""
+    settings: dict[str, str] = {}
+    for section in _SECTIONS:
+        for line in text.splitlines():
+            match = _CONFIG_LINE.match(line.strip())
+            if match and match["section"] == section:
+                settings[match["key"]] = match["value"]
+    locations: list[str] = []
+    network: list[str] = []
+    ignored: list[str] = []
+    for key, value in sorted(settings.items()):
+        if key in _LOCATIONS:
+            locations += _as_options(key, value)
+        elif key in _NETWORK_OPTIONS:
+            network += [_NETWORK_OPTIONS[key], value]
+        elif key == "trusted-host":
+            network += [arg for host in value.split() for arg in ("--trusted-host", host)]
+        elif key not in _HARMLESS:
+            ignored.append(key)
+    return PipConfig(tuple(locations), tuple(network), tuple(ignored))
+
+
+def _as_options(key: str, value: str) -> list[str]:
+    if key == "no-index":
+        return ["--no-index"] if value.strip().lower() in {"1", "true", "yes", "on"} else []
+    return [arg for item in value.split() for arg in (f"--{key}", item)]
 
 
 def pip_version() -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -30,18 +30,20 @@ from reprobox._lockfile import (
 )
 from reprobox._pip import (
     NoMatchError,
+    PipConfig,
     Resolution,
     ResolvedDist,
     Runner,
     link_listing,
     pip_version,
+    read_pip_config,
     resolve_with_pip,
     run_pip,
 )
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
 from reprobox.errors import EXIT_MISSING, LockError
-from reprobox.spec import Spec
+from reprobox.spec import Index, Spec
 
 __all__ = [
     "GROUPS",
@@ -113,8 +115,11 @@ def _requirements(spec: Spec, torch: str, installer: str) -> list[str]:
     return [torch, *transformers, *spec.packages, installer]
 
 
-def _index_args(spec: Spec) -> list[str]:
-    args: list[str] = []
+def _index_args(spec: Spec, pip_config: PipConfig) -> list[str]:
+    """Where pip looks: the spec's index settings, else the locations of the user's pip config."""
+    args: list[str] = list(pip_config.network)
+    if spec.index == Index():
+        return args + list(pip_config.locations)
     if spec.index.url is not None:
         args += ["--index-url", spec.index.url]
     for url in spec.index.extra_urls:
@@ -281,8 +286,26 @@ def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[Lock
     return tuple(sorted(wheels, key=lambda w: w.name))
 
 
-def resolve(spec: Spec, *, runner: Runner = run_pip, arch: str | None = None) -> Lock:
-    """Resolve every wheel of `spec`'s image with pip, for its Python, architecture and glibc."""
+def resolve(
+    spec: Spec,
+    *,
+    runner: Runner = run_pip,
+    arch: str | None = None,
+    pip_config: PipConfig | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> Lock:
+    """Resolve every wheel of `spec`'s image with pip, for its Python, architecture and glibc.
+
+    pip runs isolated from its configuration; of the user's (`pip_config`, read when not
+    given) only index locations and network settings are used, and `on_note` hears which
+    settings were left out because they would change what is chosen.
+    """
+    pip_config = read_pip_config() if pip_config is None else pip_config
+    if pip_config.ignored and on_note is not None:
+        on_note(
+            "ignored from pip's configuration (they would change what the lock chooses): "
+            + ", ".join(pip_config.ignored)
+        )
     target = target_for(spec, arch)
     torch, variant_index = _torch_requirement(spec)
     installer = f"pip=={pip_version()}"
@@ -290,7 +313,7 @@ def resolve(spec: Spec, *, runner: Runner = run_pip, arch: str | None = None) ->
     # A spec that names its own index decides where wheels come from; else PyTorch's index
     # is tried for torch's build when pip's configured indexes do not have it.
     fallback = variant_index if spec.index.url is None else None
-    resolution = _resolve(target, requirements, _index_args(spec), runner, fallback)
+    resolution = _resolve(target, requirements, _index_args(spec, pip_config), runner, fallback)
     env = target.marker_environment()
     dists = {d.name: d for d in resolution.dists}
     if "torch" not in dists or "pip" not in dists:
@@ -347,7 +370,14 @@ def read_lock(path: Path) -> Lock:
     return parse_lock(text, str(path))
 
 
-def ensure_lock(spec: Spec, path: Path, *, relock: bool = False, runner: Runner = run_pip) -> Lock:
+def ensure_lock(
+    spec: Spec,
+    path: Path,
+    *,
+    relock: bool = False,
+    runner: Runner = run_pip,
+    on_note: Callable[[str], None] | None = None,
+) -> Lock:
     """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
 
     A lock made from another version of the spec is never rewritten silently: that is an error
@@ -362,6 +392,6 @@ def ensure_lock(spec: Spec, path: Path, *, relock: bool = False, runner: Runner 
                 hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
             )
         return lock
-    lock = resolve(spec, runner=runner)
+    lock = resolve(spec, runner=runner, on_note=on_note)
     write_lock(lock, path)
     return lock

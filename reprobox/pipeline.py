@@ -48,7 +48,7 @@ def _locked(spec_path: Path, lock_path: Path | None, relock: bool, reporter: Rep
     spec = load_spec(spec_path)
     path = lock_path or default_lock_path(spec_path)
     with reporter.stage(f"lock {path}"):
-        lock = ensure_lock(spec, path, relock=relock)
+        lock = ensure_lock(spec, path, relock=relock, on_note=reporter.note)
     return _Locked(spec, lock, path, path.read_text(encoding="utf-8"))
 
 

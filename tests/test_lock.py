@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from reprobox._pip import PipResult
+from reprobox._pip import PipConfig, PipResult, read_pip_config, run_pip
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
 from reprobox.lock import (
     IndexSettings,
@@ -323,7 +323,9 @@ def test_an_unreachable_variant_index_is_exit_3_naming_it() -> None:
     assert "https://download.pytorch.org/whl/cu121" in err.value.message
     assert "torch==2.5.1+cu121" in runner.argvs[0]
     second = runner.argvs[1]
-    assert second[second.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cu121"
+    extras = [second[i + 1] for i, arg in enumerate(second) if arg == "--extra-index-url"]
+    assert extras[-1] == "https://download.pytorch.org/whl/cu121"
+    assert "https://download.pytorch.org/whl/cu121" not in runner.argvs[0]
 
 
 def test_an_index_that_failed_is_exit_3_even_when_pip_succeeded() -> None:
@@ -662,3 +664,85 @@ def test_network_markers_follow_the_image_python() -> None:
     assert setuptools.group == "torch"
     assert lock.python == "3.12"
     assert lock.glibc == "2.28"
+
+
+# --- the user's pip configuration -------------------------------------------------------------
+
+_PIP_CONFIG_LIST = """\
+global.cert='/etc/ssl/certs/ca-certificates.crt'
+global.constraint='/etc/xdg/pip/constraints.txt'
+global.extra-index-url='file:///srv/a/simple file:///srv/b/simple'
+global.find-links='/srv/wheels'
+global.index-url='https://mirror.example/simple'
+install.pre='true'
+:env:.find-links='/srv/env-wheels'
+:env:.disable-pip-version-check='1'
+:env:.trusted-host='mirror.example other.example'
+"""
+
+
+def test_pip_config_gives_locations_and_network_settings_and_names_what_it_ignores() -> None:
+    config = read_pip_config(_PIP_CONFIG_LIST)
+    assert config.locations == (
+        "--extra-index-url", "file:///srv/a/simple", "--extra-index-url", "file:///srv/b/simple",
+        "--find-links", "/srv/env-wheels",  # PIP_FIND_LINKS overrides the file's
+        "--index-url", "https://mirror.example/simple",
+    )  # fmt: skip
+    assert config.network == (
+        "--cert", "/etc/ssl/certs/ca-certificates.crt",
+        "--trusted-host", "mirror.example", "--trusted-host", "other.example",
+    )  # fmt: skip
+    assert config.ignored == ("constraint", "pre")
+
+
+def test_the_spec_index_replaces_the_pip_config_locations_but_keeps_its_network_settings() -> None:
+    config = read_pip_config(_PIP_CONFIG_LIST)
+    notes: list[str] = []
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu")))])
+    resolve(_spec(), runner=runner, arch="x86_64", pip_config=config, on_note=notes.append)
+    assert "/srv/env-wheels" in runner.argvs[0]
+    assert notes == [
+        "ignored from pip's configuration (they would change what the lock chooses): constraint, pre"
+    ]
+    own = _spec("index: {url: 'https://own.example/simple'}")
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu")))])
+    resolve(own, runner=runner, arch="x86_64", pip_config=config)
+    argv = runner.argvs[0]
+    assert argv[argv.index("--index-url") + 1] == "https://own.example/simple"
+    assert "/srv/env-wheels" not in argv
+    assert "file:///srv/a/simple" not in argv
+    assert argv[argv.index("--cert") + 1] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_pip_runs_isolated_from_its_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The resolver's own environment: no PIP_* variable of the caller, no configuration file.
+    monkeypatch.setenv("PIP_CONSTRAINT", "/nonexistent/constraints.txt")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "pip.conf"))
+    probe = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('PIP_')}))"
+    result = run_pip([sys.executable, "-c", probe], {})
+    assert json.loads(result.stdout) == {"PIP_CONFIG_FILE": os.devnull}
+
+
+@pytest.mark.network
+def test_network_a_global_constraints_file_does_not_reach_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A machine-wide cap like the one on this project's machines (`torch<=2.14.1`), made
+    # stricter so it would bite: with it honoured, torch 2.5.1 could not lock at all.
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch<=2.0\nnumpy<1\n", encoding="utf-8")
+    host = read_pip_config()
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nconstraint = {constraints}\n", encoding="utf-8")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.setenv("PIP_CONSTRAINT", str(constraints))
+    config = read_pip_config()
+    assert "constraint" in config.ignored
+    # The locations the host had come from its files, which PIP_CONFIG_FILE now hides.
+    config = PipConfig(host.locations, host.network, config.ignored)
+    lock = resolve(_spec(torch="2.5.1", cuda="12.4"), pip_config=config)
+    torch = lock.wheel("torch")
+    assert torch is not None
+    assert torch.version == "2.5.1"
