@@ -26,7 +26,7 @@ GROUPS = ("installer", "torch", "rest")
 
 _ENTRY = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)==(?P<version>\S+) \\$")
 _HASH = re.compile(r"^\s+--hash=sha256:(?P<hex>[0-9a-f]{64})$")
-_NOTE = re.compile(r"^\s+# (?P<key>group|file|url): (?P<value>\S+)$")
+_NOTE = re.compile(r"^\s+# (?P<key>group|file|url|size): (?P<value>\S+)$")
 # A plain wheel file name: it becomes a path in build contexts, so no `/`, no leading dot.
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*\.whl$")
 _ASSUMED = " (assumed: the glibc of a base.image is not known)"
@@ -43,6 +43,8 @@ class LockedWheel:
     url: str
     sha256: str
     group: str
+    #: The file's size in bytes, where the lock recorded it (a download stops there).
+    size: int | None = None
 
     @property
     def requirement(self) -> str:
@@ -128,6 +130,7 @@ def format_lock(lock: Lock) -> str:
     entries = [
         f"{w.requirement} \\\n    --hash=sha256:{w.sha256}\n"
         f"    # group: {w.group}\n    # file: {w.filename}\n    # url: {w.url}\n"
+        + ("" if w.size is None else f"    # size: {w.size}\n")
         for w in sorted(lock.wheels, key=lambda w: w.name)
     ]
     return "\n".join(header) + "\n\n" + "".join(entries)
@@ -165,15 +168,22 @@ def _entries(lines: list[str], where: str) -> tuple[LockedWheel, ...]:
             index += 1
             continue
         digest = _HASH.match(lines[index + 1]) if index + 1 < len(lines) else None
-        notes = {
-            m["key"]: m["value"]
-            for m in (_NOTE.match(line) for line in lines[index + 2 : index + 5])
-            if m
-        }
-        if digest is None or set(notes) != {"group", "file", "url"} or notes["group"] not in GROUPS:
+        notes: dict[str, str] = {}
+        end = index + 2
+        while end < len(lines) and (note := _NOTE.match(lines[end])) and note["key"] not in notes:
+            notes[note["key"]] = note["value"]
+            end += 1
+        if (
+            digest is None
+            or not {"group", "file", "url"} <= set(notes)
+            or notes["group"] not in GROUPS
+        ):
             raise _stale(where, f"the entry at line {index + 1} lacks its hash, group, file or url")
         if not _FILENAME.match(notes["file"]):
             raise _stale(where, f"the entry at line {index + 1} names no plain wheel file")
+        size = notes.get("size")
+        if size is not None and not size.isdecimal():
+            raise _stale(where, f"the entry at line {index + 1} has a size that is not a number")
         wheels.append(
             LockedWheel(
                 match["name"],
@@ -182,9 +192,10 @@ def _entries(lines: list[str], where: str) -> tuple[LockedWheel, ...]:
                 notes["url"],
                 digest["hex"],
                 notes["group"],
+                None if size is None else int(size),
             )
         )
-        index += 5
+        index = end
     return tuple(wheels)
 
 

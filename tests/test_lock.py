@@ -6,6 +6,7 @@ output, and the --report JSON) through a fake runner; `network` tests run the re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -437,6 +438,19 @@ def test_lock_file_round_trips_and_is_deterministic(tmp_path: Path) -> None:
     write_lock(_cpu_lock(), second)
     assert first.read_bytes() == second.read_bytes()
     assert read_lock(first) == _cpu_lock()
+
+
+def test_lock_file_records_sizes_where_known_and_reads_locks_without_them() -> None:
+    lock = _cpu_lock()
+    sized = dataclasses.replace(
+        lock, wheels=tuple(dataclasses.replace(w, size=1000 + i) for i, w in enumerate(lock.wheels))
+    )
+    text = format_lock(sized)
+    assert "    # size: 1000" in text.splitlines()
+    assert parse_lock(text) == sized
+    assert all(w.size is None for w in parse_lock(format_lock(lock)).wheels)
+    with pytest.raises(LockError, match="size that is not a number"):
+        parse_lock(text.replace("# size: 1000", "# size: 1e9"))
 
 
 def test_lock_file_is_a_hashed_requirements_file_with_a_header() -> None:
