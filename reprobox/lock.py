@@ -71,7 +71,6 @@ PYTORCH_INDEX = "https://download.pytorch.org/whl"
 
 _RUNTIME = re.compile(r"^(?:nvidia-cuda-runtime(?:-cu[0-9]+)?|cuda-toolkit)$")
 _CUDNN = re.compile(r"^nvidia-cudnn(?:-cu[0-9]+)?$")
-_EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _OWN = {
     "torch": "torch.version",
     "transformers": "transformers",
@@ -224,25 +223,79 @@ def _check_torch(
     return (runtime[1] if runtime else built), (cudnn[1] if cudnn else None)
 
 
-def _check_torch_wanted(
-    spec: Spec, dists: Sequence[ResolvedDist], torch: str, env: Mapping[str, str]
-) -> None:
-    """Fail if a package asks for another torch, even through its 'torch' extra.
+def _walk(
+    roots: Sequence[str], dists: Mapping[str, ResolvedDist], env: Mapping[str, str]
+) -> dict[str, set[str]]:
+    """Every resolved distribution the `roots` requirements reach, with the extras asked of it.
 
-    pip enforces plain requirements; transformers and others put torch behind an extra, so
-    a release that needs a newer torch would otherwise install quietly next to the old one.
+    Follows only the requirements that are active in the image for the extras really
+    requested along the way (a root's own `name[extra]`, or a dependent's), never every extra.
     """
-    for dist in dists:
+    wanted: dict[str, set[str]] = {}
+    todo = [Requirement(text) for text in roots]
+    while todo:
+        req = todo.pop()
+        name = str(canonicalize_name(req.name))
+        if name not in dists:
+            continue
+        known = wanted.get(name)
+        if known is not None and set(req.extras) <= known:
+            continue
+        extras = wanted.setdefault(name, set())
+        extras.update(req.extras)
+        for text in dists[name].requires:
+            dep = Requirement(text)
+            if _active(dep, env, sorted(extras)):
+                todo.append(dep)
+    return wanted
+
+
+def _through(req: Requirement, env: Mapping[str, str], extras: Sequence[str]) -> str | None:
+    """The requested extra that makes `req` active, or None when it is active without one."""
+    if _active(req, env, ()):
+        return None
+    return next((e for e in sorted(extras) if _active(req, env, (e,))), None)
+
+
+def _used_with_torch(requirements: Sequence[str]) -> list[str]:
+    """The roots as the torch check sees them: the spec's transformers is used with its torch.
+
+    transformers keeps torch behind its 'torch' extra; the spec's `transformers` key means
+    transformers on the spec's torch, so that extra counts as requested (for the check only:
+    what is locked stays what pip resolved for the plain pin).
+    """
+    return [
+        "transformers[torch]" + r.removeprefix("transformers")
+        if r.startswith("transformers==")
+        else r
+        for r in requirements
+    ]
+
+
+def _check_torch_wanted(
+    spec: Spec,
+    requirements: Sequence[str],
+    dists: Mapping[str, ResolvedDist],
+    torch: str,
+    env: Mapping[str, str],
+) -> None:
+    """Fail if a package of the image asks for another torch, even through a requested extra.
+
+    pip enforces plain requirements; transformers and others put torch behind an extra, so a
+    release that needs a newer torch would otherwise install quietly next to the old one.
+    Only the extras that were really requested count: `safetensors[torch]` needing torch>=2.4
+    is no objection when nothing asked for safetensors' 'torch' extra.
+    """
+    for name, extras in sorted(_walk(requirements, dists, env).items()):
+        dist = dists[name]
         for text in dist.requires:
             req = Requirement(text)
-            if canonicalize_name(req.name) != "torch":
+            if canonicalize_name(req.name) != "torch" or not _active(req, env, sorted(extras)):
                 continue
-            extras = [
-                e for e in _EXTRA.findall(str(req.marker)) if "torch" in e or e in dist.extras
-            ]
-            if not _active(req, env, extras) or req.specifier.contains(torch, prereleases=True):
+            if req.specifier.contains(torch, prereleases=True):
                 continue
-            via = f" (through its '{extras[0]}' extra)" if extras else ""
+            extra = _through(req, env, sorted(extras))
+            via = f" (through its '{extra}' extra)" if extra else ""
             raise LockError(
                 f"{_where(spec)}: {dist.name} {dist.version} needs torch{req.specifier}{via}, but the "
                 f"spec pins torch {torch}; reprobox never changes torch to fit another package",
@@ -253,18 +306,7 @@ def _check_torch_wanted(
 
 def _closure(root: str, dists: Mapping[str, ResolvedDist], env: Mapping[str, str]) -> set[str]:
     """`root` and every resolved distribution it needs, directly or not, in the image."""
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    todo: list[tuple[str, tuple[str, ...]]] = [(root, ())]
-    while todo:
-        name, extras = todo.pop()
-        if (name, extras) in seen or name not in dists:
-            continue
-        seen.add((name, extras))
-        for text in dists[name].requires:
-            req = Requirement(text)
-            if _active(req, env, extras):
-                todo.append((str(canonicalize_name(req.name)), tuple(sorted(req.extras))))
-    return {name for name, _ in seen}
+    return set(_walk([root], dists, env))
 
 
 def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[LockedWheel, ...]:
@@ -319,7 +361,7 @@ def resolve(
     if "torch" not in dists or "pip" not in dists:
         raise LockError("pip's report lacks torch or pip; this pip is not one reprobox knows")
     cuda, cudnn = _check_torch(spec, dists["torch"], env)
-    _check_torch_wanted(spec, resolution.dists, dists["torch"].version, env)
+    _check_torch_wanted(spec, _used_with_torch(requirements), dists, dists["torch"].version, env)
     return Lock(
         spec_sha256=spec.sha256,
         python=target.python,

@@ -282,6 +282,53 @@ def test_transformers_that_accepts_the_torch_passes_and_unrelated_extras_are_ign
     assert lock.wheel("transformers") is not None
 
 
+def _safetensors_report(*extra: dict[str, Any]) -> dict[str, Any]:
+    # The seeds' stack: transformers 4.36.2 needs safetensors, whose 0.8.0 release asks for
+    # torch>=2.4 only through its 'torch' extra.
+    return _report(
+        _item("torch", "2.13.0+cpu"),
+        _item("transformers", "4.36.2", ["safetensors>=0.3.1", 'torch>=1.10; extra == "torch"']),
+        _item("safetensors", "0.8.0", ['torch>=2.14; extra == "torch"', 'numpy; extra == "numpy"']),
+        *extra,
+    )
+
+
+def test_an_extra_nobody_requested_does_not_count() -> None:
+    runner = FakeRunner([_ok(_safetensors_report())])
+    lock = resolve(_spec('transformers: "4.36.2"'), runner=runner, arch="x86_64")
+    assert lock.wheel("safetensors") is not None
+
+
+def test_an_extra_a_root_requests_counts() -> None:
+    runner = FakeRunner([_ok(_safetensors_report())])
+    spec = _spec('transformers: "4.36.2"\npackages: ["safetensors[torch]==0.8.0"]')
+    with pytest.raises(LockError) as err:
+        resolve(spec, runner=runner, arch="x86_64")
+    assert "safetensors 0.8.0 needs torch>=2.14 (through its 'torch' extra)" in err.value.message
+
+
+def test_an_extra_a_dependency_requests_counts() -> None:
+    # peft -> accelerate[torch] -> torch>=2.14: the extra is asked two levels down.
+    peft = _item("peft", "0.7.1", ["accelerate[torch]>=0.21"])
+    accelerate = _item("accelerate", "0.25.0", ['torch>=2.14; extra == "torch"'])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), peft, accelerate))])
+    with pytest.raises(LockError) as err:
+        resolve(_spec('packages: ["peft==0.7.1"]'), runner=runner, arch="x86_64")
+    assert "accelerate 0.25.0 needs torch>=2.14 (through its 'torch' extra)" in err.value.message
+    # The same graph without the extra asked for locks.
+    peft = _item("peft", "0.7.1", ["accelerate>=0.21"])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), peft, accelerate))])
+    assert resolve(_spec('packages: ["peft==0.7.1"]'), runner=runner, arch="x86_64").wheel("peft")
+
+
+def test_a_plain_torch_requirement_of_any_package_counts() -> None:
+    needy = _item("needy", "1.0", ["torch>=2.14"])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), needy))])
+    with pytest.raises(LockError) as err:
+        resolve(_spec('packages: ["needy==1.0"]'), runner=runner, arch="x86_64")
+    assert "needy 1.0 needs torch>=2.14, but the spec pins torch 2.13.0+cpu" in err.value.message
+
+
 def test_a_conflict_becomes_one_clear_error_naming_the_requirement() -> None:
     spec = _spec("packages: [torchvision==0.21.0]")
     with pytest.raises(LockError) as err:
