@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -40,6 +40,7 @@ from reprobox._pip import (
     resolve_with_pip,
     run_pip,
 )
+from reprobox._sizes import wheel_sizes
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
 from reprobox.errors import EXIT_MISSING, LockError
@@ -52,6 +53,7 @@ __all__ = [
     "Lock",
     "LockedWheel",
     "Runner",
+    "Sizer",
     "Target",
     "default_lock_path",
     "ensure_lock",
@@ -68,6 +70,9 @@ __all__ = [
 
 #: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
+
+#: Measures wheels: their URLs -> size in bytes (None where unknown); tests pass a fake.
+Sizer = Callable[[Iterable[str]], Mapping[str, "int | None"]]
 
 _RUNTIME = re.compile(r"^(?:nvidia-cuda-runtime(?:-cu[0-9]+)?|cuda-toolkit)$")
 _CUDNN = re.compile(r"^nvidia-cudnn(?:-cu[0-9]+)?$")
@@ -309,7 +314,9 @@ def _closure(root: str, dists: Mapping[str, ResolvedDist], env: Mapping[str, str
     return set(_walk([root], dists, env))
 
 
-def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[LockedWheel, ...]:
+def _wheels(
+    dists: Sequence[ResolvedDist], env: Mapping[str, str], sizes: Mapping[str, int | None]
+) -> tuple[LockedWheel, ...]:
     by_name = {d.name: d for d in dists}
     torch_group = _closure("torch", by_name, env)
     wheels = []
@@ -323,7 +330,15 @@ def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[Lock
             "installer" if dist.name == "pip" else "torch" if dist.name in torch_group else "rest"
         )
         wheels.append(
-            LockedWheel(dist.name, dist.version, dist.filename, dist.url, dist.sha256, group)
+            LockedWheel(
+                dist.name,
+                dist.version,
+                dist.filename,
+                dist.url,
+                dist.sha256,
+                group,
+                sizes.get(dist.url),
+            )
         )
     return tuple(sorted(wheels, key=lambda w: w.name))
 
@@ -335,12 +350,14 @@ def resolve(
     arch: str | None = None,
     pip_config: PipConfig | None = None,
     on_note: Callable[[str], None] | None = None,
+    sizes: Sizer | None = None,
 ) -> Lock:
     """Resolve every wheel of `spec`'s image with pip, for its Python, architecture and glibc.
 
     pip runs isolated from its configuration; of the user's (`pip_config`, read when not
     given) only index locations and network settings are used, and `on_note` hears which
-    settings were left out because they would change what is chosen.
+    settings were left out because they would change what is chosen. Each wheel's size is
+    read from its URL (`sizes`, by default `stat` or an HTTP HEAD).
     """
     pip_config = read_pip_config() if pip_config is None else pip_config
     if pip_config.ignored and on_note is not None:
@@ -362,6 +379,10 @@ def resolve(
         raise LockError("pip's report lacks torch or pip; this pip is not one reprobox knows")
     cuda, cudnn = _check_torch(spec, dists["torch"], env)
     _check_torch_wanted(spec, _used_with_torch(requirements), dists, dists["torch"].version, env)
+    if sizes is None:
+        verify = _cert(pip_config.network)
+        sizes = lambda urls: wheel_sizes(urls, verify=verify, on_note=on_note)  # noqa: E731
+    measured = sizes(d.url for d in resolution.dists)
     return Lock(
         spec_sha256=spec.sha256,
         python=target.python,
@@ -372,11 +393,17 @@ def resolve(
         resolver=f"pip {pip_version()}",
         installer=installer,
         reprobox_version=__version__,
-        wheels=_wheels(resolution.dists, env),
+        wheels=_wheels(resolution.dists, env, measured),
         torch_cuda=cuda,
         torch_cudnn=cudnn,
         glibc_assumed=target.glibc_assumed,
     )
+
+
+def _cert(network: Sequence[str]) -> bool | str:
+    """The CA bundle pip was told to trust (its `cert` setting), else requests' default."""
+    args = list(network)
+    return args[args.index("--cert") + 1] if "--cert" in args else True
 
 
 def default_lock_path(spec_path: Path) -> Path:
@@ -419,6 +446,7 @@ def ensure_lock(
     relock: bool = False,
     runner: Runner = run_pip,
     on_note: Callable[[str], None] | None = None,
+    sizes: Sizer | None = None,
 ) -> Lock:
     """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
 
@@ -434,6 +462,6 @@ def ensure_lock(
                 hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
             )
         return lock
-    lock = resolve(spec, runner=runner, on_note=on_note)
+    lock = resolve(spec, runner=runner, on_note=on_note, sizes=sizes)
     write_lock(lock, path)
     return lock

@@ -13,10 +13,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -27,16 +28,16 @@ from reprobox.lock import (
     Lock,
     LockedWheel,
     default_lock_path,
-    ensure_lock,
     format_lock,
     manylinux_platforms,
     parse_lock,
     read_lock,
     requirements_text,
-    resolve,
     target_for,
     write_lock,
 )
+from reprobox.lock import ensure_lock as real_ensure_lock
+from reprobox.lock import resolve as real_resolve
 from reprobox.spec import Spec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,25 @@ DATA = Path(__file__).resolve().parent / "data"
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"
 CUDNN_9_1_SHA = "165764f44ef8c61fcdfdfdbe769d687e06374059fbb388b6c89ecb0e28793a6f"
+
+
+def recorded_sizes(urls: Iterable[str]) -> dict[str, int | None]:
+    """Sizes for replayed pip runs, whose URLs must not be asked: a number derived from each URL."""
+    return {url: 1000 + len(url) for url in urls}
+
+
+def resolve(spec: Spec, **kwargs: Any) -> Lock:
+    """The real `resolve`; a replayed pip run (a `runner` given) gets `recorded_sizes`."""
+    if "runner" in kwargs:
+        kwargs.setdefault("sizes", recorded_sizes)
+    return real_resolve(spec, **kwargs)
+
+
+def ensure_lock(spec: Spec, path: Path, **kwargs: Any) -> Lock:
+    """The real `ensure_lock`, with `recorded_sizes` for a replayed pip run."""
+    if "runner" in kwargs:
+        kwargs.setdefault("sizes", recorded_sizes)
+    return real_ensure_lock(spec, path, **kwargs)
 
 
 class FakeRunner:
@@ -495,7 +515,11 @@ def test_lock_file_records_sizes_where_known_and_reads_locks_without_them() -> N
     text = format_lock(sized)
     assert "    # size: 1000" in text.splitlines()
     assert parse_lock(text) == sized
-    assert all(w.size is None for w in parse_lock(format_lock(lock)).wheels)
+    unsized = dataclasses.replace(
+        lock, wheels=tuple(dataclasses.replace(w, size=None) for w in lock.wheels)
+    )
+    assert "# size:" not in format_lock(unsized)
+    assert all(w.size is None for w in parse_lock(format_lock(unsized)).wheels)
     with pytest.raises(LockError, match="size that is not a number"):
         parse_lock(text.replace("# size: 1000", "# size: 1e9"))
 
@@ -685,6 +709,25 @@ def test_network_cpu_example_locks_the_cpu_torch_byte_identically(tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch-2.13.0+cpu" in done.stdout
+    # Every wheel is sized: on disk for file:// wheels, as PyPI's JSON index says for the rest.
+    for wheel in lock.wheels:
+        assert wheel.size is not None, wheel.name
+        if wheel.url.startswith("file://"):
+            assert wheel.size == Path(unquote(urlsplit(wheel.url).path)).stat().st_size
+        else:
+            assert wheel.size == _pypi_json_size(wheel.name, wheel.filename), wheel.name
+
+
+def _pypi_json_size(name: str, filename: str) -> int:
+    """The size PyPI's PEP 691 JSON index gives for one file (a second source than HEAD)."""
+    import requests
+
+    page = requests.get(
+        f"https://pypi.org/simple/{name}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+        timeout=60,
+    ).json()
+    return int(next(f["size"] for f in page["files"] if f["filename"] == filename))
 
 
 @pytest.mark.network
