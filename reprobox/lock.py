@@ -40,6 +40,7 @@ from reprobox._pip import (
     resolve_with_pip,
     run_pip,
 )
+from reprobox._pylock import format_pylock, pylock_path
 from reprobox._sizes import wheel_sizes
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
@@ -60,12 +61,14 @@ __all__ = [
     "format_lock",
     "manylinux_platforms",
     "parse_lock",
+    "pylock_path",
     "read_lock",
     "requirements_text",
     "resolve",
     "run_pip",
     "target_for",
     "write_lock",
+    "write_pylock",
 ]
 
 #: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
@@ -413,17 +416,35 @@ def default_lock_path(spec_path: Path) -> Path:
     return spec_path.with_name(spec_path.name + ".lock")
 
 
-def write_lock(lock: Lock, path: Path) -> None:
-    """Write the lock file atomically: a reader sees the old lock or the new one, never half."""
+def _write_atomic(path: Path, text: str) -> None:
+    """A reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(format_lock(lock))
+            handle.write(text)
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_lock(lock: Lock, path: Path) -> None:
+    """Write the lock file atomically."""
+    _write_atomic(path, format_lock(lock))
+
+
+def write_pylock(lock: Lock, lock_path: Path) -> Path:
+    """Write the lock's `pylock.<name>.toml` beside `lock_path` (when missing or different)."""
+    path = pylock_path(lock_path)
+    text = format_pylock(lock, lock_path.name)
+    try:
+        current = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        _write_atomic(path, text)
+    return path
 
 
 def read_lock(path: Path) -> Lock:
@@ -451,7 +472,8 @@ def ensure_lock(
     """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
 
     A lock made from another version of the spec is never rewritten silently: that is an error
-    unless `relock` is set.
+    unless `relock` is set. The lock's `pylock.toml` (see `pylock_path`) is written beside it
+    whenever it is missing or no longer follows the lock.
     """
     if path.exists() and not relock:
         lock = read_lock(path)
@@ -461,7 +483,8 @@ def ensure_lock(
                 f"{lock.spec_sha256[:12]}, the spec is now {spec.sha256[:12]}); run with --relock",
                 hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
             )
-        return lock
-    lock = resolve(spec, runner=runner, on_note=on_note, sizes=sizes)
-    write_lock(lock, path)
+    else:
+        lock = resolve(spec, runner=runner, on_note=on_note, sizes=sizes)
+        write_lock(lock, path)
+    write_pylock(lock, path)
     return lock

@@ -23,7 +23,7 @@ from reprobox.check import (
 )
 from reprobox.engine import DockerEngine, Engine
 from reprobox.errors import EngineError, ReproboxError
-from reprobox.lock import Lock, default_lock_path, ensure_lock
+from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
 from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
@@ -97,11 +97,14 @@ def lock(spec_path: Path, *, output: Path | None, relock: bool) -> dict[str, Any
     """`reprobox lock`: resolve and write the lock (or confirm the one there is current)."""
     reporter = Reporter()
     locked = _locked(spec_path, output, relock, reporter)
+    pylock = pylock_path(locked.path)
     return {
         "lock": str(locked.path),
+        "pylock": str(pylock),
         "spec_sha256": locked.spec.sha256,
         "wheels": len(locked.lock.wheels),
-        "summary": f"{locked.path}: {len(locked.lock.wheels)} wheels pinned by sha256",
+        "summary": f"{locked.path}: {len(locked.lock.wheels)} wheels pinned by sha256 "
+        f"(also as {pylock.name}, PEP 751)",
     }
 
 

@@ -13,15 +13,17 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from replay import FakeRunner, ensure_lock, resolve
 
-from reprobox._pip import PipConfig, PipResult, read_pip_config, run_pip
+from reprobox._pip import PipConfig, read_pip_config, run_pip
+from reprobox._pylock import format_pylock
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
 from reprobox.lock import (
     IndexSettings,
@@ -36,55 +38,12 @@ from reprobox.lock import (
     target_for,
     write_lock,
 )
-from reprobox.lock import ensure_lock as real_ensure_lock
-from reprobox.lock import resolve as real_resolve
 from reprobox.spec import Spec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"
 CUDNN_9_1_SHA = "165764f44ef8c61fcdfdfdbe769d687e06374059fbb388b6c89ecb0e28793a6f"
-
-
-def recorded_sizes(urls: Iterable[str]) -> dict[str, int | None]:
-    """Sizes for replayed pip runs, whose URLs must not be asked: a number derived from each URL."""
-    return {url: 1000 + len(url) for url in urls}
-
-
-def resolve(spec: Spec, **kwargs: Any) -> Lock:
-    """The real `resolve`; a replayed pip run (a `runner` given) gets `recorded_sizes`."""
-    if "runner" in kwargs:
-        kwargs.setdefault("sizes", recorded_sizes)
-    return real_resolve(spec, **kwargs)
-
-
-def ensure_lock(spec: Spec, path: Path, **kwargs: Any) -> Lock:
-    """The real `ensure_lock`, with `recorded_sizes` for a replayed pip run."""
-    if "runner" in kwargs:
-        kwargs.setdefault("sizes", recorded_sizes)
-    return real_ensure_lock(spec, path, **kwargs)
-
-
-class FakeRunner:
-    """Replays recorded pip runs in order, writing each run's report where pip would."""
-
-    def __init__(self, calls: Sequence[Mapping[str, Any]]) -> None:
-        self.calls = list(calls)
-        self.argvs: list[list[str]] = []
-
-    @classmethod
-    def recorded(cls, name: str) -> FakeRunner:
-        return cls(json.loads((DATA / f"pip-{name}.json").read_text(encoding="utf-8")))
-
-    def __call__(self, argv: Sequence[str], extra_env: Mapping[str, str]) -> PipResult:
-        assert self.calls, f"pip was run more often than recorded: {argv[4:]}"
-        call = self.calls.pop(0)
-        self.argvs.append(list(argv))
-        if call.get("report") is not None:
-            report = Path(argv[list(argv).index("--report") + 1])
-            report.write_text(json.dumps(call["report"]), encoding="utf-8")
-        return PipResult(call["rc"], call.get("stdout", ""), call.get("stderr", ""))
 
 
 def _spec(
@@ -697,6 +656,8 @@ def test_network_cpu_example_locks_the_cpu_torch_byte_identically(tmp_path: Path
     write_lock(resolve(load_spec(CPU_SPEC)), first)
     write_lock(resolve(load_spec(CPU_SPEC)), second)
     assert first.read_bytes() == second.read_bytes()
+    pylocks = [format_pylock(read_lock(path), "demo-cpu.lock") for path in (first, second)]
+    assert pylocks[0] == pylocks[1]
     lock = read_lock(first)
     torch = lock.wheel("torch")
     assert torch is not None
