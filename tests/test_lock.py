@@ -133,7 +133,7 @@ def test_cpu_example_locks_the_cpu_build_of_torch_for_the_image_platform() -> No
     assert argv[argv.index("--python-version") + 1] == "3.11"
     assert argv[argv.index("--abi") + 1] == "cp311"
     platforms = [argv[i + 1] for i, a in enumerate(argv) if a == "--platform"]
-    assert platforms == list(manylinux_platforms("x86_64", "2.36"))
+    assert platforms == [*manylinux_platforms("x86_64", "2.36"), "linux_x86_64"]
 
 
 def test_cpu_example_groups_torch_with_its_closure_apart_from_the_rest() -> None:
@@ -353,6 +353,31 @@ def test_an_unreachable_variant_index_is_exit_3_naming_it() -> None:
     extras = [second[i + 1] for i, arg in enumerate(second) if arg == "--extra-index-url"]
     assert extras[-1] == "https://download.pytorch.org/whl/cu121"
     assert "https://download.pytorch.org/whl/cu121" not in runner.argvs[0]
+
+
+def test_a_variant_build_resolves_through_pytorch_s_index_when_it_answers() -> None:
+    # A real pip run recorded against a stand-in for https://download.pytorch.org/whl/cu121 (that
+    # index is not reachable from these machines): it served a small wheel named and tagged as
+    # PyTorch's own (`linux_x86_64`) with torch 2.5.1+cu121's CUDA 12.1 pins; the nvidia wheels
+    # came from PyPI. The first run, without PyTorch's index, found no +cu121 build.
+    runner = FakeRunner.recorded("variant-ok")
+    lock = resolve(_spec(torch="2.5.1", cuda="12.1"), runner=runner, arch="x86_64")
+    torch = lock.wheel("torch")
+    assert torch is not None
+    assert torch.requirement == "torch==2.5.1+cu121"
+    assert torch.url.startswith("https://download.pytorch.org/whl/cu121/torch-2.5.1")
+    assert torch.filename == "torch-2.5.1+cu121-cp311-cp311-linux_x86_64.whl"
+    assert (lock.torch_cuda, lock.torch_cudnn) == ("12.1.105", "9.1.0.70")
+    assert "https://download.pytorch.org/whl/cu121" in lock.index.index_urls
+    assert "https://download.pytorch.org/whl/cu121" not in runner.argvs[0]
+    second = runner.argvs[1]
+    extras = [second[i + 1] for i, arg in enumerate(second) if arg == "--extra-index-url"]
+    assert extras[-1] == "https://download.pytorch.org/whl/cu121"
+    # PyTorch tags its older variant wheels `linux_x86_64`: the image's platforms must admit it.
+    platforms = [second[i + 1] for i, arg in enumerate(second) if arg == "--platform"]
+    assert platforms[-1] == "linux_x86_64"
+    assert "linux_x86_64" in lock.platforms
+    assert {w.name: w.group for w in lock.wheels}["nvidia-cudnn-cu12"] == "torch"
 
 
 def test_an_index_that_failed_is_exit_3_even_when_pip_succeeded() -> None:
