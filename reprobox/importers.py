@@ -109,14 +109,8 @@ def _active(req: Requirement, env: Environment) -> bool:
 
 # --- requirements.txt -------------------------------------------------------------------------
 
-_IGNORED = (
-    "--hash",
-    "--require-hashes",
-    "--only-binary",
-    "--prefer-binary",
-    "--trusted-host",
-    "--pre",
-)
+#: Options that change nothing reprobox records: it locks wheels only, with hashes, anyway.
+_IGNORED = ("--hash", "--require-hashes", "--only-binary", "--prefer-binary", "--trusted-host")
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -171,7 +165,7 @@ def _requirements_txt(path: Path, env: Environment, seen: set[Path]) -> Imported
             elif name == "--extra-index-url":
                 extra.append(value)
             elif name in {"-f", "--find-links"}:
-                links.append(value if "://" in value else str((path.parent / value).resolve()))
+                links.append(value)  # as written: index.find_links is relative to the spec
             elif name in {"-c", "--constraint"}:
                 raise ReproboxError(
                     f"{where}: {line}: a constraints file would change what resolves, unseen "

@@ -43,6 +43,7 @@ def test_a_pinned_requirements_file_becomes_a_spec_of_the_same_pins(tmp_path: Pa
         "requirements.txt",
         "# a paper's environment\n"
         "--index-url https://mirror.example/simple\n"
+        "-f ./wheels\n"
         "-r base.txt\n"
         "torch==2.5.1+cu121 \\\n    --hash=sha256:" + "a" * 64 + "\n"
         "transformers==4.46.3\n"
@@ -62,6 +63,7 @@ def test_a_pinned_requirements_file_becomes_a_spec_of_the_same_pins(tmp_path: Pa
     # stack and pip left to the lock and to reprobox.
     assert spec.packages == ("accelerate[torch]==1.1.1", "tokenizers==0.20.3")
     assert spec.index.url == "https://mirror.example/simple"
+    assert spec.index.find_links == ("./wheels",)  # as written: relative to the spec
     assert spec.base.bootstrap == "debian:bookworm"
     assert "# Every requirement was pinned already; nothing was resolved." in text
     assert "nvidia-cudnn-cu12, triton" in text
@@ -86,6 +88,7 @@ def test_pypi_torch_without_a_label_takes_that_release_s_pypi_cuda(tmp_path: Pat
         ("foo @ https://example.com/foo-1.0-py3-none-any.whl", "a direct URL"),
         ("-c constraints.txt", "a constraints file would change what resolves"),
         ("--no-binary :all:", "not one reprobox can carry into a spec"),
+        ("--pre", "not one reprobox can carry into a spec"),
     ],
 )
 def test_what_cannot_be_pinned_is_refused_naming_file_and_line(
