@@ -57,8 +57,12 @@ class Target:
 
     @property
     def platforms(self) -> tuple[str, ...]:
-        """The manylinux platform tags, newest first."""
-        return manylinux_platforms(self.arch, self.glibc)
+        """The manylinux platform tags, newest first, then plain `linux_<arch>`.
+
+        pip accepts `linux_<arch>` on any Linux, last; PyPI refuses such uploads, but PyTorch's
+        variant indexes tag their older wheels so (`torch-2.5.1+cu121-...-linux_x86_64.whl`).
+        """
+        return (*manylinux_platforms(self.arch, self.glibc), f"linux_{self.arch}")
 
     def tags(self) -> frozenset[Tag]:
         """Every wheel tag the image's interpreter accepts."""

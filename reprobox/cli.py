@@ -19,9 +19,28 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from reprobox.render import starter_spec
+    if args.from_file is None:
+        from reprobox.render import starter_spec
 
-    sys.stdout.write(starter_spec(torch=args.torch, cuda=args.cuda, name=args.name))
+        text = starter_spec(torch=args.torch or "2.13.0", cuda=args.cuda or "cpu", name=args.name)
+    else:
+        from reprobox.init_from import spec_from_project
+
+        text = spec_from_project(
+            Path(args.from_file),
+            groups=args.group,
+            python=args.python,
+            cuda=args.cuda,
+            torch=args.torch,
+            name=args.name if args.name != "my-env" else None,
+            base_image=args.base_image,
+        )
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        from reprobox.init_from import write_spec
+
+        write_spec(Path(args.output), text)
     return 0
 
 
@@ -125,6 +144,43 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], summary: str, code: 
     return code
 
 
+def _init_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--torch",
+        metavar="VERSION",
+        help="torch version (default 2.13.0; with --from: the file's torch)",
+    )
+    p.add_argument(
+        "--cuda",
+        metavar="VERSION|cpu",
+        help="CUDA version or cpu (default cpu; with --from: the build the file's torch names, "
+        "else PyPI's build of that release)",
+    )
+    p.add_argument("--name", default="my-env", help="image name (default my-env)")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="requirements.txt, pyproject.toml, uv.lock or pylock.toml to pin the spec from",
+    )
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --from: add an optional-dependency or dependency group (repeatable)",
+    )
+    p.add_argument(
+        "--python", default="3.11", metavar="X.Y", help="with --from: the image's Python (3.11)"
+    )
+    p.add_argument(
+        "--base-image",
+        metavar="REF@sha256:DIGEST",
+        help="with --from: base.image (needed for a Python no Debian bootstrap base has)",
+    )
+    p.add_argument("-o", "--output", metavar="SPEC", help="write the spec there, not to stdout")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reprobox",
@@ -152,14 +208,14 @@ def _parser() -> argparse.ArgumentParser:
             "--refetch", action="store_true", help="fetch again wheels that fail verification"
         )
 
-    p = command("init", _cmd_init, "print a commented starter spec", spec=False, json_out=False)
-    p.add_argument(
-        "--torch", default="2.13.0", metavar="VERSION", help="torch version (default 2.13.0)"
+    p = command(
+        "init",
+        _cmd_init,
+        "print a commented starter spec, or one pinned from a project's file (--from)",
+        spec=False,
+        json_out=False,
     )
-    p.add_argument(
-        "--cuda", default="cpu", metavar="VERSION|cpu", help="CUDA version or cpu (default cpu)"
-    )
-    p.add_argument("--name", default="my-env", help="image name (default my-env)")
+    _init_options(p)
 
     p = command("lock", _cmd_lock, "resolve every wheel for the image's platform, pinned by sha256")
     p.add_argument(

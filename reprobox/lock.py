@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -40,6 +40,8 @@ from reprobox._pip import (
     resolve_with_pip,
     run_pip,
 )
+from reprobox._pylock import format_pylock, pylock_path
+from reprobox._sizes import wheel_sizes
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
 from reprobox.errors import EXIT_MISSING, LockError
@@ -52,26 +54,31 @@ __all__ = [
     "Lock",
     "LockedWheel",
     "Runner",
+    "Sizer",
     "Target",
     "default_lock_path",
     "ensure_lock",
     "format_lock",
     "manylinux_platforms",
     "parse_lock",
+    "pylock_path",
     "read_lock",
     "requirements_text",
     "resolve",
     "run_pip",
     "target_for",
     "write_lock",
+    "write_pylock",
 ]
 
 #: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 
+#: Measures wheels: their URLs -> size in bytes (None where unknown); tests pass a fake.
+Sizer = Callable[[Iterable[str]], Mapping[str, "int | None"]]
+
 _RUNTIME = re.compile(r"^(?:nvidia-cuda-runtime(?:-cu[0-9]+)?|cuda-toolkit)$")
 _CUDNN = re.compile(r"^nvidia-cudnn(?:-cu[0-9]+)?$")
-_EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _OWN = {
     "torch": "torch.version",
     "transformers": "transformers",
@@ -224,25 +231,79 @@ def _check_torch(
     return (runtime[1] if runtime else built), (cudnn[1] if cudnn else None)
 
 
-def _check_torch_wanted(
-    spec: Spec, dists: Sequence[ResolvedDist], torch: str, env: Mapping[str, str]
-) -> None:
-    """Fail if a package asks for another torch, even through its 'torch' extra.
+def _walk(
+    roots: Sequence[str], dists: Mapping[str, ResolvedDist], env: Mapping[str, str]
+) -> dict[str, set[str]]:
+    """Every resolved distribution the `roots` requirements reach, with the extras asked of it.
 
-    pip enforces plain requirements; transformers and others put torch behind an extra, so
-    a release that needs a newer torch would otherwise install quietly next to the old one.
+    Follows only the requirements that are active in the image for the extras really
+    requested along the way (a root's own `name[extra]`, or a dependent's), never every extra.
     """
-    for dist in dists:
+    wanted: dict[str, set[str]] = {}
+    todo = [Requirement(text) for text in roots]
+    while todo:
+        req = todo.pop()
+        name = str(canonicalize_name(req.name))
+        if name not in dists:
+            continue
+        known = wanted.get(name)
+        if known is not None and set(req.extras) <= known:
+            continue
+        extras = wanted.setdefault(name, set())
+        extras.update(req.extras)
+        for text in dists[name].requires:
+            dep = Requirement(text)
+            if _active(dep, env, sorted(extras)):
+                todo.append(dep)
+    return wanted
+
+
+def _through(req: Requirement, env: Mapping[str, str], extras: Sequence[str]) -> str | None:
+    """The requested extra that makes `req` active, or None when it is active without one."""
+    if _active(req, env, ()):
+        return None
+    return next((e for e in sorted(extras) if _active(req, env, (e,))), None)
+
+
+def _used_with_torch(requirements: Sequence[str]) -> list[str]:
+    """The roots as the torch check sees them: the spec's transformers is used with its torch.
+
+    transformers keeps torch behind its 'torch' extra; the spec's `transformers` key means
+    transformers on the spec's torch, so that extra counts as requested (for the check only:
+    what is locked stays what pip resolved for the plain pin).
+    """
+    return [
+        "transformers[torch]" + r.removeprefix("transformers")
+        if r.startswith("transformers==")
+        else r
+        for r in requirements
+    ]
+
+
+def _check_torch_wanted(
+    spec: Spec,
+    requirements: Sequence[str],
+    dists: Mapping[str, ResolvedDist],
+    torch: str,
+    env: Mapping[str, str],
+) -> None:
+    """Fail if a package of the image asks for another torch, even through a requested extra.
+
+    pip enforces plain requirements; transformers and others put torch behind an extra, so a
+    release that needs a newer torch would otherwise install quietly next to the old one.
+    Only the extras that were really requested count: `safetensors[torch]` needing torch>=2.4
+    is no objection when nothing asked for safetensors' 'torch' extra.
+    """
+    for name, extras in sorted(_walk(requirements, dists, env).items()):
+        dist = dists[name]
         for text in dist.requires:
             req = Requirement(text)
-            if canonicalize_name(req.name) != "torch":
+            if canonicalize_name(req.name) != "torch" or not _active(req, env, sorted(extras)):
                 continue
-            extras = [
-                e for e in _EXTRA.findall(str(req.marker)) if "torch" in e or e in dist.extras
-            ]
-            if not _active(req, env, extras) or req.specifier.contains(torch, prereleases=True):
+            if req.specifier.contains(torch, prereleases=True):
                 continue
-            via = f" (through its '{extras[0]}' extra)" if extras else ""
+            extra = _through(req, env, sorted(extras))
+            via = f" (through its '{extra}' extra)" if extra else ""
             raise LockError(
                 f"{_where(spec)}: {dist.name} {dist.version} needs torch{req.specifier}{via}, but the "
                 f"spec pins torch {torch}; reprobox never changes torch to fit another package",
@@ -253,21 +314,12 @@ def _check_torch_wanted(
 
 def _closure(root: str, dists: Mapping[str, ResolvedDist], env: Mapping[str, str]) -> set[str]:
     """`root` and every resolved distribution it needs, directly or not, in the image."""
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    todo: list[tuple[str, tuple[str, ...]]] = [(root, ())]
-    while todo:
-        name, extras = todo.pop()
-        if (name, extras) in seen or name not in dists:
-            continue
-        seen.add((name, extras))
-        for text in dists[name].requires:
-            req = Requirement(text)
-            if _active(req, env, extras):
-                todo.append((str(canonicalize_name(req.name)), tuple(sorted(req.extras))))
-    return {name for name, _ in seen}
+    return set(_walk([root], dists, env))
 
 
-def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[LockedWheel, ...]:
+def _wheels(
+    dists: Sequence[ResolvedDist], env: Mapping[str, str], sizes: Mapping[str, int | None]
+) -> tuple[LockedWheel, ...]:
     by_name = {d.name: d for d in dists}
     torch_group = _closure("torch", by_name, env)
     wheels = []
@@ -281,7 +333,15 @@ def _wheels(dists: Sequence[ResolvedDist], env: Mapping[str, str]) -> tuple[Lock
             "installer" if dist.name == "pip" else "torch" if dist.name in torch_group else "rest"
         )
         wheels.append(
-            LockedWheel(dist.name, dist.version, dist.filename, dist.url, dist.sha256, group)
+            LockedWheel(
+                dist.name,
+                dist.version,
+                dist.filename,
+                dist.url,
+                dist.sha256,
+                group,
+                sizes.get(dist.url),
+            )
         )
     return tuple(sorted(wheels, key=lambda w: w.name))
 
@@ -293,12 +353,14 @@ def resolve(
     arch: str | None = None,
     pip_config: PipConfig | None = None,
     on_note: Callable[[str], None] | None = None,
+    sizes: Sizer | None = None,
 ) -> Lock:
     """Resolve every wheel of `spec`'s image with pip, for its Python, architecture and glibc.
 
     pip runs isolated from its configuration; of the user's (`pip_config`, read when not
     given) only index locations and network settings are used, and `on_note` hears which
-    settings were left out because they would change what is chosen.
+    settings were left out because they would change what is chosen. Each wheel's size is
+    read from its URL (`sizes`, by default `stat` or an HTTP HEAD).
     """
     pip_config = read_pip_config() if pip_config is None else pip_config
     if pip_config.ignored and on_note is not None:
@@ -319,7 +381,11 @@ def resolve(
     if "torch" not in dists or "pip" not in dists:
         raise LockError("pip's report lacks torch or pip; this pip is not one reprobox knows")
     cuda, cudnn = _check_torch(spec, dists["torch"], env)
-    _check_torch_wanted(spec, resolution.dists, dists["torch"].version, env)
+    _check_torch_wanted(spec, _used_with_torch(requirements), dists, dists["torch"].version, env)
+    if sizes is None:
+        verify = _cert(pip_config.network)
+        sizes = lambda urls: wheel_sizes(urls, verify=verify, on_note=on_note)  # noqa: E731
+    measured = sizes(d.url for d in resolution.dists)
     return Lock(
         spec_sha256=spec.sha256,
         python=target.python,
@@ -330,11 +396,17 @@ def resolve(
         resolver=f"pip {pip_version()}",
         installer=installer,
         reprobox_version=__version__,
-        wheels=_wheels(resolution.dists, env),
+        wheels=_wheels(resolution.dists, env, measured),
         torch_cuda=cuda,
         torch_cudnn=cudnn,
         glibc_assumed=target.glibc_assumed,
     )
+
+
+def _cert(network: Sequence[str]) -> bool | str:
+    """The CA bundle pip was told to trust (its `cert` setting), else requests' default."""
+    args = list(network)
+    return args[args.index("--cert") + 1] if "--cert" in args else True
 
 
 def default_lock_path(spec_path: Path) -> Path:
@@ -344,17 +416,35 @@ def default_lock_path(spec_path: Path) -> Path:
     return spec_path.with_name(spec_path.name + ".lock")
 
 
-def write_lock(lock: Lock, path: Path) -> None:
-    """Write the lock file atomically: a reader sees the old lock or the new one, never half."""
+def _write_atomic(path: Path, text: str) -> None:
+    """A reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(format_lock(lock))
+            handle.write(text)
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_lock(lock: Lock, path: Path) -> None:
+    """Write the lock file atomically."""
+    _write_atomic(path, format_lock(lock))
+
+
+def write_pylock(lock: Lock, lock_path: Path) -> Path:
+    """Write the lock's `pylock.<name>.toml` beside `lock_path` (when missing or different)."""
+    path = pylock_path(lock_path)
+    text = format_pylock(lock, lock_path.name)
+    try:
+        current = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        _write_atomic(path, text)
+    return path
 
 
 def read_lock(path: Path) -> Lock:
@@ -377,11 +467,13 @@ def ensure_lock(
     relock: bool = False,
     runner: Runner = run_pip,
     on_note: Callable[[str], None] | None = None,
+    sizes: Sizer | None = None,
 ) -> Lock:
     """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
 
     A lock made from another version of the spec is never rewritten silently: that is an error
-    unless `relock` is set.
+    unless `relock` is set. The lock's `pylock.toml` (see `pylock_path`) is written beside it
+    whenever it is missing or no longer follows the lock.
     """
     if path.exists() and not relock:
         lock = read_lock(path)
@@ -391,7 +483,8 @@ def ensure_lock(
                 f"{lock.spec_sha256[:12]}, the spec is now {spec.sha256[:12]}); run with --relock",
                 hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
             )
-        return lock
-    lock = resolve(spec, runner=runner, on_note=on_note)
-    write_lock(lock, path)
+    else:
+        lock = resolve(spec, runner=runner, on_note=on_note, sizes=sizes)
+        write_lock(lock, path)
+    write_pylock(lock, path)
     return lock

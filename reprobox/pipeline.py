@@ -22,8 +22,8 @@ from reprobox.check import (
     selfcheck_argv,
 )
 from reprobox.engine import DockerEngine, Engine
-from reprobox.errors import EngineError, ReproboxError
-from reprobox.lock import Lock, default_lock_path, ensure_lock
+from reprobox.errors import EXIT_CHECK_FAILED, EngineError, ReproboxError
+from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
 from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
@@ -67,13 +67,34 @@ def _engine(reporter: Reporter) -> Engine:
     return engine
 
 
+def _pull_base(ref: str, engine: Engine, reporter: Reporter) -> None:
+    """Pull a digest-pinned `base.image` the engine lacks, with the user's Docker credentials,
+    and check that what came is the image the digest names."""
+    from reprobox.engine import registry_auth
+
+    named, digest = ref.split("@", 1)
+    slash, colon = named.rfind("/"), named.rfind(":")
+    repository = named[:colon] if colon > slash else named  # the tag goes: the digest decides
+    first = repository.split("/", 1)[0]
+    # Docker's rule: a first part with a dot or a port (or localhost) names the registry.
+    is_host = "/" in repository and ("." in first or ":" in first or first == "localhost")
+    registry = first if is_host else "https://index.docker.io/v1/"
+    with reporter.stage(f"pull the base {repository}@{digest}"):
+        engine.pull(f"{repository}@{digest}", registry_auth(registry))
+    found = engine.inspect_image(f"{repository}@{digest}").get("RepoDigests") or []
+    if f"{repository}@{digest}" not in found and not any(d.endswith("@" + digest) for d in found):
+        raise EngineError(
+            f"the registry served {repository} with digests {', '.join(found) or 'none'}, not "
+            f"{digest}; the base was not used",
+            hint="check the reference and the registry: a digest-pinned base must match exactly",
+            exit_code=EXIT_CHECK_FAILED,
+        )
+
+
 def _base_ref(spec: Spec, engine: Engine, reporter: Reporter) -> str:
     if spec.base.image is not None:
         if not engine.image_exists(spec.base.image):
-            raise EngineError(
-                f"the base image {spec.base.image} is not in the engine",
-                hint=f"pull or load it first (`docker pull {spec.base.image}`); reprobox builds offline",
-            )
+            _pull_base(spec.base.image, engine, reporter)
         return spec.base.image
     suite = spec.base.suite or "bookworm"
     with reporter.stage(f"base debian:{suite}"):
@@ -97,11 +118,14 @@ def lock(spec_path: Path, *, output: Path | None, relock: bool) -> dict[str, Any
     """`reprobox lock`: resolve and write the lock (or confirm the one there is current)."""
     reporter = Reporter()
     locked = _locked(spec_path, output, relock, reporter)
+    pylock = pylock_path(locked.path)
     return {
         "lock": str(locked.path),
+        "pylock": str(pylock),
         "spec_sha256": locked.spec.sha256,
         "wheels": len(locked.lock.wheels),
-        "summary": f"{locked.path}: {len(locked.lock.wheels)} wheels pinned by sha256",
+        "summary": f"{locked.path}: {len(locked.lock.wheels)} wheels pinned by sha256 "
+        f"(also as {pylock.name}, PEP 751)",
     }
 
 

@@ -13,58 +13,37 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
+from replay import FakeRunner, ensure_lock, resolve
 
-from reprobox._pip import PipConfig, PipResult, read_pip_config, run_pip
+from reprobox._pip import PipConfig, read_pip_config, run_pip
+from reprobox._pylock import format_pylock
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
 from reprobox.lock import (
     IndexSettings,
     Lock,
     LockedWheel,
     default_lock_path,
-    ensure_lock,
     format_lock,
     manylinux_platforms,
     parse_lock,
     read_lock,
     requirements_text,
-    resolve,
     target_for,
     write_lock,
 )
 from reprobox.spec import Spec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"
 CUDNN_9_1_SHA = "165764f44ef8c61fcdfdfdbe769d687e06374059fbb388b6c89ecb0e28793a6f"
-
-
-class FakeRunner:
-    """Replays recorded pip runs in order, writing each run's report where pip would."""
-
-    def __init__(self, calls: Sequence[Mapping[str, Any]]) -> None:
-        self.calls = list(calls)
-        self.argvs: list[list[str]] = []
-
-    @classmethod
-    def recorded(cls, name: str) -> FakeRunner:
-        return cls(json.loads((DATA / f"pip-{name}.json").read_text(encoding="utf-8")))
-
-    def __call__(self, argv: Sequence[str], extra_env: Mapping[str, str]) -> PipResult:
-        assert self.calls, f"pip was run more often than recorded: {argv[4:]}"
-        call = self.calls.pop(0)
-        self.argvs.append(list(argv))
-        if call.get("report") is not None:
-            report = Path(argv[list(argv).index("--report") + 1])
-            report.write_text(json.dumps(call["report"]), encoding="utf-8")
-        return PipResult(call["rc"], call.get("stdout", ""), call.get("stderr", ""))
 
 
 def _spec(
@@ -154,7 +133,7 @@ def test_cpu_example_locks_the_cpu_build_of_torch_for_the_image_platform() -> No
     assert argv[argv.index("--python-version") + 1] == "3.11"
     assert argv[argv.index("--abi") + 1] == "cp311"
     platforms = [argv[i + 1] for i, a in enumerate(argv) if a == "--platform"]
-    assert platforms == list(manylinux_platforms("x86_64", "2.36"))
+    assert platforms == [*manylinux_platforms("x86_64", "2.36"), "linux_x86_64"]
 
 
 def test_cpu_example_groups_torch_with_its_closure_apart_from_the_rest() -> None:
@@ -282,6 +261,53 @@ def test_transformers_that_accepts_the_torch_passes_and_unrelated_extras_are_ign
     assert lock.wheel("transformers") is not None
 
 
+def _safetensors_report(*extra: dict[str, Any]) -> dict[str, Any]:
+    # The seeds' stack: transformers 4.36.2 needs safetensors, whose 0.8.0 release asks for
+    # torch>=2.4 only through its 'torch' extra.
+    return _report(
+        _item("torch", "2.13.0+cpu"),
+        _item("transformers", "4.36.2", ["safetensors>=0.3.1", 'torch>=1.10; extra == "torch"']),
+        _item("safetensors", "0.8.0", ['torch>=2.14; extra == "torch"', 'numpy; extra == "numpy"']),
+        *extra,
+    )
+
+
+def test_an_extra_nobody_requested_does_not_count() -> None:
+    runner = FakeRunner([_ok(_safetensors_report())])
+    lock = resolve(_spec('transformers: "4.36.2"'), runner=runner, arch="x86_64")
+    assert lock.wheel("safetensors") is not None
+
+
+def test_an_extra_a_root_requests_counts() -> None:
+    runner = FakeRunner([_ok(_safetensors_report())])
+    spec = _spec('transformers: "4.36.2"\npackages: ["safetensors[torch]==0.8.0"]')
+    with pytest.raises(LockError) as err:
+        resolve(spec, runner=runner, arch="x86_64")
+    assert "safetensors 0.8.0 needs torch>=2.14 (through its 'torch' extra)" in err.value.message
+
+
+def test_an_extra_a_dependency_requests_counts() -> None:
+    # peft -> accelerate[torch] -> torch>=2.14: the extra is asked two levels down.
+    peft = _item("peft", "0.7.1", ["accelerate[torch]>=0.21"])
+    accelerate = _item("accelerate", "0.25.0", ['torch>=2.14; extra == "torch"'])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), peft, accelerate))])
+    with pytest.raises(LockError) as err:
+        resolve(_spec('packages: ["peft==0.7.1"]'), runner=runner, arch="x86_64")
+    assert "accelerate 0.25.0 needs torch>=2.14 (through its 'torch' extra)" in err.value.message
+    # The same graph without the extra asked for locks.
+    peft = _item("peft", "0.7.1", ["accelerate>=0.21"])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), peft, accelerate))])
+    assert resolve(_spec('packages: ["peft==0.7.1"]'), runner=runner, arch="x86_64").wheel("peft")
+
+
+def test_a_plain_torch_requirement_of_any_package_counts() -> None:
+    needy = _item("needy", "1.0", ["torch>=2.14"])
+    runner = FakeRunner([_ok(_report(_item("torch", "2.13.0+cpu"), needy))])
+    with pytest.raises(LockError) as err:
+        resolve(_spec('packages: ["needy==1.0"]'), runner=runner, arch="x86_64")
+    assert "needy 1.0 needs torch>=2.14, but the spec pins torch 2.13.0+cpu" in err.value.message
+
+
 def test_a_conflict_becomes_one_clear_error_naming_the_requirement() -> None:
     spec = _spec("packages: [torchvision==0.21.0]")
     with pytest.raises(LockError) as err:
@@ -327,6 +353,31 @@ def test_an_unreachable_variant_index_is_exit_3_naming_it() -> None:
     extras = [second[i + 1] for i, arg in enumerate(second) if arg == "--extra-index-url"]
     assert extras[-1] == "https://download.pytorch.org/whl/cu121"
     assert "https://download.pytorch.org/whl/cu121" not in runner.argvs[0]
+
+
+def test_a_variant_build_resolves_through_pytorch_s_index_when_it_answers() -> None:
+    # A real pip run recorded against a stand-in for https://download.pytorch.org/whl/cu121 (that
+    # index is not reachable from these machines): it served a small wheel named and tagged as
+    # PyTorch's own (`linux_x86_64`) with torch 2.5.1+cu121's CUDA 12.1 pins; the nvidia wheels
+    # came from PyPI. The first run, without PyTorch's index, found no +cu121 build.
+    runner = FakeRunner.recorded("variant-ok")
+    lock = resolve(_spec(torch="2.5.1", cuda="12.1"), runner=runner, arch="x86_64")
+    torch = lock.wheel("torch")
+    assert torch is not None
+    assert torch.requirement == "torch==2.5.1+cu121"
+    assert torch.url.startswith("https://download.pytorch.org/whl/cu121/torch-2.5.1")
+    assert torch.filename == "torch-2.5.1+cu121-cp311-cp311-linux_x86_64.whl"
+    assert (lock.torch_cuda, lock.torch_cudnn) == ("12.1.105", "9.1.0.70")
+    assert "https://download.pytorch.org/whl/cu121" in lock.index.index_urls
+    assert "https://download.pytorch.org/whl/cu121" not in runner.argvs[0]
+    second = runner.argvs[1]
+    extras = [second[i + 1] for i, arg in enumerate(second) if arg == "--extra-index-url"]
+    assert extras[-1] == "https://download.pytorch.org/whl/cu121"
+    # PyTorch tags its older variant wheels `linux_x86_64`: the image's platforms must admit it.
+    platforms = [second[i + 1] for i, arg in enumerate(second) if arg == "--platform"]
+    assert platforms[-1] == "linux_x86_64"
+    assert "linux_x86_64" in lock.platforms
+    assert {w.name: w.group for w in lock.wheels}["nvidia-cudnn-cu12"] == "torch"
 
 
 def test_an_index_that_failed_is_exit_3_even_when_pip_succeeded() -> None:
@@ -448,7 +499,11 @@ def test_lock_file_records_sizes_where_known_and_reads_locks_without_them() -> N
     text = format_lock(sized)
     assert "    # size: 1000" in text.splitlines()
     assert parse_lock(text) == sized
-    assert all(w.size is None for w in parse_lock(format_lock(lock)).wheels)
+    unsized = dataclasses.replace(
+        lock, wheels=tuple(dataclasses.replace(w, size=None) for w in lock.wheels)
+    )
+    assert "# size:" not in format_lock(unsized)
+    assert all(w.size is None for w in parse_lock(format_lock(unsized)).wheels)
     with pytest.raises(LockError, match="size that is not a number"):
         parse_lock(text.replace("# size: 1000", "# size: 1e9"))
 
@@ -626,6 +681,8 @@ def test_network_cpu_example_locks_the_cpu_torch_byte_identically(tmp_path: Path
     write_lock(resolve(load_spec(CPU_SPEC)), first)
     write_lock(resolve(load_spec(CPU_SPEC)), second)
     assert first.read_bytes() == second.read_bytes()
+    pylocks = [format_pylock(read_lock(path), "demo-cpu.lock") for path in (first, second)]
+    assert pylocks[0] == pylocks[1]
     lock = read_lock(first)
     torch = lock.wheel("torch")
     assert torch is not None
@@ -638,6 +695,25 @@ def test_network_cpu_example_locks_the_cpu_torch_byte_identically(tmp_path: Path
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch-2.13.0+cpu" in done.stdout
+    # Every wheel is sized: on disk for file:// wheels, as PyPI's JSON index says for the rest.
+    for wheel in lock.wheels:
+        assert wheel.size is not None, wheel.name
+        if wheel.url.startswith("file://"):
+            assert wheel.size == Path(unquote(urlsplit(wheel.url).path)).stat().st_size
+        else:
+            assert wheel.size == _pypi_json_size(wheel.name, wheel.filename), wheel.name
+
+
+def _pypi_json_size(name: str, filename: str) -> int:
+    """The size PyPI's PEP 691 JSON index gives for one file (a second source than HEAD)."""
+    import requests
+
+    page = requests.get(
+        f"https://pypi.org/simple/{name}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+        timeout=60,
+    ).json()
+    return int(next(f["size"] for f in page["files"] if f["filename"] == filename))
 
 
 @pytest.mark.network
