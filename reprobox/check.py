@@ -8,17 +8,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reprobox.engine import Engine
-from reprobox.errors import CheckError
+from reprobox.engine import Engine, GpuUnavailableError
+from reprobox.errors import CheckError, ReproboxError
 from reprobox.spec import Spec
 
 __all__ = [
+    "CUDA_LABEL",
     "FINGERPRINT_LABEL",
     "SELFCHECK_LABEL",
     "SelfCheckResult",
     "Verdict",
     "compare_with_recorded",
+    "device_argv",
     "fingerprint_label",
+    "gpu_probe_argv",
+    "image_uses_cuda",
     "recorded_fingerprints",
     "run_selfcheck",
     "selfcheck_argv",
@@ -26,8 +30,16 @@ __all__ = [
 
 FINGERPRINT_LABEL = "reprobox.fingerprint."
 SELFCHECK_LABEL = "reprobox.selfcheck.argv"
+#: "cpu" or the CUDA version the image's torch was built for; set at render time.
+CUDA_LABEL = "reprobox.cuda"
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
 _DEVICE_CLASS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_CUDA_VALUE = re.compile(r"cpu|[0-9]{1,2}\.[0-9]{1,2}")
+_EXIT_DEVICE_MISSING = 3  # the self-check's own exit status for --device cuda without a GPU
+_GPU_HINT = (
+    "run it on a host with an NVIDIA GPU, its driver and the NVIDIA Container Toolkit "
+    "(`reprobox doctor SPEC` says what this host lacks)"
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class Verdict:
 def selfcheck_argv(spec: Spec) -> list[str]:
     """The command that runs the self-check inside the image, as the spec asks for it."""
     argv = ["python", _PROGRAM, "--steps", str(spec.selfcheck.steps)]
+    if spec.torch.is_cuda:
+        argv += ["--device", "cuda"]
     script = spec.script_path
     if script is not None:
         argv += [
@@ -62,6 +76,43 @@ def selfcheck_argv(spec: Spec) -> list[str]:
             "/tmp/reprobox-output",  # noqa: S108 - a fresh container's /tmp, nobody else's
         ]
     return argv
+
+
+def image_uses_cuda(labels: Mapping[str, str], image: str) -> bool:
+    """Whether `image` is a CUDA image, by its own `reprobox.cuda` label (validated)."""
+    value = labels.get(CUDA_LABEL)
+    if value is None or not _CUDA_VALUE.fullmatch(value):
+        shown = "missing" if value is None else repr(value[:40])
+        raise ReproboxError(
+            f"{image}: its {CUDA_LABEL} label is {shown}, not 'cpu' or a CUDA version such as '12.4'",
+            hint="rebuild it with this reprobox (`reprobox build SPEC`)",
+        )
+    return value != "cpu"
+
+
+def device_argv(argv: list[str], *, cuda: bool) -> list[str]:
+    """The self-check's argv for the image's kind: a CUDA image trains on the GPU, never on CPU.
+
+    The recorded argv (a label) says `--device cuda` for CUDA images built by this reprobox;
+    an older or edited one is corrected here, since `auto` would fall back to the CPU.
+    """
+    if not cuda:
+        return list(argv)
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--device":
+            skip = True
+        elif not arg.startswith("--device="):
+            kept.append(arg)
+    return [*kept, "--device", "cuda"]
+
+
+def gpu_probe_argv() -> list[str]:
+    """The shortest self-check on the GPU: it answers in seconds where there is none."""
+    return ["python", _PROGRAM, "--steps", "1", "--device", "cuda"]
 
 
 def fingerprint_label(device_class: str) -> str:
@@ -89,7 +140,11 @@ def run_selfcheck(
     timeout_s: float = 3600,
     gpus: bool = False,
 ) -> SelfCheckResult:
-    """Run the self-check in a fresh container of `image` and read its JSON report."""
+    """Run the self-check in a fresh container of `image` and read its JSON report.
+
+    `gpus` asks the engine for every GPU: a CUDA image's self-check. A run that reports no
+    GPU, or trained anywhere but on one, raises; it never passes as a CPU proof.
+    """
     result = engine.run(image, argv, env=env, timeout_s=timeout_s, gpus=gpus)
     try:
         report: dict[str, Any] = json.loads(result.stdout)
@@ -102,6 +157,19 @@ def run_selfcheck(
             f"the self-check in {image} exited {result.exit_code} without a report\n{tail}",
             hint="run with --debug, or `docker run --rm IMAGE python /opt/reprobox/reprobox_selfcheck.py`",
         ) from exc
+    missing = report.get("device_missing")
+    if result.exit_code == _EXIT_DEVICE_MISSING and isinstance(missing, str):
+        raise GpuUnavailableError(
+            f"the self-check in {image} was to train on a GPU (--device cuda) and found none "
+            f"usable: {missing[:500]}",
+            hint=_GPU_HINT,
+        )
+    if gpus and isinstance(device_class, str) and not device_class.startswith("cuda-"):
+        raise CheckError(
+            f"the self-check in {image} was given the GPU but trained on {device_class}; "
+            "a CUDA image records no CPU fingerprint",
+            hint="check that the image's torch is a CUDA build (`reprobox diff` against a good one)",
+        )
     if fingerprint is None or device_class is None:
         failures = "; ".join(str(f) for f in report.get("failures") or []) or "no reason given"
         tail = "\n".join(result.stderr.splitlines()[-20:])

@@ -106,8 +106,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         lock_path=_opt_path(args.lock),
         relock=args.relock,
         refetch=args.refetch,
+        allow_unverified=args.allow_unverified,
     )
-    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+    return _emit(args, report, report["summary"], report["exit_code"])
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -267,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="REGISTRY/REPO", help="where to push")
     p.add_argument(
         "--tag", action="append", default=[], metavar="TAG", help="another tag (repeatable)"
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="push even when no self-check can prove the image here (a CUDA image on a host "
+        "without a GPU); the report says it is unverified. A failed self-check still stops it",
     )
     lock_options(p)
 

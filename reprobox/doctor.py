@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reprobox.cache import WheelCache, default_cache_dir
-from reprobox.compat import driver_minimum
+from reprobox.compat import driver_verdict
 from reprobox.engine import DockerEngine, Engine
 from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, read_lock
@@ -116,10 +116,6 @@ class Probes:
     disk: Callable[[Path], Disk] = _disk
     gpus: Callable[[], tuple[list[Gpu], str]] = field(default=probe_gpus)
     cache_dir: Callable[[], Path] = default_cache_dir
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 def _engine_lines(probes: Probes) -> tuple[list[Line], dict[str, Any] | None, str]:
@@ -254,28 +250,9 @@ def _gpu_lines(probes: Probes, spec: Spec | None, info: dict[str, Any] | None) -
 
 
 def _driver_line(cuda: str, driver: str) -> Line:
-    minimum = driver_minimum(cuda)
-    if minimum is None:
-        return Line(
-            "driver",
-            "warn",
-            f"driver {driver}; reprobox records no minimum driver for CUDA {cuda}",
-            "check NVIDIA's CUDA release notes (table 3), and add the row to reprobox/data/compat.json",
-        )
-    have = _version(driver)
-    figures = f"CUDA {cuda} needs {minimum.full} for full features, {minimum.minor_compat} with minor-version compatibility"
-    if have >= _version(minimum.full):
-        return Line("driver", "ok", f"driver {driver}: {figures}")
-    upgrade = f"install NVIDIA driver {minimum.full} or newer, or pick an older torch.cuda"
-    if have >= _version(minimum.minor_compat):
-        return Line(
-            "driver",
-            "warn",
-            f"driver {driver} runs CUDA {cuda} only through minor-version compatibility "
-            f"(no PTX JIT for newer code): {figures}",
-            upgrade,
-        )
-    return Line("driver", "fail", f"driver {driver} is too old: {figures}", upgrade)
+    # The one policy (compat) that also writes the image's NVIDIA_REQUIRE_CUDA.
+    verdict = driver_verdict(cuda, driver)
+    return Line("driver", verdict.status, verdict.detail, verdict.hint)
 
 
 def _runtime_line(probes: Probes, info: dict[str, Any] | None, *, needed: bool) -> Line:

@@ -32,8 +32,10 @@ __all__ = [
     "DockerEngine",
     "Engine",
     "EngineInfo",
+    "GpuUnavailableError",
     "ImageNotFoundError",
     "RunResult",
+    "gpu_request_error",
     "registry_auth",
 ]
 
@@ -55,6 +57,35 @@ class ImageNotFoundError(EngineError):
     """The engine holds no image by that name or ID (bad input, not a missing engine)."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class GpuUnavailableError(EngineError):
+    """A container was to get a GPU and got none: no NVIDIA runtime, no GPU, a refused driver."""
+
+
+_TOOLKIT_HINT = (
+    "install the NVIDIA Container Toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
+    "and restart dockerd (`reprobox doctor SPEC` checks the driver and the runtime)"
+)
+
+
+def gpu_request_error(host: str, said: str) -> GpuUnavailableError | None:
+    """The engine's refusal of a GPU request as the error a user can act on (None: not that)."""
+    if "could not select device driver" in said:
+        return GpuUnavailableError(
+            f"the Docker Engine at {host} cannot give containers a GPU: it has no NVIDIA "
+            f"runtime (it said: {said})",
+            hint=_TOOLKIT_HINT,
+        )
+    if "nvidia-container-cli" in said or "unsatisfied condition" in said:
+        hint = _TOOLKIT_HINT
+        if "unsatisfied condition" in said:
+            hint = "the driver is older than the image's NVIDIA_REQUIRE_CUDA allows: upgrade it"
+        return GpuUnavailableError(
+            f"the NVIDIA Container Toolkit on {host} refused to give the container a GPU: {said}",
+            hint=hint,
+        )
+    return None
 
 
 class ContainerTimeoutError(EngineError):
@@ -387,7 +418,7 @@ class DockerEngine:
         api = self._client()
         doing = f"running `{shlex.join(argv)}` in {image}"
         requests_ = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
-        with self._errors(doing):
+        with self._errors(doing), self._gpu_errors(gpus):
             container = api.create_container(
                 image,
                 command=list(argv),
@@ -397,7 +428,7 @@ class DockerEngine:
             )
         cid = container["Id"]
         try:
-            with self._errors(doing):
+            with self._errors(doing), self._gpu_errors(gpus):
                 api.start(cid)
                 try:
                     status = api.wait(cid, timeout=math.ceil(timeout_s))
@@ -419,6 +450,18 @@ class DockerEngine:
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
         )
+
+    @contextlib.contextmanager
+    def _gpu_errors(self, gpus: bool) -> Iterator[None]:
+        import docker.errors
+
+        try:
+            yield
+        except docker.errors.APIError as err:
+            found = gpu_request_error(self.host, str(err.explanation or err)) if gpus else None
+            if found is not None:
+                raise found from err
+            raise
 
     def inspect_image(self, ref: str) -> dict[str, Any]:
         """The engine's description of an image; ImageNotFoundError when there is none."""

@@ -16,12 +16,16 @@ from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,
     compare_with_recorded,
+    device_argv,
     fingerprint_label,
+    gpu_probe_argv,
+    image_uses_cuda,
     recorded_fingerprints,
     run_selfcheck,
     selfcheck_argv,
 )
-from reprobox.engine import DockerEngine, Engine
+from reprobox.compat import TRITON_BUILD_PACKAGES
+from reprobox.engine import DockerEngine, Engine, GpuUnavailableError
 from reprobox.errors import EXIT_CHECK_FAILED, EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
@@ -100,9 +104,18 @@ def _base_ref(spec: Spec, engine: Engine, reporter: Reporter) -> str:
     with reporter.stage(f"base debian:{suite}"):
         cache_dir = default_cache_dir() / "bases"
         cache_dir.mkdir(parents=True, exist_ok=True)
-        base = bootstrap_base(suite, spec.apt, engine, cache_dir=cache_dir, on_line=reporter.detail)
+        base = bootstrap_base(
+            suite, _base_packages(spec), engine, cache_dir=cache_dir, on_line=reporter.detail
+        )
         reporter.note(f"base {base.ref} = {base.image_id} ({'reused' if base.reused else 'made'})")
     return base.image_id
+
+
+def _base_packages(spec: Spec) -> tuple[str, ...]:
+    """The spec's apt packages, and for CUDA what torch.compile's Triton needs at run time."""
+    named = {package.split("=", 1)[0] for package in spec.apt}  # the spec's own pin wins
+    extra = [p for p in TRITON_BUILD_PACKAGES if p not in named] if spec.torch.is_cuda else []
+    return (*spec.apt, *extra)
 
 
 @contextmanager
@@ -210,7 +223,17 @@ def build(
     if record is not None and (record.get("checked") == "yes" or not check):
         outcome = _reused(engine, record, check=check)
     else:
-        outcome = _prove(engine, spec, ctx, built_id, base_ref, check=check, reporter=reporter)
+        if record is not None:
+            _gpu_preflight(engine, record, reporter)
+        try:
+            outcome = _prove(engine, spec, ctx, built_id, base_ref, check=check, reporter=reporter)
+        except _UnprovenError as unproven:
+            # Built and normalised, not proven: a later `--no-check` reuses it in seconds.
+            index.put(
+                built_id,
+                {"image_id": unproven.image_id, "content_id": unproven.content_id, "checked": "no"},
+            )
+            raise unproven.error from None
         if outcome.passed:
             index.put(
                 built_id,
@@ -290,6 +313,9 @@ def _prove(
         )
     content_id = normalized.image_id
     labels = {CONTENT_LABEL: content_id}
+    cuda = image_uses_cuda(
+        engine.inspect_image(content_id)["Config"].get("Labels") or {}, content_id
+    )
     if not check:
         image_id = relabel(engine, normalized, labels, workdir=workdir)
         return _Outcome(
@@ -299,8 +325,15 @@ def _prove(
             f"built {image_id} (self-check skipped: --no-check, the image is not proven)",
         )
     steps = spec.selfcheck.steps
-    with reporter.stage(f"self-check ({steps} steps, twice, in fresh interpreters)"):
-        result = run_selfcheck(engine, content_id, selfcheck_argv(spec))
+    where = "on the GPU" if cuda else "on the CPU"
+    with reporter.stage(f"self-check ({steps} steps, twice, in fresh interpreters, {where})"):
+        try:
+            result = run_selfcheck(
+                engine, content_id, device_argv(selfcheck_argv(spec), cuda=cuda), gpus=cuda
+            )
+        except GpuUnavailableError as err:
+            image_id = relabel(engine, normalized, labels, workdir=workdir)
+            raise _UnprovenError(image_id, content_id, _needs_gpu(err, image_id)) from err
     selfcheck = {
         "passed": result.passed,
         "fingerprint": result.fingerprint,
@@ -329,6 +362,44 @@ def _prove(
         selfcheck,
         f"built {image_id}: self-check passed on {result.device_class}, "
         f"fingerprint {result.fingerprint}",
+    )
+
+
+class _UnprovenError(Exception):
+    """The image was built and normalised, but its self-check needs a GPU this host lacks."""
+
+    def __init__(self, image_id: str, content_id: str, error: GpuUnavailableError) -> None:
+        super().__init__(error.message)
+        self.image_id, self.content_id, self.error = image_id, content_id, error
+
+
+def _gpu_preflight(engine: Engine, record: dict[str, str], reporter: Reporter) -> None:
+    """Before normalising again an unproven CUDA build: can this host prove it at all?
+
+    One self-check step on the image already normalised (the same content): a host without a
+    GPU answers in seconds, and the build stops before minutes of normalising.
+    """
+    content_id = record.get("content_id", "")
+    if not engine.image_exists(content_id):
+        return
+    labels = engine.inspect_image(content_id)["Config"].get("Labels") or {}
+    if not image_uses_cuda(labels, content_id):
+        return
+    with reporter.stage("is there a GPU for the self-check?"):
+        try:
+            run_selfcheck(engine, content_id, gpu_probe_argv(), gpus=True)
+        except GpuUnavailableError as err:
+            raise _needs_gpu(err, record["image_id"]) from err
+
+
+def _needs_gpu(err: GpuUnavailableError, image_id: str) -> GpuUnavailableError:
+    return GpuUnavailableError(
+        f"built and normalised {image_id}, but a CUDA image's self-check needs a GPU, and here "
+        f"there is none to give it: {err.message}",
+        hint="`reprobox build SPEC --no-check` tags the image now, without a proof (in seconds: "
+        "this build is reused); then `reprobox check IMAGE` on a host with an NVIDIA GPU and "
+        "the NVIDIA Container Toolkit proves it there, and `reprobox build SPEC` on such a "
+        f"host records its fingerprint. Here: {err.hint}",
     )
 
 
@@ -370,9 +441,10 @@ def check(image: str) -> dict[str, Any]:
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
-    argv = json.loads(raw_argv)
-    with reporter.stage(f"self-check in {image}"):
-        result = run_selfcheck(engine, image, argv)
+    cuda = image_uses_cuda(labels, image)
+    argv = device_argv(_recorded_argv(image, raw_argv), cuda=cuda)
+    with reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
+        result = run_selfcheck(engine, image, argv, gpus=cuda)
     verdict = compare_with_recorded(result, labels)
     passed = result.passed and verdict.matches is not False
     difference = result.first_difference
@@ -398,6 +470,19 @@ def check(image: str) -> dict[str, Any]:
         "selfcheck": result.report,
         "summary": "\n".join(lines),
     }
+
+
+def _recorded_argv(image: str, raw: str) -> list[str]:
+    try:
+        argv = json.loads(raw)
+    except json.JSONDecodeError:
+        argv = None
+    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv) or not argv:
+        raise ReproboxError(
+            f"{image}: its {SELFCHECK_LABEL} label is not a JSON list of strings",
+            hint="rebuild it with this reprobox (`reprobox build SPEC`)",
+        )
+    return argv
 
 
 def _first_step_difference(

@@ -24,8 +24,15 @@ from reprobox._registry import (
     is_insecure,
     parse_target,
 )
-from reprobox.engine import DockerEngine, Engine, ImageNotFoundError, registry_auth
-from reprobox.errors import EngineError
+from reprobox.check import image_uses_cuda, recorded_fingerprints
+from reprobox.engine import (
+    DockerEngine,
+    Engine,
+    GpuUnavailableError,
+    ImageNotFoundError,
+    registry_auth,
+)
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, EngineError
 from reprobox.progress import Reporter
 
 __all__ = [
@@ -198,8 +205,15 @@ def publish(
     engine: Engine | None = None,
     builder: Builder | None = None,
     credentials: Callable[[str], dict[str, str] | None] = registry_auth,
+    allow_unverified: bool = False,
 ) -> dict[str, Any]:
-    """`reprobox publish`: build, gate on the self-check, push, verify the digest; a report."""
+    """`reprobox publish`: build, gate on the self-check, push, verify the digest; a report.
+
+    The gate: the image must carry a fingerprint for its kind (a cuda-* one for a CUDA image,
+    a cpu-* one for a CPU image). Where the self-check cannot run at all (a CUDA image on a
+    host without a GPU), `allow_unverified` pushes the image anyway, unproven, and the report
+    says so; a self-check that ran and failed always stops the push.
+    """
     started = time.monotonic()
     target = parse_target(to)
     extra = [check_tag(tag) for tag in tags]
@@ -210,24 +224,46 @@ def publish(
     client = _client(engine, target, auth)
     with reporter.stage(f"check the registry {target.registry} and the credentials for it"):
         client.check_access()
-    built = (builder or _default_builder())(
-        spec_path,
-        lock_path=lock_path,
-        tag=None,
-        relock=relock,
-        nocache=False,
-        check=True,
-        refetch=refetch,
-    )
+    build = builder or _default_builder()
+    options: dict[str, Any] = {
+        "lock_path": lock_path,
+        "tag": None,
+        "relock": relock,
+        "nocache": False,
+        "refetch": refetch,
+    }
+    unverified: str | None = None
+    try:
+        built = build(spec_path, check=True, **options)
+    except GpuUnavailableError as err:
+        if not allow_unverified:
+            return _unproven(target, None, err.render())
+        unverified = err.message
+        built = build(spec_path, check=False, **options)
     if not built["passed"]:
         return _gated(target, built)
+    labels = engine.inspect_image(built["image_id"])["Config"].get("Labels") or {}
+    proof = _proof(labels, built["image_id"])
+    if not proof:
+        unverified = unverified or f"{built['image_id']} carries no fingerprint for {_kind(labels)}"
+        if not allow_unverified:
+            return _unproven(target, built["image_id"], unverified)
     content_tag = str(built["tags"][0]).rsplit(":", 1)[1]
     wanted = list(dict.fromkeys([content_tag, *extra]))
     done = push_image(engine, client, built["image_id"], wanted, auth=auth, reporter=reporter)
     seconds = round(time.monotonic() - started, 1)
     refs = [target.ref(tag) for tag in done.tags]
+    warning = (
+        ""
+        if unverified is None
+        else f"\nUNVERIFIED (--allow-unverified): no self-check proves this image: {unverified}"
+    )
     return {
         "passed": True,
+        "exit_code": 0,
+        "verified": unverified is None,
+        "unverified_reason": unverified,
+        "fingerprints": proof,
         "reference": done.reference,
         "digest": done.digest,
         "tags": refs,
@@ -236,7 +272,42 @@ def publish(
         "layers": {"pushed": done.layers_pushed, "reused": done.layers_reused},
         "seconds": seconds,
         "summary": f"published {done.reference}\ntags: {', '.join(refs)} "
-        f"({done.layers_pushed} layers pushed, {done.layers_reused} already there; {seconds} s)",
+        f"({done.layers_pushed} layers pushed, {done.layers_reused} already there; {seconds} s)"
+        + warning,
+    }
+
+
+def _kind(labels: Mapping[str, str]) -> str:
+    return (
+        "a CUDA image (cuda-*)"
+        if labels.get("reprobox.cuda", "cpu") != "cpu"
+        else "a CPU image (cpu-*)"
+    )
+
+
+def _proof(labels: Mapping[str, str], image_id: str) -> dict[str, str]:
+    """The image's fingerprints for its own kind: cuda-* for a CUDA image, cpu-* for a CPU one."""
+    prefix = "cuda-" if image_uses_cuda(labels, image_id) else "cpu-"
+    return {k: v for k, v in sorted(recorded_fingerprints(labels).items()) if k.startswith(prefix)}
+
+
+def _unproven(target: Target, image_id: str | None, why: str) -> dict[str, Any]:
+    """The report when no self-check proves the image and the user did not allow that."""
+    code = EXIT_MISSING if image_id is None else EXIT_CHECK_FAILED
+    return {
+        "passed": False,
+        "exit_code": code,
+        "verified": False,
+        "unverified_reason": why,
+        "fingerprints": {},
+        "reference": None,
+        "digest": None,
+        "tags": [],
+        "image_id": image_id,
+        "selfcheck": None,
+        "summary": f"{why}\nnothing was pushed to {target.name}: an image is published only "
+        "with the proof of its self-check; `--allow-unverified` publishes it unproven (the "
+        "report then says so)",
     }
 
 
@@ -244,6 +315,10 @@ def _gated(target: Target, built: Mapping[str, Any]) -> dict[str, Any]:
     """The report when the self-check failed: nothing was tagged in the target, nothing pushed."""
     return {
         "passed": False,
+        "exit_code": EXIT_CHECK_FAILED,
+        "verified": False,
+        "unverified_reason": None,
+        "fingerprints": {},
         "reference": None,
         "digest": None,
         "tags": [],

@@ -17,7 +17,7 @@ import yaml
 
 from reprobox import __version__
 from reprobox._lockfile import GROUPS, requirements_text
-from reprobox.compat import driver_minimum
+from reprobox.compat import nvidia_require_cuda
 from reprobox.errors import ReproboxError
 from reprobox.spec import Spec, parse_spec
 
@@ -97,14 +97,10 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
         "REPROBOX_FILL_UNINITIALIZED_MEMORY": "1" if det.fill_uninitialized_memory else "0",
     }
     if spec.torch.is_cuda:
-        minimum = driver_minimum(spec.torch.cuda)
-        require = f"cuda>={spec.torch.cuda}"
-        if minimum is not None:
-            require += f" driver>={minimum.full}"
         env |= {
             "NVIDIA_VISIBLE_DEVICES": "all",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
-            "NVIDIA_REQUIRE_CUDA": require,
+            "NVIDIA_REQUIRE_CUDA": nvidia_require_cuda(spec.torch.cuda),
         }
     return (*env.items(), *sorted(spec.env.items()))
 

@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobox.engine import BuildEvent, BuildLog, EngineInfo, ImageNotFoundError, RunResult
+from reprobox.engine import (
+    BuildEvent,
+    BuildLog,
+    EngineInfo,
+    ImageNotFoundError,
+    RunResult,
+    gpu_request_error,
+)
 from reprobox.errors import EngineError
 
-__all__ = ["FakeEngine", "config_id"]
+__all__ = ["FakeEngine", "FakeRun", "config_id"]
 
 RunHandler = Callable[[str, Sequence[str], Mapping[str, str]], RunResult]
 
@@ -29,6 +36,16 @@ RunHandler = Callable[[str, Sequence[str], Mapping[str, str]], RunResult]
 def config_id(config: Mapping[str, Any]) -> str:
     """The image ID of a config dict serialised canonically (as reprobox writes them)."""
     return _bytes_id(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+
+
+@dataclass(frozen=True)
+class FakeRun:
+    """One container run: what ran, with which environment, and whether it asked for GPUs."""
+
+    image: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    gpus: bool
 
 
 @dataclass
@@ -44,7 +61,9 @@ class FakeEngine:
     `fail_on` maps an instruction substring to the output its (failing) step prints;
     `run_handler(image, argv, env)` answers `run` (default: exit 0, no output); `alive=False`
     makes every call raise EngineError (exit 3) as a missing engine would. `calls` records
-    (method, argument) pairs for assertions.
+    (method, argument) pairs for assertions, `runs` every container run with its GPU request.
+    A run that asks for GPUs fails as the real engine's does unless `info_answer` lists an
+    `nvidia` runtime.
     """
 
     def __init__(
@@ -62,6 +81,7 @@ class FakeEngine:
         self.images: dict[str, _Image] = {}
         self.calls: list[tuple[str, str]] = []
         self.pushed: dict[str, str] = {}
+        self.runs: list[FakeRun] = []
         #: What `info()` answers; tests edit it (runtimes, storage root, registry settings).
         self.info_answer: dict[str, Any] = {
             "DockerRootDir": "/var/lib/docker",
@@ -160,6 +180,13 @@ class FakeEngine:
         """Answer with `run_handler` (default: exit 0, no output) for an image the fake holds."""
         self._call("run", shlex.join([image, *argv]))
         self._resolve(image)
+        self.runs.append(FakeRun(image, tuple(argv), dict(env or {}), gpus))
+        if gpus and "nvidia" not in (self.info_answer.get("Runtimes") or {}):
+            # What Docker Engine answers a device request when no runtime can serve it.
+            said = 'could not select device driver "" with capabilities: [[gpu]]'
+            error = gpu_request_error("fake://engine", said)
+            assert error is not None
+            raise error
         if self.run_handler is None:
             return RunResult(0, "", "")
         return self.run_handler(image, argv, dict(env or {}))

@@ -4,6 +4,7 @@ needed) builds and passes its self-check on the real engine."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,4 +83,25 @@ def test_cuda_example_builds_and_passes_on_a_gpu(
     spec = _copy(path, tmp_path)
     built = _cli("build", str(spec), "--json", cwd=tmp_path)
     assert built.returncode == 0, built.stderr
-    assert json.loads(built.stdout)["selfcheck"]["device_class"].startswith("cuda-")
+    report = json.loads(built.stdout)
+    device_class = report["selfcheck"]["device_class"]
+    assert re.fullmatch(r"cuda-sm[0-9]{2,3}-[0-9]+sm", device_class)
+    selfcheck = report["selfcheck"]["report"]
+    gpu = selfcheck["gpu"]
+    assert gpu["name"]
+    assert re.fullmatch(r"[0-9]+\.[0-9]+(\.[0-9]+)?", gpu["driver"]), gpu
+    assert re.fullmatch(r"[0-9]+\.[0-9]+", gpu["driver_cuda"]), gpu
+    loaded = load_spec(spec)
+    assert selfcheck["versions"]["cuda"] == loaded.torch.cuda
+    if loaded.torch.cudnn is not None:
+        major, minor, patch = loaded.torch.cudnn.split(".")[:3]
+        assert selfcheck["versions"]["cudnn"] == int(major) * 10000 + int(minor) * 100 + int(patch)
+    assert selfcheck["probe"] == {"cpu": "raised", "cuda": "raised"}
+    assert selfcheck["deterministic_mode_verified"] is True
+    checked = _cli("check", report["tags"][0], "--json", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    again = json.loads(checked.stdout)
+    assert again["device_class"] == device_class
+    assert again["matches_recorded"] is True
+    assert again["fingerprint"] == report["selfcheck"]["fingerprint"]
+    assert again["selfcheck"]["gpu"]["name"] == gpu["name"]

@@ -29,7 +29,7 @@ from fakes import FakeEngine
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox._registry import is_insecure, parse_target
-from reprobox.engine import DockerEngine
+from reprobox.engine import DockerEngine, GpuUnavailableError
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, EngineError, ReproboxError
 from reprobox.handoff import verify_archive
 from reprobox.publish import (
@@ -143,7 +143,11 @@ class PushingFakeEngine(FakeEngine):
 
 def _builder(engine: FakeEngine, passed: bool = True) -> Callable[..., dict[str, Any]]:
     image_id = engine.add_image(
-        {"config": {"Labels": {"reprobox.fingerprint.cpu-x86_64": "f" * 64}}}
+        {
+            "config": {
+                "Labels": {"reprobox.cuda": "cpu", "reprobox.fingerprint.cpu-x86_64": "f" * 64}
+            }
+        }
     )
 
     def build(spec_path: Path, **_: Any) -> dict[str, Any]:
@@ -204,6 +208,84 @@ def test_a_failed_self_check_pushes_nothing(fake_registry: FakeRegistry) -> None
     assert "nothing was pushed" in report["summary"]
     assert engine.pushed == {}
     assert not any(call == "tag" for call, _ in engine.calls)
+
+
+class _GpulessBuilder:
+    """A build of a CUDA spec on a host without a GPU: the checked build cannot prove it."""
+
+    def __init__(self, engine: FakeEngine, labels: dict[str, str] | None = None) -> None:
+        self.image_id = engine.add_image(
+            {"config": {"Labels": labels or {"reprobox.cuda": "12.4"}}}
+        )
+        self.checks: list[bool] = []
+
+    def __call__(self, spec_path: Path, *, check: bool, **_: Any) -> dict[str, Any]:
+        self.checks.append(check)
+        if check:
+            raise GpuUnavailableError("the Docker Engine cannot give containers a GPU")
+        return {
+            "passed": True,
+            "image_id": self.image_id,
+            "tags": ["cuda-small:0123456789ab"],
+            "selfcheck": None,
+            "summary": "built (self-check skipped)",
+        }
+
+
+def test_an_image_no_self_check_can_prove_here_is_pushed_only_when_allowed(
+    fake_registry: FakeRegistry,
+) -> None:
+    engine = PushingFakeEngine(fake_registry)
+    to = f"{fake_registry.address}/team/cuda"
+    builder = _GpulessBuilder(engine)
+    refused = publish(DEMO, to, engine=engine, builder=builder, credentials=_creds())
+    assert (refused["passed"], refused["exit_code"], refused["verified"]) == (False, 3, False)
+    assert "cannot give containers a GPU" in refused["unverified_reason"]
+    assert "--allow-unverified" in refused["summary"]
+    assert engine.pushed == {}
+    assert builder.checks == [True]
+
+    builder = _GpulessBuilder(engine)
+    allowed = publish(
+        DEMO, to, engine=engine, builder=builder, credentials=_creds(), allow_unverified=True
+    )
+    assert (allowed["passed"], allowed["exit_code"], allowed["verified"]) == (True, 0, False)
+    assert "cannot give containers a GPU" in allowed["unverified_reason"]
+    assert allowed["fingerprints"] == {}
+    assert "UNVERIFIED" in allowed["summary"]
+    assert builder.checks == [True, False], "the proof is tried first"
+    assert set(engine.pushed) == {f"{to}:0123456789ab"}
+
+
+def test_a_cuda_image_with_only_a_cpu_fingerprint_is_not_proven(
+    fake_registry: FakeRegistry,
+) -> None:
+    engine = PushingFakeEngine(fake_registry)
+    labels = {"reprobox.cuda": "12.4", "reprobox.fingerprint.cpu-x86_64": "f" * 64}
+    image_id = engine.add_image({"config": {"Labels": labels}})
+
+    def build(spec_path: Path, **_: Any) -> dict[str, Any]:
+        return {"passed": True, "image_id": image_id, "tags": ["x:0123456789ab"], "selfcheck": {}}
+
+    report = publish(
+        DEMO,
+        f"{fake_registry.address}/team/cuda",
+        engine=engine,
+        builder=build,
+        credentials=_creds(),
+    )
+    assert (report["passed"], report["exit_code"], report["verified"]) == (False, 1, False)
+    assert "no fingerprint for a CUDA image" in report["unverified_reason"]
+    assert engine.pushed == {}
+
+
+def test_a_proven_publish_says_so(fake_registry: FakeRegistry) -> None:
+    engine = PushingFakeEngine(fake_registry)
+    to = f"{fake_registry.address}/team/demo"
+    report = publish(DEMO, to, engine=engine, builder=_builder(engine), credentials=_creds())
+    assert (report["verified"], report["unverified_reason"]) == (True, None)
+    assert report["fingerprints"] == {"cpu-x86_64": "f" * 64}
+    assert "UNVERIFIED" not in report["summary"]
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def test_dockerfile_pins_everything_the_spec_says(tmp_path: Path) -> None:
         'REPROBOX_SEED="1234"',
         'NVIDIA_VISIBLE_DEVICES="all"',
         'NVIDIA_DRIVER_CAPABILITIES="compute,utility"',
-        'NVIDIA_REQUIRE_CUDA="cuda>=12.4 driver>=550.54.15"',
+        'NVIDIA_REQUIRE_CUDA="cuda>=12.4 driver>=525.60.13"',
         'HF_HUB_OFFLINE="1"',
     ]:
         assert expected in env

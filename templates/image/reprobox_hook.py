@@ -150,8 +150,10 @@ def _configure_torch(torch: "ModuleType") -> None:
 
 def _configure_inductor(config: "ModuleType") -> None:
     # What use_deterministic_algorithms(True) would have set: no autotuning or benchmarking
-    # that changes numerics in code that torch.compile generates.
-    if _settings["deterministic"]:
+    # that changes numerics in code that torch.compile generates. Only releases that have the
+    # setting (2.5's Inductor has none, and its config refuses unknown names); older ones read
+    # torch's deterministic flag, which the torch callback set, where they read any.
+    if _settings["deterministic"] and hasattr(config, "deterministic"):
         config.deterministic = True  # type: ignore[attr-defined]
 
 
@@ -204,11 +206,19 @@ def _move_to(seed: int, step: str) -> None:
         _guard(_seed_random, random)
 
 
+# What a failed callback leaves undone, for its warning (seeding is the rest's job).
+_UNDONE = {
+    "torch._inductor.config": "code that torch.compile generates may not be deterministic",
+    "multiprocessing.context": "spawned children start on the root seed",
+}
+
+
 def _guard(apply: "Callable[[ModuleType], None]", module: "ModuleType") -> None:
     try:
         apply(module)
     except Exception as error:  # a hook error must never break the program
-        _warn(f"could not set up {module.__name__}: {error!r}; it runs unseeded")
+        undone = _UNDONE.get(module.__name__, "it runs unseeded")
+        _warn(f"could not set up {module.__name__}: {error!r}; {undone}")
 
 
 class _Finder:

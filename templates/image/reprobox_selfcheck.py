@@ -8,11 +8,15 @@ with two workers and random augmentation, a convolution, matmuls, an embedding, 
 index_add scatter and AdamW, and records every step's loss (float.hex) and a sha256 of the
 final model and optimizer state.
 
-``python reprobox_selfcheck.py --steps N [--script PATH --output-dir DIR] [--json-out FILE]``
-prints a JSON report; exit 0 when the runs match, 1 when they differ or deterministic mode
-is asked for and not on, 2 on a usage error. REPROBOX_SELFCHECK_CHAOS=index_put adds a
-genuinely nondeterministic term to training: the negative control that shows the check can
-fail.
+``python reprobox_selfcheck.py --steps N [--device auto|cpu|cuda] [--script PATH --output-dir DIR]
+[--json-out FILE]`` prints a JSON report; exit 0 when the runs match, 1 when they differ or
+deterministic mode is asked for and not on, 2 on a usage error, 3 when ``--device cuda`` finds
+no usable GPU (the report's ``device_missing`` says why: never a CPU run in its place).
+
+REPROBOX_SELFCHECK_CHAOS adds a genuinely nondeterministic term to training, the negative
+control that shows the check can fail: ``index_put`` races CPU threads (index_put_ with
+accumulate, 2 threads), ``index_add`` races CUDA atomics (index_add_ and scatter_add_ into one
+element from many threads; needs ``--device cuda``).
 """
 
 import argparse
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,11 +55,17 @@ _ENV_SEEN = (
     "REPROBOX_SELFCHECK_CHAOS",
 )
 _CHAOS = "REPROBOX_SELFCHECK_CHAOS"
+_CHAOS_KINDS = {"index_put": "cpu", "index_add": "cuda"}  # chaos -> the device it races on
 _TAIL = 2000  # characters of a failed run's stderr kept in the report
+_EXIT_DEVICE_MISSING = 3
 
 
 class _UsageError(Exception):
     """Bad arguments: exit 2."""
+
+
+class _DeviceMissingError(Exception):
+    """--device cuda, and no GPU torch can use here: exit 3, never a CPU run instead."""
 
 
 # --------------------------------------------------------------------------- in a run
@@ -129,8 +140,36 @@ def _model(torch: Any) -> Any:
     return Net()
 
 
-def _chaos_term(torch: Any) -> Any:
-    """A sum whose low bits change from call to call: atomic adds racing on two threads."""
+def _chaos_term(torch: Any, device: Any) -> Any:
+    """A sum whose low bits change from call to call: racing atomic adds."""
+    if _chaos() == "index_add":
+        return _cuda_chaos_term(torch, device)
+    return _cpu_chaos_term(torch)
+
+
+def _cuda_chaos_term(torch: Any, device: Any) -> Any:
+    """CUDA atomics: index_add_ and scatter_add_ of 2**20 values into one element.
+
+    With deterministic mode off both use atomicAdd, whose order (so the float32 rounding)
+    follows thread scheduling. Probabilistic, like any race: every step adds a new draw.
+    """
+    strict = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_deterministic_debug_mode(0)
+    try:
+        n = 1 << 20
+        values = torch.sin(torch.arange(n, dtype=torch.float32, device=device)) * 1000
+        index = torch.zeros(n, dtype=torch.long, device=device)
+        added = torch.zeros(1, device=device).index_add_(0, index, values)
+        scattered = torch.zeros(1, device=device).scatter_add_(0, index, values)
+        total = added + scattered
+    finally:
+        torch.set_deterministic_debug_mode(("warn" if warn_only else "error") if strict else 0)
+    return (total - total.floor()) * 1e-2
+
+
+def _cpu_chaos_term(torch: Any) -> Any:
+    """CPU threads: index_put_ with accumulate, two threads adding into one element."""
     strict = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
@@ -172,6 +211,56 @@ def _state_sha256(torch: Any, model: Any, optimizer: Any) -> str:
     return digest.hexdigest()
 
 
+def _gpu(torch: Any, device: Any) -> dict[str, Any] | None:
+    """The GPU a CUDA run used, and the driver under it: what explains a cross-host mismatch."""
+    if device.type != "cuda":
+        return None
+    properties = torch.cuda.get_device_properties(device)
+    return {
+        "name": properties.name,
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "sm_count": properties.multi_processor_count,
+        "memory_bytes": properties.total_memory,
+        "driver": _nvidia_driver(),
+        "driver_cuda": _driver_cuda(),
+    }
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, from NVML (the toolkit mounts it) or the kernel module."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() == 0:
+            buffer = ctypes.create_string_buffer(96)
+            found = nvml.nvmlSystemGetDriverVersion(buffer, len(buffer)) == 0
+            nvml.nvmlShutdown()
+            if found:
+                return str(buffer.value.decode("ascii", "replace"))
+    except (OSError, AttributeError):
+        pass
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text)
+    return found[1] if found else None
+
+
+def _driver_cuda() -> str | None:
+    """The newest CUDA the driver supports (cuDriverGetVersion), e.g. '12.4'."""
+    import ctypes
+
+    try:
+        version = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def _device_class(torch: Any, device: Any) -> str:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
@@ -189,7 +278,7 @@ def _probe_deterministic_mode(torch: Any, device: Any) -> dict[str, Any]:
         "cpu": lambda: torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0])),
     }
     if device.type == "cuda":
-        probes["cuda"] = lambda: torch.histc(torch.ones(8, device=device), bins=4)
+        probes["cuda"] = lambda: _cuda_probe(torch, device)
     outcomes = {}
     for name, probe in probes.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -204,12 +293,21 @@ def _probe_deterministic_mode(torch: Any, device: Any) -> dict[str, Any]:
     return outcomes
 
 
+def _cuda_probe(torch: Any, device: Any) -> None:
+    # histc first; AvgPool3d's backward in case a release gave histc a deterministic kernel
+    # (which ops raise changes between releases). Under strict mode the first one raises.
+    torch.histc(torch.ones(8, device=device), bins=4)
+    volume = torch.ones(1, 1, 4, 4, 4, device=device, requires_grad=True)
+    torch.nn.functional.avg_pool3d(volume, 2).sum().backward()
+
+
 def _environment(torch: Any, device: Any) -> dict[str, Any]:
     """What this interpreter saw: device, versions, settings, and the probe's outcome."""
     hook = sys.modules.get("reprobox_hook")
     cudnn = torch.backends.cudnn
     return {
         "device_class": _device_class(torch, device),
+        "gpu": _gpu(torch, device),
         "versions": {
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
@@ -238,13 +336,31 @@ def _environment(torch: Any, device: Any) -> dict[str, Any]:
 def _pick_device(torch: Any, name: str) -> Any:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda":
+        missing = _cuda_missing(torch)
+        if missing is not None:
+            raise _DeviceMissingError(missing)
     return torch.device(name)
+
+
+def _cuda_missing(torch: Any) -> str | None:
+    """Why torch cannot train on a GPU here, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} here is a CPU build: it has no CUDA"
+    try:
+        torch.cuda.init()  # raises with torch's own reason: no driver, a driver too old...
+    except Exception as error:  # RuntimeError or AssertionError: reported whole
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use CUDA: {error}"
+    if torch.cuda.device_count() < 1:
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+    return None
 
 
 def _chaos() -> str:
     chaos = os.environ.get(_CHAOS, "")
-    if chaos not in ("", "index_put"):
-        raise _UsageError(f"{_CHAOS}={chaos!r}: the only chaos there is is 'index_put'")
+    if chaos and chaos not in _CHAOS_KINDS:
+        known = ", ".join(repr(kind) for kind in _CHAOS_KINDS)
+        raise _UsageError(f"{_CHAOS}={chaos!r}: the chaos there is: {known}")
     return chaos
 
 
@@ -252,6 +368,8 @@ def _train(steps: int, device_name: str) -> dict[str, Any]:
     torch = _torch()
     device = _pick_device(torch, device_name)
     chaos = _chaos()
+    if chaos and _CHAOS_KINDS[chaos] != device.type:
+        raise _UsageError(f"{_CHAOS}={chaos} races on {_CHAOS_KINDS[chaos]}, not {device.type}")
     dataset = _AugmentedShapes(256)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=16, shuffle=True, num_workers=2, persistent_workers=True
@@ -276,7 +394,7 @@ def _train(steps: int, device_name: str) -> dict[str, Any]:
             # Into a hidden layer's weights: a constant added to every logit would cancel
             # out of the cross-entropy and prove nothing.
             with torch.no_grad():
-                model.hidden.weight.add_(_chaos_term(torch).to(device))
+                model.hidden.weight.add_(_chaos_term(torch, device).to(device))
         losses.append(float(loss.item()).hex())
     del batches, loader  # stop the workers before the probe runs
     return {
@@ -340,6 +458,13 @@ def _first_loss_difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, An
     return None
 
 
+def _device_missing(report: dict[str, Any], outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report of a check that never started: the device it was told to use is not here."""
+    reason = next(o["device_missing"] for o in outcomes if "device_missing" in o)
+    failures = [f"--device cuda: no usable GPU: {reason}"]
+    return {**report, **_nothing_seen(), "runs": [], "device_missing": reason, "failures": failures}
+
+
 def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
     arguments = ["--train", "--steps", str(steps), "--device", device]
     # Side by side: most of a run is importing torch, the runs share nothing, and each
@@ -347,6 +472,8 @@ def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
     children = [_Child(arguments, workdir, label) for label in ("run-1", "run-2")]
     runs = [child.outcome() for child in children]
     report: dict[str, Any] = {"mode": "training", "steps": steps}
+    if any("device_missing" in run for run in runs):
+        return _device_missing(report, runs)
     failures = [f"{run['error']}: {run['stderr_tail']}" for run in runs if "error" in run]
     if failures:
         return {**report, **_nothing_seen(), "runs": runs, "failures": failures}
@@ -355,6 +482,7 @@ def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
         "losses": first["losses"],
         "state_sha256": first["state_sha256"],
         "device_class": first["device_class"],
+        **_cpu_side(first),
     }
     return {
         **report,
@@ -362,18 +490,39 @@ def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
         "fingerprint": _fingerprint(evidence),
         "runs": [{"losses": r["losses"], "state_sha256": r["state_sha256"]} for r in runs],
         "first_difference": _first_loss_difference(first, second),
+        "device_missing": None,
         "failures": [],
     }
 
 
+def _cpu_side(run: dict[str, Any]) -> dict[str, Any]:
+    """What of the CPU changes a CUDA run's results, beside the GPU's class.
+
+    The data (torch.randn, the workers' augmentation) is made on the CPU, and ATen's kernel
+    choice moves its bits; the device class names only the GPU. A CPU run's class is the CPU's.
+    """
+    if not str(run["device_class"]).startswith("cuda-"):
+        return {}
+    return {"cpu_capability": run["settings"]["torch"]["cpu_capability"]}
+
+
 def _nothing_seen() -> dict[str, Any]:
     """The report's keys for a check that never got as far as a result."""
-    keys = ("device_class", "versions", "settings", "probe", "fingerprint", "first_difference")
+    keys = (
+        "device_class",
+        "gpu",
+        "versions",
+        "settings",
+        "probe",
+        "fingerprint",
+        "first_difference",
+        "device_missing",
+    )
     return dict.fromkeys(keys)
 
 
 def _environment_part(run: dict[str, Any]) -> dict[str, Any]:
-    keys = ("device_class", "versions", "settings", "probe")
+    keys = ("device_class", "gpu", "versions", "settings", "probe")
     return {key: run[key] for key in keys}
 
 
@@ -432,6 +581,8 @@ def _check_script(script: Path, output_dir: Path, device: str, workdir: Path) ->
     runs = [_run_script(script, output) for output in outputs]
     probe = prober.outcome()
     report: dict[str, Any] = {"mode": "script", "script": str(script)}
+    if "device_missing" in probe:
+        return _device_missing(report, [probe])
     failures = [
         f"run {n} of {script.name} exited with {run['returncode']}: {run['stderr_tail']}"
         for n, run in enumerate(runs, 1)
@@ -448,6 +599,7 @@ def _check_script(script: Path, output_dir: Path, device: str, workdir: Path) ->
         "fingerprint": _fingerprint(evidence),
         "runs": summaries,
         "first_difference": _first_script_difference(*runs),
+        "device_missing": None,
         "failures": failures,
     }
 
@@ -495,12 +647,17 @@ def _parser() -> argparse.ArgumentParser:
 def _run_in_child(args: argparse.Namespace) -> None:
     if args.result is None:
         raise _UsageError("--result is required with --train and --probe")
-    child = _train(args.steps, args.device) if args.train else _probe(args.device)
+    try:
+        child = _train(args.steps, args.device) if args.train else _probe(args.device)
+    except _DeviceMissingError as missing:
+        child = {"device_missing": str(missing)}
     args.result.write_text(json.dumps(child), encoding="utf-8")
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:
-    _chaos()
+    chaos = _chaos()
+    if chaos and args.device != "auto" and _CHAOS_KINDS[chaos] != args.device:
+        raise _UsageError(f"{_CHAOS}={chaos} races on {_CHAOS_KINDS[chaos]}, not {args.device}")
     if args.steps < 1:
         raise _UsageError("--steps must be at least 1")
     if (args.script is None) != (args.output_dir is None):
@@ -514,7 +671,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the self-check; print the JSON report; 0 pass, 1 fail, 2 usage error."""
+    """Run the self-check; print the JSON report; 0 pass, 1 fail, 2 usage error, 3 no GPU."""
     parser = _parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -532,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out is not None:
         args.json_out.write_text(text + "\n", encoding="utf-8")
     print(text)
+    if report["device_missing"] is not None:
+        return _EXIT_DEVICE_MISSING
     return 0 if report["passed"] else 1
 
 

@@ -38,7 +38,7 @@ ENV VIRTUAL_ENV="/opt/venv" \
     REPROBOX_FILL_UNINITIALIZED_MEMORY="1" \
     NVIDIA_VISIBLE_DEVICES="all" \
     NVIDIA_DRIVER_CAPABILITIES="compute,utility" \
-    NVIDIA_REQUIRE_CUDA="cuda>=12.4 driver>=550.54.15" \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.4 driver>=525.60.13" \
     HF_HUB_OFFLINE="1"
 
 # Labels last: provenance never invalidates a cached layer.
