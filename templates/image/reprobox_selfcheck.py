@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 __all__ = ["main"]
@@ -48,6 +49,7 @@ _ENV_SEEN = (
     "REPROBOX_WARN_ONLY",
     "REPROBOX_FILL_UNINITIALIZED_MEMORY",
     "REPROBOX_SELFCHECK_CHAOS",
+    "REPROBOX_INFERENCE_CHAOS",
 )
 _CHAOS = "REPROBOX_SELFCHECK_CHAOS"
 _TAIL = 2000  # characters of a failed run's stderr kept in the report
@@ -485,6 +487,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where --script runs write (run-1, run-2)")
     parser.add_argument("--json-out", type=Path, help="also write the report to this file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--inference", action="store_true", help="also check generation (reprobox_inference.py)"
+    )
+    parser.add_argument(
+        "--require-batch-invariance",
+        action="store_true",
+        help="with --inference: fail unless a prompt's output is the same alone and in batches",
+    )
+    parser.add_argument(
+        "--inference-moe",
+        action="store_true",
+        help="with --inference: add the decoder with a capacity-limited mixture-of-experts layer",
+    )
     # Internal: what the parent asks of each fresh interpreter.
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -505,12 +520,65 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise _UsageError("--steps must be at least 1")
     if (args.script is None) != (args.output_dir is None):
         raise _UsageError("--script and --output-dir go together")
+    if (args.require_batch_invariance or args.inference_moe) and not args.inference:
+        raise _UsageError("--require-batch-invariance and --inference-moe go with --inference")
     with tempfile.TemporaryDirectory(prefix="reprobox-selfcheck-") as scratch:
         if args.script is not None:
             report = _check_script(args.script, args.output_dir, args.device, Path(scratch))
         else:
             report = _check_training(args.steps, args.device, Path(scratch))
+        if args.inference:
+            report = _with_inference(report, _check_inference(args, Path(scratch)))
     return _judge(report)
+
+
+def _check_inference(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The generation check, two more fresh interpreters (reprobox_inference.py, beside this)."""
+    inference = _sibling("reprobox_inference")
+    try:
+        report: dict[str, Any] = inference.check(
+            workdir,
+            device=args.device,
+            moe=args.inference_moe,
+            require_batch_invariance=args.require_batch_invariance,
+        )
+    except inference.UsageError as error:
+        raise _UsageError(str(error)) from None
+    return report
+
+
+def _sibling(name: str) -> ModuleType:
+    """A module beside this file, by its path: found even where sys.path lacks this folder."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    if spec is None or spec.loader is None:
+        raise _UsageError(f"{name}.py is missing beside {Path(__file__).name}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _with_inference(report: dict[str, Any], inference: dict[str, Any]) -> dict[str, Any]:
+    """Fold the inference check in: its failures, and its evidence into the fingerprint.
+
+    Only when it ran, so the fingerprints of training-only images stay what they were.
+    """
+    report["inference"] = inference
+    report["failures"] += [f"inference: {failure}" for failure in inference["failures"]]
+    evidence = inference["evidence_sha256"]
+    if report["fingerprint"] is not None and evidence is not None:
+        report["fingerprint"] = _fingerprint(
+            {"selfcheck": report["fingerprint"], "inference": evidence}
+        )
+    for run, digest in zip(report["runs"], inference["runs"], strict=False):
+        run["inference_sha256"] = digest["evidence_sha256"]
+    if report["first_difference"] is None:
+        report["first_difference"] = inference["first_difference"]
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
