@@ -309,3 +309,32 @@ def test_inference_options_without_inference_are_refused() -> None:
         parse_spec(DEMO + "  require_batch_invariance: true\n")
     with pytest.raises(SpecError, match="did you mean 'inference'"):
         parse_spec(DEMO + "  inferance: true\n")
+
+
+# --------------------------------------------------------------------------- build and check
+
+
+def test_a_failure_says_why_even_when_the_runs_agree() -> None:
+    from reprobox import pipeline
+
+    report = {"failures": ["inference: batch invariance is required, but ..."]}
+    assert pipeline._why_failed(report) == "inference: batch invariance is required, but ..."
+    older = {"failures": [], "first_difference": {"step": 3, "what": "loss"}}
+    assert pipeline._why_failed(older) == 'the two runs differ at {"step": 3, "what": "loss"}'
+    lines = pipeline._inference_lines({"inference": {"summary": ["a", "  b"]}})
+    assert lines == "\na\n  b"
+    assert pipeline._inference_lines({}) == ""
+
+
+def test_check_names_inference_when_only_its_evidence_differs_from_the_record() -> None:
+    from reprobox import pipeline
+
+    recorded = {"losses": ["0x1p+0"], "state_sha256": "s", "inference_sha256": "old"}
+    here = {"runs": [{"losses": ["0x1p+0"], "state_sha256": "s", "inference_sha256": "new"}]}
+    assert pipeline._first_step_difference(json.dumps(recorded), here) == {
+        "step": "inference",
+        "recorded": "old",
+        "here": "new",
+    }
+    here["runs"][0]["inference_sha256"] = "old"
+    assert pipeline._first_step_difference(json.dumps(recorded), here) is None
