@@ -158,19 +158,22 @@ def test_another_seed_samples_other_tokens(venv: Path, required: dict[str, Any])
     assert report["evidence_sha256"] != required["evidence_sha256"]
 
 
-def test_the_selfcheck_folds_inference_into_its_fingerprint(venv: Path) -> None:
+def test_the_selfcheck_folds_inference_in_and_fails_on_it(venv: Path) -> None:
     done = subprocess.run(
-        [str(venv), str(SELFCHECK), "--steps", "2", "--inference"],
+        [str(venv), str(SELFCHECK), "--steps", "2", "--inference", "--require-batch-invariance"],
         capture_output=True,
         text=True,
-        env=clean_env(),
+        env=clean_env(REPROBOX_INFERENCE_CHAOS="batch_variant"),
         timeout=600,
         check=False,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
+    assert report["passed"] is False
+    assert report["first_difference"] is None  # training and generation agree run to run
+    assert report["failures"]
+    assert all(f.startswith("inference: batch invariance is required") for f in report["failures"])
     inference_part = report["inference"]
-    assert inference_part["passed"] is True
     run = report["runs"][0]
     training = {k: run[k] for k in ("losses", "state_sha256")} | {
         "device_class": report["device_class"]
@@ -338,3 +341,34 @@ def test_check_names_inference_when_only_its_evidence_differs_from_the_record() 
     }
     here["runs"][0]["inference_sha256"] = "old"
     assert pipeline._first_step_difference(json.dumps(recorded), here) is None
+
+
+def test_a_run_to_run_difference_in_inference_becomes_the_first_difference() -> None:
+    spec = importlib.util.spec_from_file_location("reprobox_selfcheck", SELFCHECK)
+    assert spec is not None
+    assert spec.loader is not None
+    selfcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selfcheck)
+    difference = {"step": 1, "what": "inference torch sampled (batch-8, 1 thread(s)): logits"}
+    inference_part = {
+        "failures": ["the inference runs differ at ...", "batch invariance is required, but ..."],
+        "first_difference": difference,
+        "evidence_sha256": "e",
+        "runs": [{"evidence_sha256": "e"}, {"evidence_sha256": "f"}],
+    }
+    report: dict[str, Any] = {
+        "failures": [],
+        "first_difference": None,
+        "fingerprint": "t",
+        "runs": [{}, {}],
+        "settings": {"env": {}},
+        "probe": {"cpu": "raised"},
+    }
+    judged = selfcheck._judge(selfcheck._with_inference(report, inference_part))
+    assert judged["passed"] is False
+    assert judged["first_difference"] == difference
+    assert judged["failures"] == [
+        "inference: batch invariance is required, but ...",
+        f"the runs differ at step 1: {difference['what']}",
+    ]
+    assert [run["inference_sha256"] for run in judged["runs"]] == ["e", "f"]

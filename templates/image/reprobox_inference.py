@@ -1,31 +1,34 @@
-"""reprobox inference check: generate twice in fresh interpreters, compare runs and batches bit for bit.
+"""reprobox inference check: generate twice in fresh interpreters; compare runs and batches.
 
 A small causal language model with random weights (no download) generates a fixed set of
 prompts of different lengths, left-padded: greedily, and by seeded sampling (temperature,
-top-k, top-p). The model is the spec's transformers (a tiny Llama config through
-``AutoModelForCausalLM.from_config``) when it can be imported, else a small decoder defined
-in reprobox_decoder.py; ``--moe`` adds that decoder with a top-1 mixture-of-experts layer
-that has a capacity limit. The weights stand for a checkpoint file, so they come from a fixed seed and never
-from the hook; the sampling draws on torch's global generator (which only the hook seeds,
-as ``generate(do_sample=True)`` does) and, for the decoder here, on one explicit
+top-k, top-p). The model is transformers' Llama made from a config through
+``AutoModelForCausalLM.from_config`` when transformers imports, else the small decoder in
+reprobox_decoder.py; ``--moe`` adds that decoder with a top-1 mixture-of-experts layer that
+has a capacity limit. The weights stand for a checkpoint file: they come from a fixed seed,
+never from the hook. Sampling draws on torch's global generator (which only the hook seeds),
+as ``generate(do_sample=True)`` does, and with the decoder also on one explicit
 ``torch.Generator`` per request.
 
-Two claims, kept apart:
+Three claims, kept apart:
 
 - run to run: two fresh interpreters give the same token ids and the same logits (sha256 of
   every step's logits) for everything, greedy and sampled. Required for ``passed``.
 - batch invariance: one prompt (the target) gives the same tokens and logits alone as inside
-  batches of 2, 4 and 8 with other prompts around it, and with extra left padding; each
-  comparison names the first step and position where the logits part, the first step where
-  the tokens part, and why when it can tell (MoE capacity routing). Measured at the
-  configured thread count and at 1 and 2 threads on CPU; reported, and required only with
-  ``--require-batch-invariance`` (at the configured thread count).
+  batches of 2, 4 and 8 with shorter prompts around it. Reported; required only with
+  ``--require-batch-invariance``, at the configured thread count.
+- padding invariance: the same with extra left padding (alone, and among longer prompts).
+  Reported only: it has a cause and a remedy of its own.
+
+Each comparison names the first step and position where the logits part, the first step
+where the tokens part, and why where it can tell (MoE capacity routing). Invariance is
+measured at the configured thread count and, on CPU, at 1 and 2 threads.
 
 ``python reprobox_inference.py [--device auto|cpu|cuda] [--moe] [--require-batch-invariance]
 [--threads 1,2] [--json-out FILE]`` prints a JSON report: exit 0 when it passes, 1 when it
 fails, 2 on a usage error. The parent uses the standard library only; torch is imported in
 the runs. REPROBOX_INFERENCE_CHAOS=batch_variant makes the output projection's reduction
-depend on the batch size (the negative control for batch invariance).
+depend on the batch size: the negative control for batch invariance.
 """
 
 import argparse
@@ -132,10 +135,11 @@ class _Session:
 
     def __init__(self, torch: Any, kind: str, device: Any, seed: int) -> None:
         self.torch, self.kind, self.device, self.seed = torch, kind, device, seed
-        # The weights stand for a checkpoint file: drawn from a fixed seed in a fork of the
-        # global generator, so neither the hook's seed nor the sampling touches them.
+        # The weights stand for a checkpoint file: drawn on the CPU from a fixed seed in a
+        # fork of the CPU generator, so neither the hook's seed nor the sampling touches them
+        # (torch.manual_seed would reseed the GPU generators too, and they are not forked).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_CHECKPOINT_SEED)
+            torch.default_generator.manual_seed(_CHECKPOINT_SEED)
             if kind == "transformers":
                 model, info = _transformers_model()
             else:
@@ -149,19 +153,16 @@ class _Session:
         parameters = sum(p.numel() for p in self.model.parameters())
         self.info = {**info, "parameters": parameters, "weights_sha256": digest.hexdigest()}
 
-    def modes(self) -> tuple[str, ...]:
-        return _modes(self.kind)
-
     def break_batch_invariance(self) -> None:
         """The negative control: split the output projection's sum into batch-size parts."""
 
         def split_k(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
             hidden = inputs[0]
             parts = max(1, min(hidden.shape[0], hidden.shape[-1]))
-            halves = zip(
+            pieces = zip(
                 hidden.tensor_split(parts, -1), module.weight.tensor_split(parts, -1), strict=True
             )
-            total = sum(h @ w.T for h, w in halves)
+            total = sum(h @ w.T for h, w in pieces)
             return total if module.bias is None else total + module.bias
 
         self.model.get_output_embeddings().register_forward_hook(split_k)
@@ -261,7 +262,7 @@ class _Session:
     def measure(self) -> dict[str, Any]:
         """Every mode: the variants' records, and each compared with the target alone."""
         measured: dict[str, Any] = {"batch_invariance": {}}
-        for how in self.modes():
+        for how in _modes(self.kind):
             if how == "sampled":  # the global generator couples a batch's rows: run to run only
                 measured[how] = {"batch-8": self.variant("batch-8", how)["record"]}
                 continue
@@ -553,7 +554,7 @@ def check(
     first, second = runs
     difference = _first_difference(first, second)
     invariance, failures = _invariance(first, require_batch_invariance)
-    if difference is not None:
+    if difference is not None:  # first, always: the self-check relies on it
         failures.insert(
             0, f"the inference runs differ at {difference['what']}, step {difference['step']}"
         )

@@ -568,7 +568,11 @@ def _with_inference(report: dict[str, Any], inference: dict[str, Any]) -> dict[s
     Only when it ran, so the fingerprints of training-only images stay what they were.
     """
     report["inference"] = inference
-    report["failures"] += [f"inference: {failure}" for failure in inference["failures"]]
+    failures = inference["failures"]
+    if report["first_difference"] is None and inference["first_difference"] is not None:
+        report["first_difference"] = inference["first_difference"]
+        failures = failures[1:]  # its first failure says the same; _judge words it from here
+    report["failures"] += [f"inference: {failure}" for failure in failures]
     evidence = inference["evidence_sha256"]
     if report["fingerprint"] is not None and evidence is not None:
         report["fingerprint"] = _fingerprint(
@@ -576,8 +580,6 @@ def _with_inference(report: dict[str, Any], inference: dict[str, Any]) -> dict[s
         )
     for run, digest in zip(report["runs"], inference["runs"], strict=False):
         run["inference_sha256"] = digest["evidence_sha256"]
-    if report["first_difference"] is None:
-        report["first_difference"] = inference["first_difference"]
     return report
 
 
