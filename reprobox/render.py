@@ -39,6 +39,7 @@ _IMAGE_FILES = (
     "reprobox_hook.py",
     "reprobox_selfcheck.py",
     "reprobox_inference.py",
+    "reprobox_generation.py",
     "reprobox_decoder.py",
 )
 

@@ -272,18 +272,19 @@ def test_first_difference_names_mode_variant_threads_and_step(module: ModuleType
 def test_required_invariance_fails_only_for_batch_variants_at_the_configured_count(
     module: ModuleType,
 ) -> None:
-    parted = {"identical": False, "logits_differ_from_step": 2, "cause": "because"}
-    same = {"identical": True}
+    batch = {"group": "batch", "identical": False, "logits_differ_from_step": 2, "cause": "c"}
+    padding = batch | {"group": "padding"}
+    same = {"group": "batch", "identical": True}
     run = run_with(record([1], ["x"]))
     measured = run["models"]["torch"]["threads"]
-    measured["1"]["batch_invariance"] = {"greedy": {"batch-2": same, "left-padded": parted}}
-    measured["2"] = {"batch_invariance": {"greedy": {"batch-2": parted, "left-padded": parted}}}
+    measured["1"]["batch_invariance"] = {"greedy": {"batch-2": same, "left-padded": padding}}
+    measured["2"] = {"batch_invariance": {"greedy": {"batch-2": batch, "left-padded": padding}}}
     summary, failures = module._invariance(run, True)
     assert failures == []  # padding at 1 thread, batch only at 2: neither is required
     assert summary["batch_invariant"] is True
     assert summary["padding_invariant"] is False
     assert summary["threads"]["2"]["batch_invariant"] is False
-    measured["1"]["batch_invariance"]["greedy"]["batch-2"] = parted
+    measured["1"]["batch_invariance"]["greedy"]["batch-2"] = batch
     _, failures = module._invariance(run, True)
     assert len(failures) == 1
     assert (
@@ -349,6 +350,11 @@ def test_a_run_to_run_difference_in_inference_becomes_the_first_difference() -> 
     assert spec.loader is not None
     selfcheck = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(selfcheck)
+    module = importlib.util.spec_from_file_location("reprobox_inference", INFERENCE)
+    assert module is not None
+    assert module.loader is not None
+    inference = importlib.util.module_from_spec(module)
+    module.loader.exec_module(inference)
     difference = {"step": 1, "what": "inference torch sampled (batch-8, 1 thread(s)): logits"}
     inference_part = {
         "failures": ["the inference runs differ at ...", "batch invariance is required, but ..."],
@@ -364,7 +370,7 @@ def test_a_run_to_run_difference_in_inference_becomes_the_first_difference() -> 
         "settings": {"env": {}},
         "probe": {"cpu": "raised"},
     }
-    judged = selfcheck._judge(selfcheck._with_inference(report, inference_part))
+    judged = selfcheck._judge(inference.fold_into_selfcheck(report, inference_part))
     assert judged["passed"] is False
     assert judged["first_difference"] == difference
     assert judged["failures"] == [

@@ -26,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 __all__ = ["main"]
@@ -528,15 +527,24 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         else:
             report = _check_training(args.steps, args.device, Path(scratch))
         if args.inference:
-            report = _with_inference(report, _check_inference(args, Path(scratch)))
+            report = _check_inference(args, Path(scratch), report)
     return _judge(report)
 
 
-def _check_inference(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The generation check, two more fresh interpreters (reprobox_inference.py, beside this)."""
-    inference = _sibling("reprobox_inference")
+def _check_inference(
+    args: argparse.Namespace, workdir: Path, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The generation check (reprobox_inference.py, beside this), folded into `report`."""
+    import importlib.util
+
+    path = Path(__file__).with_name("reprobox_inference.py")
+    spec = importlib.util.spec_from_file_location("reprobox_inference", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise _UsageError(f"--inference: {path} is missing")
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
     try:
-        report: dict[str, Any] = inference.check(
+        result = inference.check(
             workdir,
             device=args.device,
             moe=args.inference_moe,
@@ -544,43 +552,8 @@ def _check_inference(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     except inference.UsageError as error:
         raise _UsageError(str(error)) from None
-    return report
-
-
-def _sibling(name: str) -> ModuleType:
-    """A module beside this file, by its path: found even where sys.path lacks this folder."""
-    import importlib.util
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    if spec is None or spec.loader is None:
-        raise _UsageError(f"{name}.py is missing beside {Path(__file__).name}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _with_inference(report: dict[str, Any], inference: dict[str, Any]) -> dict[str, Any]:
-    """Fold the inference check in: its failures, and its evidence into the fingerprint.
-
-    Only when it ran, so the fingerprints of training-only images stay what they were.
-    """
-    report["inference"] = inference
-    failures = inference["failures"]
-    if report["first_difference"] is None and inference["first_difference"] is not None:
-        report["first_difference"] = inference["first_difference"]
-        failures = failures[1:]  # its first failure says the same; _judge words it from here
-    report["failures"] += [f"inference: {failure}" for failure in failures]
-    evidence = inference["evidence_sha256"]
-    if report["fingerprint"] is not None and evidence is not None:
-        report["fingerprint"] = _fingerprint(
-            {"selfcheck": report["fingerprint"], "inference": evidence}
-        )
-    for run, digest in zip(report["runs"], inference["runs"], strict=False):
-        run["inference_sha256"] = digest["evidence_sha256"]
-    return report
+    folded: dict[str, Any] = inference.fold_into_selfcheck(report, result)
+    return folded
 
 
 def main(argv: list[str] | None = None) -> int:
