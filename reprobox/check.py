@@ -75,7 +75,20 @@ def selfcheck_argv(spec: Spec) -> list[str]:
             "--output-dir",
             "/tmp/reprobox-output",  # noqa: S108 - a fresh container's /tmp, nobody else's
         ]
-    return argv
+    return argv + _inference_argv(spec)
+
+
+def _inference_argv(spec: Spec) -> list[str]:
+    """The inference check's flags: in the argv label, so `check IMAGE` reruns it too."""
+    selfcheck = spec.selfcheck
+    if not selfcheck.inference:
+        return []
+    flags = ["--inference"]
+    if selfcheck.require_batch_invariance:
+        flags.append("--require-batch-invariance")
+    if selfcheck.inference_moe:
+        flags.append("--inference-moe")
+    return flags
 
 
 def image_uses_cuda(labels: Mapping[str, str], image: str) -> bool:

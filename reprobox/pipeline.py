@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,8 +346,8 @@ def _prove(
             content_id,
             content_id,
             selfcheck,
-            f"self-check FAILED in {content_id}: the two runs differ at "
-            f"{json.dumps(result.first_difference)}; the image was not tagged",
+            f"self-check FAILED in {content_id}: {_why_failed(result.report)}; "
+            "the image was not tagged",
             passed=False,
         )
     trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
@@ -361,7 +361,7 @@ def _prove(
         content_id,
         selfcheck,
         f"built {image_id}: self-check passed on {result.device_class}, "
-        f"fingerprint {result.fingerprint}",
+        f"fingerprint {result.fingerprint}" + _inference_lines(result.report),
     )
 
 
@@ -401,6 +401,21 @@ def _needs_gpu(err: GpuUnavailableError, image_id: str) -> GpuUnavailableError:
         "the NVIDIA Container Toolkit proves it there, and `reprobox build SPEC` on such a "
         f"host records its fingerprint. Here: {err.hint}",
     )
+
+
+def _why_failed(report: Mapping[str, Any]) -> str:
+    """The self-check's own reasons (the runs' first difference, inference, deterministic mode)."""
+    failures = [str(failure) for failure in report.get("failures") or []]
+    return (
+        "; ".join(failures)
+        or f"the two runs differ at {json.dumps(report.get('first_difference'))}"
+    )
+
+
+def _inference_lines(report: Mapping[str, Any]) -> str:
+    """The inference check's summary (run to run, batch and padding invariance), if it ran."""
+    inference = report.get("inference") or {}
+    return "".join(f"\n{line}" for line in inference.get("summary") or [])
 
 
 def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
@@ -454,7 +469,7 @@ def check(image: str) -> dict[str, Any]:
     lines = [
         "self-check passed: the two runs here match bit for bit"
         if result.passed
-        else f"self-check FAILED: the two runs here differ at {json.dumps(result.first_difference)}",
+        else f"self-check FAILED: {_why_failed(result.report)}",
         verdict.message,
     ]
     if verdict.matches is False and difference is not None:
@@ -468,7 +483,7 @@ def check(image: str) -> dict[str, Any]:
         "matches_recorded": verdict.matches,
         "first_difference": difference,
         "selfcheck": result.report,
-        "summary": "\n".join(lines),
+        "summary": "\n".join(lines) + _inference_lines(result.report),
     }
 
 
@@ -503,5 +518,11 @@ def _first_step_difference(
             "step": "final state",
             "recorded": recorded.get("state_sha256"),
             "here": now.get("state_sha256"),
+        }
+    if recorded.get("inference_sha256") != now.get("inference_sha256"):
+        return {
+            "step": "inference",
+            "recorded": recorded.get("inference_sha256"),
+            "here": now.get("inference_sha256"),
         }
     return None

@@ -35,7 +35,13 @@ __all__ = [
 ]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_IMAGE_FILES = ("reprobox_hook.py", "reprobox_selfcheck.py")
+_IMAGE_FILES = (
+    "reprobox_hook.py",
+    "reprobox_selfcheck.py",
+    "reprobox_inference.py",
+    "reprobox_generation.py",
+    "reprobox_decoder.py",
+)
 
 
 @dataclass(frozen=True)

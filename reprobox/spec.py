@@ -184,10 +184,27 @@ class Determinism(_Model):
 
 
 class SelfCheck(_Model):
-    """How the in-image self-check trains: steps, or the user's own script."""
+    """How the in-image self-check trains: steps, or the user's own script; and inference."""
 
     steps: Annotated[int, Field(ge=1, le=100_000)] = 20
     script: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./-]+\.py$")] | None = None
+    # Generation checked too (reprobox_inference.py): greedy and seeded sampling run to run.
+    inference: bool = False
+    # Fail unless a prompt's output is the same alone and inside batches (else only reported).
+    require_batch_invariance: bool = False
+    # Add the pure-torch decoder with a capacity-limited mixture-of-experts layer.
+    inference_moe: bool = False
+
+    @model_validator(mode="after")
+    def _inference_options_need_inference(self) -> SelfCheck:
+        asked = [k for k in ("require_batch_invariance", "inference_moe") if getattr(self, k)]
+        if asked and not self.inference:
+            verb = "applies" if len(asked) == 1 else "apply"
+            raise ValueError(
+                f"{' and '.join(asked)} only {verb} to the inference check: "
+                "add 'inference: true' to selfcheck, or remove them"
+            )
+        return self
 
 
 def _index_url(value: str) -> str:

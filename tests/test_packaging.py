@@ -51,6 +51,9 @@ def test_built_wheel_ships_the_templates_and_renders(tmp_path: Path) -> None:
         "build/reprobox_install.py",
         "image/reprobox_hook.py",
         "image/reprobox_selfcheck.py",
+        "image/reprobox_inference.py",
+        "image/reprobox_generation.py",
+        "image/reprobox_decoder.py",
     ]:
         assert (work / "ctx" / name).is_file(), name
     located = subprocess.run(

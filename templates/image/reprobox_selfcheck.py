@@ -53,6 +53,7 @@ _ENV_SEEN = (
     "REPROBOX_WARN_ONLY",
     "REPROBOX_FILL_UNINITIALIZED_MEMORY",
     "REPROBOX_SELFCHECK_CHAOS",
+    "REPROBOX_INFERENCE_CHAOS",
 )
 _CHAOS = "REPROBOX_SELFCHECK_CHAOS"
 _CHAOS_KINDS = {"index_put": "cpu", "index_add": "cuda"}  # chaos -> the device it races on
@@ -637,6 +638,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where --script runs write (run-1, run-2)")
     parser.add_argument("--json-out", type=Path, help="also write the report to this file")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--inference", action="store_true", help="also check generation (reprobox_inference.py)"
+    )
+    parser.add_argument(
+        "--require-batch-invariance",
+        action="store_true",
+        help="with --inference: fail unless a prompt's output is the same alone and in batches",
+    )
+    parser.add_argument(
+        "--inference-moe",
+        action="store_true",
+        help="with --inference: add the decoder with a capacity-limited mixture-of-experts layer",
+    )
     # Internal: what the parent asks of each fresh interpreter.
     parser.add_argument("--train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -662,12 +676,41 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise _UsageError("--steps must be at least 1")
     if (args.script is None) != (args.output_dir is None):
         raise _UsageError("--script and --output-dir go together")
+    if (args.require_batch_invariance or args.inference_moe) and not args.inference:
+        raise _UsageError("--require-batch-invariance and --inference-moe go with --inference")
     with tempfile.TemporaryDirectory(prefix="reprobox-selfcheck-") as scratch:
         if args.script is not None:
             report = _check_script(args.script, args.output_dir, args.device, Path(scratch))
         else:
             report = _check_training(args.steps, args.device, Path(scratch))
+        if args.inference:
+            report = _check_inference(args, Path(scratch), report)
     return _judge(report)
+
+
+def _check_inference(
+    args: argparse.Namespace, workdir: Path, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The generation check (reprobox_inference.py, beside this), folded into `report`."""
+    import importlib.util
+
+    path = Path(__file__).with_name("reprobox_inference.py")
+    spec = importlib.util.spec_from_file_location("reprobox_inference", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise _UsageError(f"--inference: {path} is missing")
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    try:
+        result = inference.check(
+            workdir,
+            device=args.device,
+            moe=args.inference_moe,
+            require_batch_invariance=args.require_batch_invariance,
+        )
+    except inference.UsageError as error:
+        raise _UsageError(str(error)) from None
+    folded: dict[str, Any] = inference.fold_into_selfcheck(report, result)
+    return folded
 
 
 def main(argv: list[str] | None = None) -> int:
