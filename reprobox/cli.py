@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox import __version__
-from reprobox.errors import EXIT_CHECK_FAILED, ReproboxError
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, ReproboxError
 
 __all__ = ["entrypoint", "main"]
 
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"reprobox: internal error: {type(exc).__name__}: {exc}\n"
                 "  hint: this is a bug in reprobox; run again with --debug and report the traceback\n"
             )
-        return EXIT_CHECK_FAILED
+        return EXIT_INTERNAL
 
 
 def entrypoint() -> None:

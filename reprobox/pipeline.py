@@ -27,7 +27,7 @@ from reprobox.lock import Lock, default_lock_path, ensure_lock
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
 from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
-from reprobox.render import RenderedContext, render_context
+from reprobox.render import RenderedContext, check_output_dir, render_context
 from reprobox.spec import Spec, load_spec
 
 __all__ = ["build", "check", "lock", "render"]
@@ -110,6 +110,7 @@ def render(
 ) -> dict[str, Any]:
     """`reprobox render`: the build context, without building."""
     reporter = Reporter()
+    check_output_dir(out)  # before the lock is written: bad input changes nothing on disk
     locked = _locked(spec_path, lock_path, relock, reporter)
     files = _fetch(locked, refetch, reporter) if wheels else None
     spec = locked.spec
