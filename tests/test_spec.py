@@ -409,7 +409,7 @@ def test_types_are_strict(path: tuple[str | int, ...], value: object, expected: 
 
 def test_yaml_booleans_are_not_version_1() -> None:
     # PyYAML reads YAML 1.1: yes, on and true are all the boolean True, which == 1 in Python.
-    for spelling in ("true", "yes", "on", "1.0", "\"1\""):
+    for spelling in ("true", "yes", "on", "1.0", '"1"'):
         message = _error(DEMO.replace("version: 1", f"version: {spelling}"))
         assert message.startswith("spec.yaml:1: version:"), message
     assert parse_spec(DEMO).version == 1
