@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox.base import bootstrap_base
-from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,
     compare_with_recorded,
@@ -111,6 +111,8 @@ def render(
     """`reprobox render`: the build context, without building."""
     reporter = Reporter()
     check_output_dir(out)  # before the lock is written: bad input changes nothing on disk
+    if wheels:
+        usable_cache_dir()
     locked = _locked(spec_path, lock_path, relock, reporter)
     files = _fetch(locked, refetch, reporter) if wheels else None
     spec = locked.spec
@@ -156,6 +158,7 @@ def build(
     """`reprobox build`: everything, ending in a tagged image that passed its self-check."""
     started = time.monotonic()
     reporter = Reporter()
+    usable_cache_dir()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
     engine = _engine(reporter)
     locked = _locked(spec_path, lock_path, relock, reporter)
     spec = locked.spec
