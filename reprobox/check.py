@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reprobox._text import unsafe_character
 from reprobox.engine import Engine
-from reprobox.errors import CheckError
+from reprobox.errors import EXIT_BAD_INPUT, CheckError, ReproboxError
 from reprobox.spec import Spec
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Verdict",
     "compare_with_recorded",
     "fingerprint_label",
+    "parse_selfcheck_label",
     "recorded_fingerprints",
     "run_selfcheck",
     "selfcheck_argv",
@@ -27,7 +29,7 @@ __all__ = [
 FINGERPRINT_LABEL = "reprobox.fingerprint."
 SELFCHECK_LABEL = "reprobox.selfcheck.argv"
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
-_DEVICE_CLASS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_DEVICE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,32 @@ def selfcheck_argv(spec: Spec) -> list[str]:
     return argv
 
 
+def parse_selfcheck_label(image: str, raw: str) -> list[str]:
+    """The self-check command an image's label records, checked: a JSON list of plain strings
+    that runs reprobox's self-check program; anything else is exit 2 naming the label."""
+    try:
+        argv = json.loads(raw)
+    except (ValueError, RecursionError):
+        argv = None
+    well_formed = (
+        isinstance(argv, list)
+        and 2 <= len(argv) <= 64
+        and all(isinstance(a, str) and len(a) <= 4096 and unsafe_character(a) is None for a in argv)
+        and argv[:2] == ["python", _PROGRAM]
+    )
+    if not well_formed:
+        raise ReproboxError(
+            f"{image}: its {SELFCHECK_LABEL} label is not the self-check command reprobox records "
+            f"(a JSON list of strings starting with python {_PROGRAM}): {raw[:120]!r}",
+            hint="the image was changed after reprobox built it; build it again, or ask its author",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    return list(argv)
+
+
 def fingerprint_label(device_class: str) -> str:
     """The label key under which an image records its fingerprint for one device class."""
-    if not _DEVICE_CLASS.match(device_class):
+    if not _DEVICE_CLASS.fullmatch(device_class):
         raise CheckError(f"the self-check reported an unusable device class {device_class!r}")
     return FINGERPRINT_LABEL + device_class
 

@@ -17,6 +17,7 @@ from reprobox.check import (
     SELFCHECK_LABEL,
     compare_with_recorded,
     fingerprint_label,
+    parse_selfcheck_label,
     recorded_fingerprints,
     run_selfcheck,
     selfcheck_argv,
@@ -346,11 +347,11 @@ def check(image: str) -> dict[str, Any]:
         raise ReproboxError(
             f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
         )
-    labels: dict[str, str] = engine.inspect_image(image).get("Config", {}).get("Labels") or {}
+    labels: dict[str, str] = (engine.inspect_image(image).get("Config") or {}).get("Labels") or {}
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
-    argv = json.loads(raw_argv)
+    argv = parse_selfcheck_label(image, raw_argv)
     with reporter.stage(f"self-check in {image}"):
         result = run_selfcheck(engine, image, argv)
     verdict = compare_with_recorded(result, labels)
@@ -385,12 +386,17 @@ def _first_step_difference(
 ) -> dict[str, Any] | None:
     if recorded_trace is None:
         return None
-    recorded = json.loads(recorded_trace)
+    try:
+        recorded = json.loads(recorded_trace)
+    except (ValueError, RecursionError):
+        return None  # a damaged trace label: the fingerprints still tell the verdict
+    if not isinstance(recorded, dict) or not isinstance(report, dict):
+        return None
     runs = report.get("runs") or [{}]
     now = runs[0]
-    for step, (a, b) in enumerate(
-        zip(recorded.get("losses", []), now.get("losses", []), strict=False)
-    ):
+    recorded_losses = recorded.get("losses")
+    recorded_losses = recorded_losses if isinstance(recorded_losses, list) else []
+    for step, (a, b) in enumerate(zip(recorded_losses, now.get("losses", []), strict=False)):
         if a != b:
             return {"step": step, "recorded": a, "here": b}
     if recorded.get("state_sha256") != now.get("state_sha256"):
