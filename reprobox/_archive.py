@@ -50,15 +50,17 @@ def read_member(
     """The bytes of the regular member `name`, refused when its header says more than `limit`."""
     member = members.get(name.removeprefix("./"))
     if member is None or not member.isreg():
-        raise ValueError(f"the member {name} is missing or not a file")
+        raise ValueError(f"the member {name[:200]!r} is missing or not a file")
     if member.size > limit:
-        raise ValueError(f"the member {name} is {member.size} bytes, more than {limit} allowed")
+        raise ValueError(
+            f"the member {name[:200]!r} is {member.size} bytes, more than {limit} allowed"
+        )
     stream = tar.extractfile(member)
     if stream is None:
-        raise ValueError(f"the member {name} cannot be read")
+        raise ValueError(f"the member {name[:200]!r} cannot be read")
     data = stream.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"the member {name} holds more than {limit} bytes")
+        raise ValueError(f"the member {name[:200]!r} holds more than {limit} bytes")
     return data
 
 
@@ -70,4 +72,4 @@ def read_json(
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as err:
-        raise ValueError(f"the member {name} is not JSON ({type(err).__name__})") from None
+        raise ValueError(f"the member {name[:200]!r} is not JSON ({type(err).__name__})") from None

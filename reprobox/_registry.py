@@ -36,6 +36,7 @@ __all__ = [
     "RegistryClient",
     "RegistryUnreachableError",
     "Target",
+    "check_image_ref",
     "check_tag",
     "is_insecure",
     "parse_target",
@@ -130,6 +131,24 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+_IMAGE_REF = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+    r"|(?:sha256:)?[0-9a-f]{12,64}"
+)
+
+
+def check_image_ref(text: str, what: str = "IMAGE") -> str:
+    """An image the engine is asked about: a name[:tag][@digest] or an ID; else exit 2 now."""
+    if len(text) > 512 or _IMAGE_REF.fullmatch(text) is None:
+        raise ReproboxError(
+            f"{what} {text[:200]!r} is not an image name or ID",
+            hint="write name[:tag], name@sha256:<digest>, or an image ID (`docker images` lists them)",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    return text
+
+
 def _addresses(host: str) -> list[str]:
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     try:
@@ -218,7 +237,7 @@ class RegistryClient:
         if served != computed:
             raise EngineError(
                 f"the registry {self.target.registry} says the manifest of {self.target.ref(tag)} "
-                f"is {served}, but its bytes hash to {computed}"
+                f"is {served[:100]!r}, but its bytes hash to {computed}"
             )
         return served
 

@@ -30,6 +30,7 @@ FINGERPRINT_LABEL = "reprobox.fingerprint."
 SELFCHECK_LABEL = "reprobox.selfcheck.argv"
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
 _DEVICE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,15 @@ def fingerprint_label(device_class: str) -> str:
 
 
 def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
-    """Device class -> fingerprint, from an image's labels."""
+    """Device class -> fingerprint, from an image's labels; malformed ones (an image is someone
+    else's input: a label may hold anything, terminal escapes included) are left out."""
     return {
         k.removeprefix(FINGERPRINT_LABEL): v
         for k, v in labels.items()
         if k.startswith(FINGERPRINT_LABEL)
+        and _DEVICE_CLASS.fullmatch(k.removeprefix(FINGERPRINT_LABEL))
+        and isinstance(v, str)
+        and _FINGERPRINT.fullmatch(v)
     }
 
 

@@ -31,6 +31,7 @@ from reprobox._archive import (
     read_json,
     read_member,
 )
+from reprobox._registry import check_image_ref
 from reprobox.engine import Engine
 from reprobox.errors import ReproboxError
 
@@ -163,6 +164,8 @@ def _order(row: Difference) -> tuple[int, int, str, int, str]:
 
 def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, Any]]:
     """The engine's description of each reference that does not name a file."""
+    for ref in refs:
+        check_image_ref(ref, "an image")
     if refs and engine is None:
         raise ReproboxError(
             f"{refs[0]} is not a file, and there is no engine to save it from",

@@ -38,6 +38,7 @@ from reprobox._archive import (
     read_json,
     read_member,
 )
+from reprobox._registry import check_image_ref
 from reprobox._yaml import MAX_BYTES as MAX_SPEC_BYTES
 from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
 from reprobox.engine import DockerEngine, Engine
@@ -100,7 +101,7 @@ def _stream(
     member = members.get(name.removeprefix("./"))
     stream = tar.extractfile(member) if member is not None and member.isreg() else None
     if stream is None:
-        raise _corrupt(archive, f"the member {name} is missing")
+        raise _corrupt(archive, f"the member {name[:200]!r} is missing")
     return stream
 
 
@@ -140,20 +141,20 @@ def _verify_image(
     image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
     stem = Path(str(entry["Config"])).name.removesuffix(".json")
     if stem not in image_id:
-        raise _corrupt(archive, f"the config {entry['Config']} does not hash to its name")
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} does not hash to its name")
     try:
         config = json.loads(raw)
     except (ValueError, RecursionError):
-        raise _corrupt(archive, f"the config {entry['Config']} is not JSON") from None
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not JSON") from None
     if not isinstance(config, dict):
-        raise _corrupt(archive, f"the config {entry['Config']} is not a JSON object")
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not a JSON object")
     diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
     layers = [str(layer) for layer in entry.get("Layers") or []]
     if len(diff_ids) != len(layers):
         raise _corrupt(archive, f"{len(layers)} layers for the {len(diff_ids)} its config lists")
     for layer, expected in zip(layers, diff_ids, strict=True):
         if _layer_digest(_stream(tar, members, layer, archive)) != expected:
-            raise _corrupt(archive, f"the layer {layer} does not hash to {expected}")
+            raise _corrupt(archive, f"the layer {layer[:200]!r} does not hash to {expected!r}")
     config["Id"] = image_id
     return config
 
@@ -331,6 +332,7 @@ def _check_output(output: Path) -> None:
 def export_image(image: str, output: Path, *, engine: Engine | None = None) -> dict[str, Any]:
     """`reprobox export`: one archive with the image, its spec and its lock."""
     started = time.monotonic()
+    check_image_ref(image)
     _check_output(output)  # before the engine spends seconds saving
     engine = engine or DockerEngine()
     info = engine.inspect_image(image)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprobox._registry import check_image_ref
 from reprobox.base import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
@@ -159,6 +160,8 @@ def build(
     """`reprobox build`: everything, ending in a tagged image that passed its self-check."""
     started = time.monotonic()
     reporter = Reporter()
+    if tag is not None:
+        check_image_ref(tag, "--tag")
     usable_cache_dir()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
     engine = _engine(reporter)
     locked = _locked(spec_path, lock_path, relock, reporter)
@@ -341,6 +344,7 @@ def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
 
 def check(image: str) -> dict[str, Any]:
     """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded."""
+    check_image_ref(image)
     reporter = Reporter()
     engine = _engine(reporter)
     if not engine.image_exists(image):

@@ -316,3 +316,26 @@ def test_the_readme_table_has_a_row_per_code_and_names_tests_that_exist() -> Non
         if name.startswith("test_")
     }
     assert {"0", "1", "2", "3", "4"} <= here  # a test per row, named after its code
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("check", "demo:1\nRUN id"),
+        ("check", "--json", "Demo:Latest"),
+        ("export", "demo:1 extra", "-o", "out.tar"),
+        ("diff", "demo:1", "\x1b[2Jdemo:2"),
+        ("build", "spec.yaml", "--tag", "not a tag"),
+    ],
+    ids=["newline", "upper-case", "space", "escape", "build-tag"],
+)
+def test_2_an_image_name_that_is_no_reference_is_refused_before_the_engine(
+    tmp_path: Path, argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # No engine at all: the name is refused before one is asked (else this would be exit 3).
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
+    done = _bad_input_writes_nothing(tmp_path, *argv, env=env)
+    assert "is not an image name or ID" in done.stderr
+    assert "\x1b" not in done.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from fakes import FakeEngine
 
+from reprobox.check import recorded_fingerprints
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.handoff import export_image, import_image, verify_archive
 
@@ -235,3 +236,13 @@ def test_export_into_a_directory_is_refused_before_any_work(tmp_path: Path) -> N
     with pytest.raises(ReproboxError, match="not a directory"):
         export_image("demo:1", tmp_path / "file" / "out.tar", engine=engine)
     assert engine.calls == []
+
+
+def test_foreign_labels_reach_reports_only_when_well_formed() -> None:
+    labels = {
+        "reprobox.fingerprint.cpu-x86_64": "ab" * 32,
+        "reprobox.fingerprint.cuda-sm90": "\x1b]0;pwned\x07" + "a" * 50,
+        "reprobox.fingerprint.\x1b[2J": "cd" * 32,
+        "reprobox.fingerprint.gpu": "not hex",
+    }
+    assert recorded_fingerprints(labels) == {"cpu-x86_64": "ab" * 32}
