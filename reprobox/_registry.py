@@ -393,7 +393,9 @@ def _fetch(url: str, headers: Mapping[str, str], data: bytes | None = None) -> _
                     data = None
                 continue
             body = _bounded_body(response)
-            return _Answer(response.status_code, dict(response.headers), body, same_origin)
+            # Header names are case-insensitive (Go's registry sends `Www-Authenticate`).
+            headers = requests.structures.CaseInsensitiveDict(response.headers)
+            return _Answer(response.status_code, headers, body, same_origin)
     raise requests.exceptions.TooManyRedirects(f"more than {_MAX_REDIRECTS} redirects")
 
 

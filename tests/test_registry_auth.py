@@ -96,7 +96,7 @@ def _client(registry: Recorder) -> RegistryClient:
 def _basic_gate(then: Route) -> Route:
     def route(handler: _Handler) -> tuple[int, dict[str, str], bytes]:
         if handler.headers.get("Authorization") != BASIC:
-            return 401, {"WWW-Authenticate": 'Basic realm="test"'}, b""
+            return 401, {"Www-Authenticate": 'Basic realm="test"'}, b""  # as Go writes it
         return then(handler)
 
     return route
