@@ -32,6 +32,7 @@ import requests
 
 from reprobox import __version__
 from reprobox._lockfile import LockedWheel
+from reprobox._text import unsafe_character
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError, ReproboxError
 
 __all__ = [
@@ -120,6 +121,12 @@ def _too_large(wheel: LockedWheel, limit: int) -> LockError:
 @contextmanager
 def _open(wheel: LockedWheel, limit: int) -> Iterator[tuple[Iterator[bytes], int | None]]:
     """The raw bytes of the wheel's URL (http, https or file) in chunks, and the size if known."""
+    if unsafe_character(wheel.url) is not None or len(wheel.url) > 4096:
+        raise LockError(
+            f"the lock names a URL for {wheel.filename[:120]!r} that holds a control character "
+            f"or is too long: {wheel.url[:200]!r}",
+            hint="write the lock again with `reprobox lock --relock SPEC`",
+        )
     parts = urlsplit(wheel.url)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))

@@ -52,6 +52,8 @@ _FROM = re.compile(
 )
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
 _WHEEL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}\.whl")
+_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}==[A-Za-z0-9.+!_-]{1,128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,17 @@ def _wheel_plan(lock: Lock) -> dict[str, str]:
     """Relative path in the context -> sha256, for every wheel; refuses names that are paths."""
     plan: dict[str, str] = {}
     for wheel in lock.wheels:
+        pin = f"{wheel.name}=={wheel.version}"
+        if _PIN.fullmatch(pin) is None or _SHA256.fullmatch(wheel.sha256) is None:
+            raise ReproboxError(
+                f"the lock pins {pin[:120]!r} (sha256 {wheel.sha256[:80]!r}), which is not a plain "
+                "name==version with a sha256; it goes into the build's requirement files",
+                hint="write the lock again with `reprobox lock --relock SPEC`",
+            )
         if wheel.group not in GROUPS or _WHEEL_FILE.fullmatch(wheel.filename) is None:
             raise ReproboxError(
-                f"the lock names a wheel file {wheel.filename!r} (group {wheel.group!r}) that is "
-                "not a plain wheel name",
+                f"the lock names a wheel file {wheel.filename[:120]!r} (group {wheel.group[:40]!r}) "
+                "that is not a plain wheel name",
                 hint="write the lock again with `reprobox lock --relock SPEC`",
             )
         plan[f"wheels/{wheel.group}/{wheel.filename}"] = wheel.sha256

@@ -459,3 +459,12 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
     assert not (tmp_path / "ctx").exists()
     files = [p for p in cache.rglob("*") if p.is_file()]
     assert files == [], f"left in the cache: {files}"
+
+
+def test_a_lock_url_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "src", "alpha")
+    hostile = dataclasses.replace(wheel, url=wheel.url + "\x1b]0;pwned\x07")
+    with pytest.raises(LockError, match="control character") as caught:
+        WheelCache(tmp_path / "cache").fetch([hostile])
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert "\x1b" not in caught.value.render()

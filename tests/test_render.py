@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -434,3 +435,29 @@ def test_two_renders_racing_into_one_new_folder_one_wins(tmp_path: Path) -> None
     assert outcomes == [f"refused {EXIT_BAD_INPUT}"] * 7 + ["wrote"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]
     assert (target / "Dockerfile").is_file()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": "1\x00"},
+        {"version": "1 --index-url=http://evil"},
+        {"name": "evil\nRUN id"},
+        {"sha256": "z" * 64},
+        {"filename": ".hidden.whl"},
+        {"group": "../x"},
+    ],
+    ids=["nul-version", "option-in-version", "newline-name", "bad-hash", "dot-file", "bad-group"],
+)
+def test_a_lock_entry_that_is_not_plain_is_refused_before_writing(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    spec = _demo()
+    lock = fake_lock(spec)
+    evil = replace(_wheel("evil", "1", "rest"), **change)
+    bad = replace(lock, wheels=(*lock.wheels, evil))
+    with pytest.raises(ReproboxError, match="not a plain") as caught:
+        render_context(spec, bad, format_lock(lock), tmp_path / "ctx", base_ref=BASE_ID)
+    assert "relock" in caught.value.render()
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert list(tmp_path.iterdir()) == []
