@@ -3,6 +3,14 @@
 Only what publish needs: parse and validate `REGISTRY/REPO`, knock on `/v2/` with the user's
 credentials (Basic, or a Bearer token from the registry's token service), and read a manifest's
 digest back. Credentials travel in headers only; no message here ever contains them.
+
+Where credentials go, as a rule rather than a library default: the Basic credentials and the
+Bearer token go only to the registry's own origin (scheme, host and port), and the Basic
+credentials also to the token realm named by a 401 challenge that the registry's own origin
+sent. Redirects are followed by hand; a hop to another origin goes without an Authorization
+header, and so does every hop after it, and a challenge from anywhere but the registry's origin
+is never answered (the Docker client's Go transport drops the header on such hops too). Bodies
+are read with a size limit. A plain-HTTP token realm is refused for a registry reached over TLS.
 """
 
 from __future__ import annotations
@@ -13,14 +21,12 @@ import ipaddress
 import json
 import re
 import socket
-import ssl
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.message import Message
 from typing import Any
+
+import requests
 
 from reprobox.errors import EXIT_BAD_INPUT, EngineError, ReproboxError
 
@@ -30,6 +36,7 @@ __all__ = [
     "RegistryClient",
     "RegistryUnreachableError",
     "Target",
+    "check_image_ref",
     "check_tag",
     "is_insecure",
     "parse_target",
@@ -43,12 +50,15 @@ MANIFEST_TYPES = (
 _HUB = "docker.io"
 _HUB_API = "registry-1.docker.io"
 _TIMEOUT_S = 15
+#: The most a registry answer may hold: manifests are limited to 4 MiB by distribution itself.
+MAX_BODY_BYTES = 4 << 20
+_MAX_REDIRECTS = 5
 # distribution/reference's grammar, as the engine applies it.
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
-_REPOSITORY = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_REGISTRY = re.compile(rf"^{_DOMAIN}$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_REPOSITORY = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_REGISTRY = re.compile(_DOMAIN)
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -96,12 +106,12 @@ def parse_target(text: str) -> Target:
     first, _, rest = text.partition("/")
     has_registry = bool(rest) and ("." in first or ":" in first or first == "localhost")
     registry, path = (first, rest) if has_registry else (_HUB, text)
-    if not _REGISTRY.match(registry):
+    if not _REGISTRY.fullmatch(registry):
         raise _bad_reference(text, f"{registry!r} is not a host name or host:port")
     last = path.rsplit("/", 1)[-1]
     if ":" in last:
         raise _bad_reference(text, f"it ends in a tag ({last.split(':', 1)[1]!r})")
-    if not _REPOSITORY.match(path):
+    if not _REPOSITORY.fullmatch(path):
         raise _bad_reference(text, f"the repository path {path!r} breaks the naming rules")
     if len(text) > 255:
         raise _bad_reference(text, "it is longer than 255 characters")
@@ -112,13 +122,31 @@ def parse_target(text: str) -> Target:
 
 def check_tag(tag: str) -> str:
     """A tag the engine accepts (letters, digits, `_ . -`, at most 128, not starting with . or -)."""
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise ReproboxError(
             f"--tag {tag!r} is not a valid tag",
             hint="use letters, digits, _ . and -, at most 128 characters, not starting with . or -",
             exit_code=EXIT_BAD_INPUT,
         )
     return tag
+
+
+_IMAGE_REF = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+    r"|(?:sha256:)?[0-9a-f]{12,64}"
+)
+
+
+def check_image_ref(text: str, what: str = "IMAGE") -> str:
+    """An image the engine is asked about: a name[:tag][@digest] or an ID; else exit 2 now."""
+    if len(text) > 512 or _IMAGE_REF.fullmatch(text) is None:
+        raise ReproboxError(
+            f"{what} {text[:200]!r} is not an image name or ID",
+            hint="write name[:tag], name@sha256:<digest>, or an image ID (`docker images` lists them)",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    return text
 
 
 def _addresses(host: str) -> list[str]:
@@ -150,8 +178,21 @@ def is_insecure(registry: str, registry_config: Mapping[str, Any]) -> bool:
 @dataclass(frozen=True)
 class _Answer:
     status: int
-    headers: Message
+    headers: Mapping[str, str]
     body: bytes
+    #: Whether the answer came from the origin the request was sent to (no hop elsewhere).
+    same_origin: bool = True
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL, the port made explicit."""
+    parts = urllib.parse.urlsplit(url)
+    default = 443 if parts.scheme == "https" else 80
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = -1
+    return parts.scheme, (parts.hostname or "").lower(), port
 
 
 class RegistryClient:
@@ -196,7 +237,7 @@ class RegistryClient:
         if served != computed:
             raise EngineError(
                 f"the registry {self.target.registry} says the manifest of {self.target.ref(tag)} "
-                f"is {served}, but its bytes hash to {computed}"
+                f"is {served[:100]!r}, but its bytes hash to {computed}"
             )
         return served
 
@@ -222,6 +263,12 @@ class RegistryClient:
         answer = self._send("/v2/", {})
         if answer.status != 401:
             return ""
+        if not answer.same_origin:
+            raise EngineError(
+                f"the registry {self.target.registry} redirected /v2/ to another address that "
+                "asks for credentials; reprobox sends them to the registry's own address only",
+                hint="publish to the address that serves the registry API itself",
+            )
         challenge = answer.headers.get("WWW-Authenticate", "")
         scheme = challenge.split(" ", 1)[0].lower()
         if not self._auth:
@@ -237,8 +284,14 @@ class RegistryClient:
 
     def _token(self, params: Mapping[str, str]) -> str:
         realm = params.get("realm", "")
-        if not realm.startswith(("https://", "http://")):
+        realm_scheme = urllib.parse.urlsplit(realm).scheme
+        if realm_scheme not in {"https", "http"} or not _origin(realm)[1]:
             raise EngineError(f"the registry {self.target.registry} named no usable token service")
+        if realm_scheme == "http" and self._scheme == "https":
+            raise EngineError(
+                f"the registry {self.target.registry} names a token service over plain HTTP "
+                f"({realm}); reprobox does not send credentials for a TLS registry in clear text"
+            )
         query = {"scope": f"repository:{self.target.repository}:pull,push"}
         if params.get("service"):
             query["service"] = params["service"]
@@ -250,18 +303,27 @@ class RegistryClient:
             headers = {"Content-Type": "application/x-www-form-urlencoded"}
         else:
             data, headers = None, {"Authorization": "Basic " + _basic(self._auth)}
-        url = f"{realm}?{urllib.parse.urlencode(query)}" if data is None else realm
-        answer = _fetch(url, headers, data)
+        joiner = "&" if "?" in realm else "?"
+        url = f"{realm}{joiner}{urllib.parse.urlencode(query)}" if data is None else realm
+        try:
+            answer = _fetch(url, headers, data)
+        except requests.RequestException as err:
+            raise RegistryUnreachableError(
+                f"the token service of {self.target.registry} is unreachable ({_reason(err)})"
+            ) from None
         if answer.status in (401, 403):
             raise self._refused("'s token service refused the credentials from the Docker config")
         try:
             body = json.loads(answer.body)
-            return str(body.get("token") or body["access_token"])
-        except (ValueError, KeyError, TypeError, AttributeError):
+            value = str(body.get("token") or body["access_token"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise EngineError(
                 f"the token service of {self.target.registry} answered HTTP {answer.status} "
                 "without a token"
             ) from None
+        if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{1,8192}", value):
+            raise EngineError(f"the token service of {self.target.registry} sent an unusable token")
+        return value
 
     def _send(self, path: str, headers: Mapping[str, str]) -> _Answer:
         schemes = (self._scheme,) if self._scheme else self._schemes
@@ -269,13 +331,14 @@ class RegistryClient:
         for scheme in schemes:
             try:
                 answer = _fetch(f"{scheme}://{self.target.api_host}{path}", headers)
-            except OSError as err:
+            except requests.RequestException as err:
                 reasons.append(f"{scheme}: {_reason(err)}")
                 continue
             self._scheme = scheme
             return answer
         raise RegistryUnreachableError(
-            f"the registry {self.target.registry} is unreachable ({'; '.join(reasons)})",
+            f"the registry {self.target.registry} is unreachable or does not speak HTTP "
+            f"({'; '.join(reasons)})",
             hint="check the address and that the registry runs; a registry on plain HTTP must be "
             "in the engine's insecure-registries (127.0.0.0/8 is by default)",
         )
@@ -296,23 +359,75 @@ def _basic(auth: Mapping[str, str]) -> str:
 
 
 def _fetch(url: str, headers: Mapping[str, str], data: bytes | None = None) -> _Answer:
-    """One HTTP exchange; an HTTP error status is an answer, a network failure an OSError."""
-    if not url.startswith(("https://", "http://")):
-        raise EngineError(f"refusing to fetch {url!r}: a registry speaks HTTP(S) only")
-    request = urllib.request.Request(url, data=data, headers=dict(headers))  # noqa: S310
-    try:
-        with urllib.request.urlopen(  # noqa: S310 - http(s) only, checked above
-            request, timeout=_TIMEOUT_S, context=ssl.create_default_context()
-        ) as response:
-            return _Answer(response.status, response.headers, response.read())
-    except urllib.error.HTTPError as err:
-        return _Answer(err.code, err.headers, err.read())
+    """One HTTP exchange, redirects followed by hand; an HTTP error status is an answer.
+
+    The Authorization header goes only to `url`'s origin: from the first hop to another
+    origin on, it is left off, whatever the hop after that. A network failure, a non-HTTP
+    answer or a body over MAX_BODY_BYTES raise `requests.RequestException`.
+    """
+    origin = _origin(url)
+    sent = dict(headers)
+    same_origin = True
+    for _ in range(_MAX_REDIRECTS + 1):
+        if urllib.parse.urlsplit(url).scheme not in {"https", "http"}:
+            raise requests.exceptions.InvalidURL(f"a registry speaks HTTP(S) only, not {url!r}")
+        if _origin(url) != origin:
+            same_origin = False
+        if not same_origin:
+            sent.pop("Authorization", None)
+        response = requests.request(
+            "POST" if data is not None else "GET",
+            url,
+            headers=sent,
+            data=data,
+            timeout=_TIMEOUT_S,
+            allow_redirects=False,
+            stream=True,
+            auth=_no_netrc,  # no credentials from ~/.netrc either: only those the rule allows
+        )
+        with response:
+            location = response.headers.get("Location")
+            if response.is_redirect and location:
+                url = urllib.parse.urljoin(url, location)
+                if response.status_code in (301, 302, 303):
+                    data = None
+                continue
+            body = _bounded_body(response)
+            # Header names are case-insensitive (Go's registry sends `Www-Authenticate`).
+            headers = requests.structures.CaseInsensitiveDict(response.headers)
+            return _Answer(response.status_code, headers, body, same_origin)
+    raise requests.exceptions.TooManyRedirects(f"more than {_MAX_REDIRECTS} redirects")
 
 
-def _reason(err: OSError) -> str:
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
-    if isinstance(reason, ssl.SSLError):
-        return f"TLS failed: {reason.reason or reason}"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason)
+def _no_netrc(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
+def _bounded_body(response: requests.Response) -> bytes:
+    length = response.headers.get("Content-Length", "")
+    if length.isdecimal() and int(length) > MAX_BODY_BYTES:
+        raise requests.exceptions.ContentDecodingError(
+            f"the answer is {length} bytes, more than the {MAX_BODY_BYTES} reprobox reads"
+        )
+    chunks, size = [], 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise requests.exceptions.ContentDecodingError(
+                f"the answer is more than the {MAX_BODY_BYTES} bytes reprobox reads"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause: what the network or the server did, without urllib3's wrapping."""
+    seen = err
+    while seen.__context__ is not None and isinstance(seen, requests.RequestException):
+        seen = seen.__context__
+    if isinstance(err, requests.exceptions.SSLError):
+        return f"TLS failed: {seen}"
+    if isinstance(seen, OSError) and seen.strerror:
+        return seen.strerror
+    text = str(err.args[0]) if err.args else str(err)
+    return text if len(text) < 200 else text[:197] + "..."

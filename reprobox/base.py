@@ -3,11 +3,14 @@
 `docker import` stamps the clock into the image config, so reprobox writes the docker-archive itself:
 one layer normalised (sorted entries, clamped mtimes, numeric owners, no host files), a config with
 fixed times, then `docker load`. The image ID is then a function of the suite, the package versions
-and the architecture alone, and a base already in the engine (found by its key) is reused.
+and the architecture alone, and a base already in the engine is reused: only one this host made,
+recorded by image ID (in `trusted-bases.json` beside the scratch space) when it was loaded. Labels
+alone prove nothing: anyone can `docker load` an image that carries them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -63,8 +66,8 @@ _DPKG_ARCH = {
     "s390x": "s390x",
     "riscv64": "riscv64",
 }
-_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
-_SUITE = re.compile(r"^[a-z][a-z0-9-]*$")
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?")
+_SUITE = re.compile(r"[a-z][a-z0-9-]*")
 _HOOKS = Path("/usr/share/mmdebstrap/hooks")
 # What Debian's slim images leave out as well; the rules stay in the image's dpkg configuration, so
 # packages installed later (a spec's `apt:`) follow them too. Copyright files stay.
@@ -78,6 +81,10 @@ _SLIM = (
 # mmdebstrap copies these from the build host; the engine mounts its own over them at run time.
 _HOST_FILES = {"etc/hostname": b"", "etc/resolv.conf": b""}
 _TAIL_LINES = 20
+# The record of bases this host made: base key -> image IDs, newest last.
+_TRUSTED = "trusted-bases.json"
+_TRUSTED_PER_KEY = 8
+_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
 #: Runs argv with extra environment, feeding each output line to the callback; returns the status.
 Runner = Callable[[Sequence[str], Mapping[str, str], Callable[[str], None]], int]
@@ -153,14 +160,15 @@ def bootstrap_base(
     """The base for `suite` (e.g. "bookworm") plus `packages`, reused when the engine has it.
 
     `cache_dir` is scratch space for the root filesystem and the archive (about twice the base's
-    size while it runs, emptied afterwards).
+    size while it runs, emptied afterwards); it also keeps the record of the bases made here,
+    the only ones reused.
     """
     _validate(suite, packages)
     wanted = tuple(sorted(set(packages)))
     arch = engine.ping().arch
     key = base_key(suite, wanted, arch, mirror=mirror, source_date_epoch=source_date_epoch)
     ref = f"reprobox/base:{suite}-{key[:12]}"
-    found = _find(engine, key, ref)
+    found = _find(engine, key, ref, cache_dir)
     if found is not None:
         return found
     if arch not in _DPKG_ARCH:
@@ -204,6 +212,7 @@ def bootstrap_base(
         loaded = engine.load(archive)
     if image_id not in loaded:
         raise EngineError(f"the engine loaded {loaded} for {ref}, expected {image_id}")
+    _trust(cache_dir, key, image_id)
     return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
 
 
@@ -386,13 +395,54 @@ def _installed(status: bytes) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def _find(engine: Engine, key: str, ref: str) -> BaseImage | None:
-    """The base with this key if the engine holds it (images built on it inherit its labels)."""
-    for image_id in engine.find_images({f"{_LABEL}key": key}):
+def _trusted(cache_dir: Path, key: str) -> list[str]:
+    """The image IDs this host recorded for `key`, newest first; a corrupt record trusts none."""
+    try:
+        record = json.loads((cache_dir / _TRUSTED).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    ids = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(ids, list):
+        return []
+    return [i for i in reversed(ids) if isinstance(i, str) and _IMAGE_ID.fullmatch(i)]
+
+
+def _trust(cache_dir: Path, key: str, image_id: str) -> None:
+    """Record that this host made `image_id` for `key`: locked, then written atomically."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / f".{_TRUSTED}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            record = json.loads((cache_dir / _TRUSTED).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+        ids = [i for i in record.get(key) or [] if i != image_id] + [image_id]
+        record[key] = ids[-_TRUSTED_PER_KEY:]
+        fd, tmp = tempfile.mkstemp(prefix=f".{_TRUSTED}.", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(record, out, sort_keys=True, indent=1)
+            Path(tmp).replace(cache_dir / _TRUSTED)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | None:
+    """The base with this key if this host made it and the engine still holds it.
+
+    Only image IDs recorded when this host loaded a base count; an image that merely carries
+    the labels (an imported archive, a pulled image) is never taken for the base.
+    """
+    for image_id in _trusted(cache_dir, key):
+        if not engine.image_exists(image_id):
+            continue
         info = engine.inspect_image(image_id)
-        if _is_base(info):
+        labels: dict[str, str] = (info.get("Config") or {}).get("Labels") or {}
+        if info.get("Id") == image_id and _is_base(info) and labels.get(f"{_LABEL}key") == key:
             engine.tag(image_id, ref)  # the tag keeps `docker image prune` off it
-            labels: dict[str, str] = info["Config"]["Labels"]
             return BaseImage(
                 image_id=image_id,
                 ref=ref,
@@ -426,12 +476,12 @@ def _is_base(info: Mapping[str, Any]) -> bool:
 
 
 def _validate(suite: str, packages: Sequence[str]) -> None:
-    if not _SUITE.match(suite):
+    if not _SUITE.fullmatch(suite):
         raise ReproboxError(
             f"{suite!r} is not a Debian suite name",
             hint="use a codename such as bookworm or trixie (without the `debian:` prefix)",
         )
-    bad = [p for p in packages if not _PACKAGE.match(p)]
+    bad = [p for p in packages if not _PACKAGE.fullmatch(p)]
     if bad:
         raise ReproboxError(
             f"not Debian package names: {', '.join(map(repr, bad))}",

@@ -6,37 +6,62 @@ processes fetching at once never leave a partial or wrong file under a hash's na
 fetch hashes each cached file in full before handing it out, in parallel threads (measured on
 a 2-core machine: 0.4 s for the 190 MB CPU torch wheel, 3.1 s for the CUDA example's 3 GB):
 a size check would miss a changed byte, and a changed byte is what tampering looks like.
+
+A download reads the bytes as sent (requests, no content decoding, timeouts) and stops at the
+size the lock records, or at MAX_DOWNLOAD_BYTES where it records none, so an endless stream
+ends in exit 2. Workers are daemon threads that check a stop event between chunks; the main
+thread waits in short slices, so Ctrl-C stops a fetch within about two seconds, even one stuck
+on a silent server, and partial files are deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
-import ssl
 import tempfile
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+import requests
+
 from reprobox import __version__
 from reprobox._lockfile import LockedWheel
-from reprobox.errors import EXIT_MISSING, LockError
+from reprobox._text import unsafe_character
+from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError, ReproboxError
 
-__all__ = ["TransferProgress", "WheelCache", "default_cache_dir", "fetch", "materialize"]
+__all__ = [
+    "MAX_DOWNLOAD_BYTES",
+    "TransferProgress",
+    "WheelCache",
+    "default_cache_dir",
+    "fetch",
+    "materialize",
+    "usable_cache_dir",
+]
 
 #: Called as bytes move: (label of the file, bytes done, total bytes or None). May be called
 #: from worker threads, but never from two at once.
 TransferProgress = Callable[[str, int, int | None], None]
 
+#: Where the lock records no size, a download stops here: twice the largest wheel a torch
+#: image needs today (nvidia-cudnn-cu12, about 0.7 GB; torch's CUDA builds, 0.9 to 2.5 GB).
+MAX_DOWNLOAD_BYTES = 8 << 30
 _CHUNK = 1 << 20
 _WORKERS = 4
+# (connect, read): a server that sends nothing for a minute is given up on.
+_TIMEOUT_S = (15.0, 60.0)
+# After Ctrl-C, how long the main thread waits for workers to delete their partial files.
+_GRACE_S = 2.0
+
+
+class _StoppedError(Exception):
+    """A worker saw the stop event (Ctrl-C, or another worker failed) between two chunks."""
 
 
 def default_cache_dir() -> Path:
@@ -48,35 +73,96 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "reprobox"
 
 
-def _ssl_context() -> ssl.SSLContext:
-    """pip's CA bundle where one is set (PIP_CERT), else the system's (honours SSL_CERT_FILE)."""
-    bundle = os.environ.get("PIP_CERT") or os.environ.get("REQUESTS_CA_BUNDLE")
-    return ssl.create_default_context(cafile=bundle or None)
+def usable_cache_dir(root: Path | None = None) -> Path:
+    """The cache folder, made if missing and proven writable; exit 2 if it names a file, 3 if
+    it cannot be made or written (read-only, no permission, disk full)."""
+    root = root if root is not None else default_cache_dir()
+    hint = "set REPROBOX_CACHE_DIR to a writable folder (default ~/.cache/reprobox)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReproboxError(
+            f"the cache folder {root} is not a folder", hint=hint, exit_code=EXIT_BAD_INPUT
+        ) from None
+    except OSError as exc:
+        raise ReproboxError(
+            f"cannot make the cache folder {root}: {exc.strerror or exc}",
+            hint=hint,
+            exit_code=EXIT_MISSING,
+        ) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        raise ReproboxError(
+            f"cannot write to the cache folder {root}: {exc.strerror or exc}",
+            hint=hint,
+            exit_code=EXIT_MISSING,
+        ) from None
+    return root
+
+
+def _verify_setting() -> str | bool:
+    """pip's CA bundle where one is set (PIP_CERT); else requests' (honours REQUESTS_CA_BUNDLE)."""
+    return os.environ.get("PIP_CERT") or True
+
+
+def _too_large(wheel: LockedWheel, limit: int) -> LockError:
+    recorded = "the size the lock records" if wheel.size is not None else "reprobox's limit"
+    return LockError(
+        f"{wheel.url} serves more than {limit} bytes ({recorded}) for {wheel.filename}; the "
+        "download was stopped and nothing was cached",
+        hint="the index serves another file than the lock pins: check the index, and relock "
+        "(`--relock`) only if you trust it",
+    )
 
 
 @contextmanager
-def _open(url: str) -> Iterator[tuple[BinaryIO, int | None]]:
-    """A readable stream of `url` (http, https or file) and its size where known."""
-    parts = urlsplit(url)
+def _open(wheel: LockedWheel, limit: int) -> Iterator[tuple[Iterator[bytes], int | None]]:
+    """The raw bytes of the wheel's URL (http, https or file) in chunks, and the size if known."""
+    if unsafe_character(wheel.url) is not None or len(wheel.url) > 4096:
+        raise LockError(
+            f"the lock names a URL for {wheel.filename[:120]!r} that holds a control character "
+            f"or is too long: {wheel.url[:200]!r}",
+            hint="write the lock again with `reprobox lock --relock SPEC`",
+        )
+    parts = urlsplit(wheel.url)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
         with path.open("rb") as handle:
-            yield handle, path.stat().st_size
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise _too_large(wheel, limit)
+            yield iter(lambda: handle.read(_CHUNK), b""), size
         return
     if parts.scheme not in {"http", "https"}:
-        raise LockError(f"cannot fetch {url}: only http, https and file URLs are supported")
-    request = urllib.request.Request(url, headers={"User-Agent": f"reprobox/{__version__}"})  # noqa: S310 - scheme checked above
-    context = _ssl_context() if parts.scheme == "https" else None
-    with urllib.request.urlopen(request, timeout=60, context=context) as response:  # noqa: S310
-        length = response.headers.get("Content-Length")
-        yield response, int(length) if length and length.isdigit() else None
+        raise LockError(f"cannot fetch {wheel.url}: only http, https and file URLs are supported")
+    headers = {"User-Agent": f"reprobox/{__version__}", "Accept-Encoding": "identity"}
+    with requests.get(
+        wheel.url, headers=headers, stream=True, timeout=_TIMEOUT_S, verify=_verify_setting()
+    ) as response:
+        if response.status_code >= 400:
+            raise LockError(
+                f"cannot fetch {wheel.filename}: {wheel.url} answered {response.status_code} "
+                f"{response.reason}",
+                hint="the index no longer serves this file: relock with --relock",
+            )
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.isdecimal() else None
+        if total is not None and total > limit:
+            raise _too_large(wheel, limit)
+        # The bytes as sent (no gzip decoding): what the lock's sha256 is taken over.
+        yield response.raw.stream(_CHUNK, decode_content=False), total
 
 
-def _sha256(path: Path, on_bytes: Callable[[int], None]) -> str:
+def _sha256(path: Path, on_bytes: Callable[[int], None], stop: threading.Event) -> str:
     digest = hashlib.sha256()
     done = 0
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
+            if stop.is_set():
+                raise _StoppedError
             digest.update(chunk)
             done += len(chunk)
             on_bytes(done)
@@ -89,6 +175,7 @@ class WheelCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root if root is not None else default_cache_dir()
         self._lock = threading.Lock()
+        self._partials: set[Path] = set()
 
     def path(self, sha256: str) -> Path:
         """Where the file with this sha256 lives (whether or not it is there)."""
@@ -106,19 +193,59 @@ class WheelCache:
         """Every wheel in the cache, verified by a full sha256: `{sha256: path}`.
 
         Missing wheels are downloaded; a cached file whose hash no longer matches is refused,
-        unless `refetch` asks to replace it.
+        unless `refetch` asks to replace it. The first failure stops the other downloads; so
+        does Ctrl-C, promptly, leaving no partial file behind.
         """
+        usable_cache_dir(self.root)
         unique = list({w.sha256: w for w in wheels}.values())
         count = len(unique)
         report = self._serialized(progress)
+        todo: queue.SimpleQueue[tuple[int, LockedWheel]] = queue.SimpleQueue()
+        for item in enumerate(unique, 1):
+            todo.put(item)
+        stop = threading.Event()
+        done: dict[str, Path] = {}
+        errors: list[BaseException] = []
 
-        def one(item: tuple[int, LockedWheel]) -> tuple[str, Path]:
-            index, wheel = item
-            label = f"({index}/{count}) {wheel.filename}"
-            return wheel.sha256, self._ensure(wheel, label, report, refetch)
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    index, wheel = todo.get_nowait()
+                except queue.Empty:
+                    return
+                label = f"({index}/{count}) {wheel.filename}"
+                try:
+                    done[wheel.sha256] = self._ensure(wheel, label, report, refetch, stop)
+                except _StoppedError:
+                    return
+                except BaseException as err:
+                    errors.append(err)
+                    stop.set()
+                    return
 
-        with ThreadPoolExecutor(max_workers=max(1, min(_WORKERS, count))) as pool:
-            return dict(pool.map(one, enumerate(unique, 1)))
+        # Daemon threads, waited for in short slices: the main thread stays interruptible, and a
+        # worker stuck in a socket read cannot keep the process alive after Ctrl-C.
+        threads = [
+            threading.Thread(target=work, name=f"reprobox-fetch-{n}", daemon=True)
+            for n in range(max(1, min(_WORKERS, count)))
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.1)
+        except KeyboardInterrupt:
+            stop.set()
+            for thread in threads:
+                thread.join(_GRACE_S / len(threads))
+            with self._lock:
+                for partial in self._partials:
+                    partial.unlink(missing_ok=True)
+            raise
+        if errors:
+            raise errors[0]
+        return {wheel.sha256: done[wheel.sha256] for wheel in unique}
 
     def materialize(
         self,
@@ -151,12 +278,17 @@ class WheelCache:
         return report
 
     def _ensure(
-        self, wheel: LockedWheel, label: str, report: TransferProgress, refetch: bool
+        self,
+        wheel: LockedWheel,
+        label: str,
+        report: TransferProgress,
+        refetch: bool,
+        stop: threading.Event,
     ) -> Path:
         path = self.path(wheel.sha256)
         if path.exists():
             size = path.stat().st_size
-            actual = _sha256(path, lambda done: report(f"{label} (verify)", done, size))
+            actual = _sha256(path, lambda done: report(f"{label} (verify)", done, size), stop)
             if actual == wheel.sha256:
                 return path
             if not refetch:
@@ -166,20 +298,27 @@ class WheelCache:
                     hint="fetch it again with --refetch (or delete that file)",
                 )
             path.unlink()
-        self._download(wheel, path, label, report)
+        self._download(wheel, path, label, report, stop)
         return path
 
     def _download(
-        self, wheel: LockedWheel, path: Path, label: str, report: TransferProgress
+        self,
+        wheel: LockedWheel,
+        path: Path,
+        label: str,
+        report: TransferProgress,
+        stop: threading.Event,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(
             prefix=f".{wheel.sha256[:16]}.", suffix=".part", dir=path.parent
         )
         tmp = Path(name)
+        with self._lock:
+            self._partials.add(tmp)
         try:
             with os.fdopen(fd, "wb") as out:
-                actual, size = _copy(wheel, out, label, report)
+                actual, size = _copy(wheel, out, label, report, stop)
                 out.flush()
                 os.fsync(out.fileno())
             if actual != wheel.sha256:
@@ -193,35 +332,50 @@ class WheelCache:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._partials.discard(tmp)
 
 
 def _copy(
-    wheel: LockedWheel, out: BinaryIO, label: str, report: TransferProgress
+    wheel: LockedWheel,
+    out: BinaryIO,
+    label: str,
+    report: TransferProgress,
+    stop: threading.Event,
 ) -> tuple[str, int]:
-    """Stream the wheel's URL into `out`, hashing on the way; (sha256, size)."""
+    """Stream the wheel's URL into `out`, hashing on the way, up to its size; (sha256, size)."""
+    limit = wheel.size if wheel.size is not None else MAX_DOWNLOAD_BYTES
     digest = hashlib.sha256()
     done = 0
     try:
-        with _open(wheel.url) as (source, total):
+        with _open(wheel, limit) as (chunks, total):
             report(label, 0, total)
-            while chunk := source.read(_CHUNK):
+            for chunk in chunks:
+                if stop.is_set():
+                    raise _StoppedError
+                done += len(chunk)
+                if done > limit:
+                    raise _too_large(wheel, limit)
                 out.write(chunk)
                 digest.update(chunk)
-                done += len(chunk)
                 report(label, done, total)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the response open
+    except (requests.RequestException, OSError) as exc:
         raise LockError(
-            f"cannot fetch {wheel.filename}: {wheel.url} answered {exc.code} {exc.reason}",
-            hint="the index no longer serves this file: relock with --relock",
-        ) from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise LockError(
-            f"cannot fetch {wheel.filename} from {wheel.url}: {getattr(exc, 'reason', exc)}",
+            f"cannot fetch {wheel.filename} from {wheel.url}: {_reason(exc)}",
             hint="check the network (or that the file:// path still exists), then run again",
             exit_code=EXIT_MISSING,
         ) from exc
     return digest.hexdigest(), done
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause's message: what the network said, without urllib3's wrapping."""
+    while exc.__context__ is not None and isinstance(exc, requests.RequestException):
+        exc = exc.__context__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text if len(text) < 300 else text[:297] + "..."
 
 
 def _place(source: Path, target: Path) -> None:

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reprobox._text import unsafe_character
 from reprobox.engine import Engine, GpuUnavailableError
-from reprobox.errors import CheckError, ReproboxError
+from reprobox.errors import EXIT_BAD_INPUT, CheckError, ReproboxError
 from reprobox.spec import Spec
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "fingerprint_label",
     "gpu_probe_argv",
     "image_uses_cuda",
+    "parse_selfcheck_label",
     "recorded_fingerprints",
     "run_selfcheck",
     "selfcheck_argv",
@@ -33,7 +35,8 @@ SELFCHECK_LABEL = "reprobox.selfcheck.argv"
 #: "cpu" or the CUDA version the image's torch was built for; set at render time.
 CUDA_LABEL = "reprobox.cuda"
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
-_DEVICE_CLASS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_DEVICE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _CUDA_VALUE = re.compile(r"cpu|[0-9]{1,2}\.[0-9]{1,2}")
 _EXIT_DEVICE_MISSING = 3  # the self-check's own exit status for --device cuda without a GPU
 _GPU_HINT = (
@@ -128,19 +131,46 @@ def gpu_probe_argv() -> list[str]:
     return ["python", _PROGRAM, "--steps", "1", "--device", "cuda"]
 
 
+def parse_selfcheck_label(image: str, raw: str) -> list[str]:
+    """The self-check command an image's label records, checked: a JSON list of plain strings
+    that runs reprobox's self-check program; anything else is exit 2 naming the label."""
+    try:
+        argv = json.loads(raw)
+    except (ValueError, RecursionError):
+        argv = None
+    well_formed = (
+        isinstance(argv, list)
+        and 2 <= len(argv) <= 64
+        and all(isinstance(a, str) and len(a) <= 4096 and unsafe_character(a) is None for a in argv)
+        and argv[:2] == ["python", _PROGRAM]
+    )
+    if not well_formed:
+        raise ReproboxError(
+            f"{image}: its {SELFCHECK_LABEL} label is not the self-check command reprobox records "
+            f"(a JSON list of strings starting with python {_PROGRAM}): {raw[:120]!r}",
+            hint="the image was changed after reprobox built it; build it again, or ask its author",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    return list(argv)
+
+
 def fingerprint_label(device_class: str) -> str:
     """The label key under which an image records its fingerprint for one device class."""
-    if not _DEVICE_CLASS.match(device_class):
+    if not _DEVICE_CLASS.fullmatch(device_class):
         raise CheckError(f"the self-check reported an unusable device class {device_class!r}")
     return FINGERPRINT_LABEL + device_class
 
 
 def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
-    """Device class -> fingerprint, from an image's labels."""
+    """Device class -> fingerprint, from an image's labels; malformed ones (an image is someone
+    else's input: a label may hold anything, terminal escapes included) are left out."""
     return {
         k.removeprefix(FINGERPRINT_LABEL): v
         for k, v in labels.items()
         if k.startswith(FINGERPRINT_LABEL)
+        and _DEVICE_CLASS.fullmatch(k.removeprefix(FINGERPRINT_LABEL))
+        and isinstance(v, str)
+        and _FINGERPRINT.fullmatch(v)
     }
 
 

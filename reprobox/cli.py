@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox import __version__
-from reprobox.errors import EXIT_CHECK_FAILED, ReproboxError
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, ReproboxError
 
 __all__ = ["entrypoint", "main"]
 
@@ -121,7 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from reprobox.handoff import import_image
 
-    report = import_image(Path(args.archive))
+    report = import_image(Path(args.archive), allow_foreign=args.allow_foreign, force=args.force)
     return _emit(args, report, report["summary"])
 
 
@@ -283,6 +283,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("import", _cmd_import, "verify and load an archive that export wrote", spec=False)
     p.add_argument("archive", metavar="FILE.tar", help="the archive")
+    p.add_argument(
+        "--allow-foreign",
+        action="store_true",
+        help="load an archive that is not a reprobox export (no spec and lock matching its labels)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="move a tag this engine has to the imported image"
+    )
 
     p = command("doctor", _cmd_doctor, "can this host build (and run) the spec?", spec=False)
     p.add_argument("spec", nargs="?", metavar="SPEC", help="the spec to check the host against")
@@ -315,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"reprobox: internal error: {type(exc).__name__}: {exc}\n"
                 "  hint: this is a bug in reprobox; run again with --debug and report the traceback\n"
             )
-        return EXIT_CHECK_FAILED
+        return EXIT_INTERNAL
 
 
 def entrypoint() -> None:

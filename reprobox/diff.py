@@ -23,6 +23,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from reprobox._archive import (
+    MAX_CONFIG_BYTES,
+    MAX_LAYER_ENTRIES,
+    MAX_MANIFEST_BYTES,
+    index_members,
+    read_json,
+    read_member,
+)
+from reprobox._registry import check_image_ref
 from reprobox.engine import Engine
 from reprobox.errors import ReproboxError
 
@@ -155,6 +164,8 @@ def _order(row: Difference) -> tuple[int, int, str, int, str]:
 
 def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, Any]]:
     """The engine's description of each reference that does not name a file."""
+    for ref in refs:
+        check_image_ref(ref, "an image")
     if refs and engine is None:
         raise ReproboxError(
             f"{refs[0]} is not a file, and there is no engine to save it from",
@@ -173,14 +184,23 @@ def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
     """The image `image_id` in `archive`, or its only image when `image_id` is None."""
     try:
         with tarfile.open(archive) as tar:
-            manifest = json.loads(_member(tar, "manifest.json", archive))
+            members = index_members(tar)
+            manifest = read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES)
             found = []
             for entry in manifest:
-                raw = _member(tar, entry["Config"], archive)
+                raw = read_member(tar, members, entry["Config"], MAX_CONFIG_BYTES)
                 entry_id = f"sha256:{hashlib.sha256(raw).hexdigest()}"
                 if image_id in (None, entry_id):
-                    found.append((entry_id, json.loads(raw), tuple(entry["Layers"])))
-    except (tarfile.TarError, json.JSONDecodeError, KeyError, TypeError) as err:
+                    config = json.loads(raw)
+                    found.append((entry_id, config, tuple(str(x) for x in entry["Layers"])))
+    except (
+        tarfile.TarError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as err:
         raise ReproboxError(f"{archive} is not a docker-archive ({err})") from err
     if len(found) != 1:
         raise ReproboxError(
@@ -191,13 +211,6 @@ def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
     diff_ids = tuple(str(d) for d in config.get("rootfs", {}).get("diff_ids", []))
     side = ImageSide(ref, entry_id, len(layers))
     return _Image(side, archive, config, layers, diff_ids)
-
-
-def _member(tar: tarfile.TarFile, name: str, archive: Path) -> bytes:
-    data = tar.extractfile(name)
-    if data is None:
-        raise ReproboxError(f"{archive}: {name} is not a file")
-    return data.read()
 
 
 def _config_differences(a: Any, b: Any, path: str = "") -> Iterator[Difference]:
@@ -251,7 +264,15 @@ def _layer_entries(image: _Image, index: int) -> dict[str, _Entry]:
         tarfile.open(image.archive) as outer,
         _layer_stream(outer, image.layers[index], image.archive) as layer,
     ):
-        return {"/" + _clean(m.name): _entry(layer, m) for m in layer}
+        entries: dict[str, _Entry] = {}
+        for member in layer:
+            if len(entries) >= MAX_LAYER_ENTRIES:
+                raise ReproboxError(
+                    f"{image.archive}: layer {image.layers[index]} holds more than "
+                    f"{MAX_LAYER_ENTRIES} entries; diff does not list them"
+                )
+            entries["/" + _clean(member.name)] = _entry(layer, member)
+        return entries
 
 
 @contextmanager

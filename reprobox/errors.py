@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_CHECK_FAILED",
+    "EXIT_INTERNAL",
     "EXIT_MISSING",
     "EXIT_OK",
     "BuildError",
@@ -19,6 +20,8 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
+#: A bug in reprobox: any exception that is not a ReproboxError (cli.main's last handler).
+EXIT_INTERNAL = 4
 
 
 class ReproboxError(Exception):

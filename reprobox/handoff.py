@@ -5,6 +5,13 @@ byte of such an archive against its own digests before the engine sees it, then 
 `docker load` reads `manifest.json` and the files it names and ignores other members, so the
 archive stays an ordinary `docker save` archive (`docker load -i FILE.tar` works too), and
 `tar -xf FILE.tar reprobox/` gives the spec and lock to a reader.
+
+An archive is someone else's file: import reads every member with a bound (reprobox._archive),
+accepts only a reprobox export (one image, its spec and lock members, and the image's
+`reprobox.spec-sha256` / `reprobox.lock-sha256` labels matching them) unless `allow_foreign`,
+and never moves a tag this engine already has to another image unless `force` (checked before
+loading, since `docker load` moves tags itself). Tags under `reprobox/base` are never imported:
+only this host makes bases.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import zlib
@@ -23,9 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from reprobox._archive import (
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    index_members,
+    read_json,
+    read_member,
+)
+from reprobox._registry import check_image_ref
+from reprobox._yaml import MAX_BYTES as MAX_SPEC_BYTES
 from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
 from reprobox.engine import DockerEngine, Engine
-from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
+from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, ReproboxError
 from reprobox.progress import Reporter
 
 __all__ = ["SIDE_MEMBERS", "ArchiveContents", "export_image", "import_image", "verify_archive"]
@@ -36,7 +53,16 @@ SIDE_MEMBERS = {
     "reprobox/reprobox.lock": "opt/reprobox/reprobox.lock",
 }
 _LOCK_LABEL = "reprobox.lock-sha256"
+_SPEC_LABEL = "reprobox.spec-sha256"
+_SIDE_LIMITS = {"reprobox/spec.yaml": MAX_SPEC_BYTES, "reprobox/reprobox.lock": 16 << 20}
 _CHUNK = 1 << 20
+_MAX_IMAGES = 64
+# A tag as the engine writes it in RepoTags: name[:port]/path:tag, nothing else.
+_REPO_TAG = re.compile(
+    r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
+    r"(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r":[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+)
 
 
 @dataclass(frozen=True)
@@ -69,18 +95,18 @@ def _sha256(stream: _Reader) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _read(tar: tarfile.TarFile, name: str, archive: Path) -> IO[bytes]:
-    try:
-        stream = tar.extractfile(name)
-    except KeyError:
-        stream = None
+def _stream(
+    tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], name: str, archive: Path
+) -> IO[bytes]:
+    member = members.get(name.removeprefix("./"))
+    stream = tar.extractfile(member) if member is not None and member.isreg() else None
     if stream is None:
-        raise _corrupt(archive, f"the member {name} is missing")
+        raise _corrupt(archive, f"the member {name[:200]!r} is missing")
     return stream
 
 
 def _layer_digest(stream: IO[bytes]) -> str:
-    """The diff ID of a layer file: the sha256 of its uncompressed tar."""
+    """The diff ID of a layer file: the sha256 of its uncompressed tar (streamed in chunks)."""
     head = stream.read(2)
     stream.seek(0)
     if head == b"\x1f\x8b":
@@ -89,76 +115,110 @@ def _layer_digest(stream: IO[bytes]) -> str:
     return _sha256(stream)
 
 
-def _verify_image(tar: tarfile.TarFile, entry: Mapping[str, Any], archive: Path) -> dict[str, Any]:
+def _entries(manifest: Any) -> list[dict[str, Any]]:
+    """manifest.json's entries, each checked for the shape `docker save` writes."""
+    if not isinstance(manifest, list) or not 1 <= len(manifest) <= _MAX_IMAGES:
+        raise ValueError(f"the manifest is not a list of 1 to {_MAX_IMAGES} images")
+    for entry in manifest:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+            raise TypeError("a manifest entry has no Config")
+        layers, tags = entry.get("Layers") or [], entry.get("RepoTags") or []
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise ValueError("a manifest entry's Layers is not a list of names")
+        if not isinstance(tags, list) or not all(isinstance(x, str) for x in tags):
+            raise ValueError("a manifest entry's RepoTags is not a list of names")
+    return manifest
+
+
+def _verify_image(
+    tar: tarfile.TarFile,
+    members: Mapping[str, tarfile.TarInfo],
+    entry: Mapping[str, Any],
+    archive: Path,
+) -> dict[str, Any]:
     """One manifest entry: its config hashes to its ID, and each layer to the config's diff ID."""
-    raw = _read(tar, str(entry["Config"]), archive).read()
+    raw = read_member(tar, dict(members), str(entry["Config"]), MAX_CONFIG_BYTES)
     image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
     stem = Path(str(entry["Config"])).name.removesuffix(".json")
     if stem not in image_id:
-        raise _corrupt(archive, f"the config {entry['Config']} does not hash to its name")
-    config: dict[str, Any] = json.loads(raw)
-    diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} does not hash to its name")
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not JSON") from None
+    if not isinstance(config, dict):
+        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not a JSON object")
+    diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
     layers = [str(layer) for layer in entry.get("Layers") or []]
     if len(diff_ids) != len(layers):
         raise _corrupt(archive, f"{len(layers)} layers for the {len(diff_ids)} its config lists")
     for layer, expected in zip(layers, diff_ids, strict=True):
-        if _layer_digest(_read(tar, layer, archive)) != expected:
-            raise _corrupt(archive, f"the layer {layer} does not hash to {expected}")
+        if _layer_digest(_stream(tar, members, layer, archive)) != expected:
+            raise _corrupt(archive, f"the layer {layer[:200]!r} does not hash to {expected!r}")
     config["Id"] = image_id
     return config
 
 
 def verify_archive(archive: Path) -> ArchiveContents:
-    """Read the whole archive and check every config and layer against its digest."""
+    """Read the whole archive, with bounds, and check every config and layer against its digest."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             try:
-                manifest = json.loads(_read(tar, "manifest.json", archive).read())
-                configs = [_verify_image(tar, entry, archive) for entry in manifest]
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise _corrupt(archive, f"its manifest or a config is malformed ({err})") from None
-            side = {
-                name: _read(tar, name, archive).read()
-                for name in SIDE_MEMBERS
-                if name in tar.getnames()
-            }
+                members = index_members(tar)
+                manifest = _entries(read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES))
+                configs = [_verify_image(tar, members, entry, archive) for entry in manifest]
+                side = {
+                    name: read_member(tar, members, name, _SIDE_LIMITS[name])
+                    for name in SIDE_MEMBERS
+                    if name in members
+                }
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+                raise _corrupt(archive, str(err)) from None
     except FileNotFoundError:
         raise ReproboxError(f"{archive}: no such file", exit_code=EXIT_BAD_INPUT) from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise _corrupt(archive, f"{type(err).__name__}: {err}") from None
-    if not configs:
-        raise _corrupt(archive, "its manifest lists no image")
     tags = [str(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
-    labels = configs[0].get("config", {}).get("Labels") or {}
+    labels = (configs[0].get("config") or {}).get("Labels") or {}
+    if not isinstance(labels, dict):
+        raise _corrupt(archive, "the image's labels are not a mapping")
     return ArchiveContents(tuple(c["Id"] for c in configs), tuple(tags), side, labels)
 
 
-def _file_in_layers(tar: tarfile.TarFile, layers: list[str], path: str) -> bytes | None:
+def _file_in_layers(
+    tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], layers: list[str], path: str
+) -> bytes | None:
     """`path` as the image sees it: from the topmost layer that holds it (or deletes it)."""
     folder, _, name = path.rpartition("/")
     whiteout = f"{folder}/.wh.{name}"
+    limit = _SIDE_LIMITS[next(k for k, v in SIDE_MEMBERS.items() if v == path)]
     for layer in reversed(layers):
-        stream = tar.extractfile(layer)
+        member = members.get(layer)
+        stream = tar.extractfile(member) if member is not None else None
         if stream is None:
             continue
         with tarfile.open(fileobj=stream, mode="r:*") as inner:
-            for member in inner:
-                clean = member.name.removeprefix("./")
+            for entry in inner:
+                clean = entry.name.removeprefix("./")
                 if clean == whiteout:
                     return None
-                if clean == path and member.isfile():
-                    data = inner.extractfile(member)
-                    return None if data is None else data.read()
+                if clean == path and entry.isfile():
+                    if entry.size > limit:
+                        raise ReproboxError(f"{path} in the image is larger than {limit} bytes")
+                    data = inner.extractfile(entry)
+                    return None if data is None else data.read(limit)
     return None
 
 
 def _side_members(saved: Path) -> dict[str, bytes]:
     """The spec and lock, read out of the saved image's own layers."""
     with tarfile.open(saved, "r:") as tar:
-        manifest = json.loads(_read(tar, "manifest.json", saved).read())
+        members = index_members(tar)
+        manifest = _entries(read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES))
         layers = [str(layer) for layer in manifest[0].get("Layers") or []]
         found = {
-            member: _file_in_layers(tar, layers, inside) for member, inside in SIDE_MEMBERS.items()
+            member: _file_in_layers(tar, members, layers, inside)
+            for member, inside in SIDE_MEMBERS.items()
         }
     return {name: data for name, data in found.items() if data is not None}
 
@@ -200,9 +260,80 @@ def _lock_matches(side: Mapping[str, bytes], labels: Mapping[str, str]) -> bool 
     return hashlib.sha256(lock).hexdigest() == labels[_LOCK_LABEL]
 
 
+def _not_an_export(contents: ArchiveContents) -> str | None:
+    """Why the archive is not a reprobox export, or None when it is one."""
+    if len(contents.image_ids) != 1:
+        return f"it holds {len(contents.image_ids)} images; an export holds one"
+    for member, label in (
+        ("reprobox/spec.yaml", _SPEC_LABEL),
+        ("reprobox/reprobox.lock", _LOCK_LABEL),
+    ):
+        data = contents.side.get(member)
+        if data is None:
+            return f"it has no {member} member"
+        recorded = contents.labels.get(label)
+        if recorded is None:
+            return f"its image has no {label} label"
+        if hashlib.sha256(data).hexdigest() != recorded:
+            return f"its {member} does not match the image's {label} label"
+    return None
+
+
+def _check_tags(contents: ArchiveContents, engine: Engine, archive: Path, *, force: bool) -> None:
+    """Before `docker load` moves any tag: every tag well-formed, none under reprobox/base, and
+    none of this engine's tags moved to another image without `force`."""
+    for tag in contents.tags:
+        if _REPO_TAG.fullmatch(tag) is None:
+            raise _corrupt(archive, f"its manifest names a malformed tag {tag[:200]!r}")
+        if tag.startswith("reprobox/base:"):
+            raise ReproboxError(
+                f"{archive} carries the tag {tag}; bases are made on this host only, so it "
+                "was not loaded",
+                hint="import images that `reprobox export` wrote; bases never travel",
+                exit_code=EXIT_BAD_INPUT,
+            )
+    image_id = contents.image_ids[0] if len(contents.image_ids) == 1 else None
+    moved = [
+        tag
+        for tag in contents.tags
+        if engine.image_exists(tag) and engine.inspect_image(tag).get("Id") != image_id
+    ]
+    if moved and not force:
+        raise ReproboxError(
+            f"importing {archive} would move {', '.join(moved)} from the image it names in this "
+            "engine to another one; nothing was loaded",
+            hint="pass --force to move the tag, or remove the tag first (`docker rmi TAG`)",
+            exit_code=EXIT_BAD_INPUT,
+        )
+
+
+def _check_output(output: Path) -> None:
+    """Where export writes: a file path (new or to replace) in an existing or creatable folder."""
+    if output.is_dir():
+        raise ReproboxError(
+            f"{output} is a directory; export writes one file",
+            hint="give the archive's file name, e.g. `-o image.tar`",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReproboxError(
+            f"{output.parent} is not a directory", exit_code=EXIT_BAD_INPUT
+        ) from None
+    except OSError as exc:
+        raise ReproboxError(
+            f"cannot make {output.parent}: {exc.strerror or exc}", exit_code=EXIT_MISSING
+        ) from None
+    if not os.access(output.parent, os.W_OK):
+        raise ReproboxError(f"cannot write into {output.parent}", exit_code=EXIT_MISSING)
+
+
 def export_image(image: str, output: Path, *, engine: Engine | None = None) -> dict[str, Any]:
     """`reprobox export`: one archive with the image, its spec and its lock."""
     started = time.monotonic()
+    check_image_ref(image)
+    _check_output(output)  # before the engine spends seconds saving
     engine = engine or DockerEngine()
     info = engine.inspect_image(image)
     labels = (info.get("Config") or {}).get("Labels") or {}
@@ -212,14 +343,18 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
             hint="export images that `reprobox build` made; `docker save` writes any other image",
         )
     refs = _refs_to_save(info, image)
-    output.parent.mkdir(parents=True, exist_ok=True)
     reporter = Reporter()
-    with reporter.stage(f"export {', '.join(refs)} to {output}"), _partial(output) as partial:
-        engine.save(refs, partial)
-        side = _side_members(partial)
-        if _lock_matches(side, labels) is False:
-            raise ReproboxError(f"the lock inside {image} does not match its {_LOCK_LABEL} label")
-        _append(partial, side)
+    try:
+        with reporter.stage(f"export {', '.join(refs)} to {output}"), _partial(output) as partial:
+            engine.save(refs, partial)
+            side = _side_members(partial)
+            if _lock_matches(side, labels) is False:
+                raise ReproboxError(
+                    f"the lock inside {image} does not match its {_LOCK_LABEL} label"
+                )
+            _append(partial, side)
+    except IsADirectoryError:
+        raise ReproboxError(f"{output} is a directory", exit_code=EXIT_BAD_INPUT) from None
     size = output.stat().st_size
     seconds = round(time.monotonic() - started, 1)
     return {
@@ -236,8 +371,18 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     }
 
 
-def import_image(archive: Path, *, engine: Engine | None = None) -> dict[str, Any]:
-    """`reprobox import`: verify the archive in full, then load it; the image IDs and tags."""
+def import_image(
+    archive: Path,
+    *,
+    engine: Engine | None = None,
+    allow_foreign: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """`reprobox import`: verify the archive in full, check what it would change, then load it.
+
+    Only a reprobox export is loaded unless `allow_foreign`; a tag this engine already has for
+    another image is moved only with `force`.
+    """
     started = time.monotonic()
     engine = engine or DockerEngine()
     engine.ping()
@@ -246,6 +391,15 @@ def import_image(archive: Path, *, engine: Engine | None = None) -> dict[str, An
         contents = verify_archive(archive)
     if _lock_matches(contents.side, contents.labels) is False:
         raise _corrupt(archive, f"its reprobox.lock does not match the image's {_LOCK_LABEL}")
+    why = _not_an_export(contents)
+    if why is not None and not allow_foreign:
+        raise ReproboxError(
+            f"{archive} is not a reprobox export: {why}; nothing was loaded",
+            hint="`reprobox export IMAGE -o FILE.tar` writes one; to load another archive "
+            "anyway, pass --allow-foreign (or use `docker load`)",
+            exit_code=EXIT_BAD_INPUT,
+        )
+    _check_tags(contents, engine, archive, force=force)
     with reporter.stage(f"load {archive}"):
         loaded = engine.load(archive)
     missing = sorted(set(contents.image_ids) - set(loaded))
@@ -259,6 +413,7 @@ def import_image(archive: Path, *, engine: Engine | None = None) -> dict[str, An
         "image_ids": list(contents.image_ids),
         "tags": list(contents.tags),
         "members": sorted(contents.side),
+        "reprobox_export": why is None,
         "lock_matches_label": _lock_matches(contents.side, contents.labels),
         "fingerprints": recorded_fingerprints(contents.labels),
         "seconds": seconds,

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprobox._registry import check_image_ref
 from reprobox.base import bootstrap_base
-from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,
     compare_with_recorded,
@@ -20,6 +21,7 @@ from reprobox.check import (
     fingerprint_label,
     gpu_probe_argv,
     image_uses_cuda,
+    parse_selfcheck_label,
     recorded_fingerprints,
     run_selfcheck,
     selfcheck_argv,
@@ -31,7 +33,7 @@ from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
 from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
-from reprobox.render import RenderedContext, render_context
+from reprobox.render import RenderedContext, check_output_dir, render_context
 from reprobox.spec import Spec, load_spec
 
 __all__ = ["build", "check", "lock", "render"]
@@ -147,6 +149,9 @@ def render(
 ) -> dict[str, Any]:
     """`reprobox render`: the build context, without building."""
     reporter = Reporter()
+    check_output_dir(out)  # before the lock is written: bad input changes nothing on disk
+    if wheels:
+        usable_cache_dir()
     locked = _locked(spec_path, lock_path, relock, reporter)
     files = _fetch(locked, refetch, reporter) if wheels else None
     spec = locked.spec
@@ -192,6 +197,9 @@ def build(
     """`reprobox build`: everything, ending in a tagged image that passed its self-check."""
     started = time.monotonic()
     reporter = Reporter()
+    if tag is not None:
+        check_image_ref(tag, "--tag")
+    usable_cache_dir()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
     engine = _engine(reporter)
     locked = _locked(spec_path, lock_path, relock, reporter)
     spec = locked.spec
@@ -446,18 +454,19 @@ def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
 
 def check(image: str) -> dict[str, Any]:
     """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded."""
+    check_image_ref(image)
     reporter = Reporter()
     engine = _engine(reporter)
     if not engine.image_exists(image):
         raise ReproboxError(
             f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
         )
-    labels: dict[str, str] = engine.inspect_image(image).get("Config", {}).get("Labels") or {}
+    labels: dict[str, str] = (engine.inspect_image(image).get("Config") or {}).get("Labels") or {}
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
     cuda = image_uses_cuda(labels, image)
-    argv = device_argv(_recorded_argv(image, raw_argv), cuda=cuda)
+    argv = device_argv(parse_selfcheck_label(image, raw_argv), cuda=cuda)
     with reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
         result = run_selfcheck(engine, image, argv, gpus=cuda)
     verdict = compare_with_recorded(result, labels)
@@ -487,42 +496,25 @@ def check(image: str) -> dict[str, Any]:
     }
 
 
-def _recorded_argv(image: str, raw: str) -> list[str]:
-    try:
-        argv = json.loads(raw)
-    except json.JSONDecodeError:
-        argv = None
-    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv) or not argv:
-        raise ReproboxError(
-            f"{image}: its {SELFCHECK_LABEL} label is not a JSON list of strings",
-            hint="rebuild it with this reprobox (`reprobox build SPEC`)",
-        )
-    return argv
-
-
 def _first_step_difference(
     recorded_trace: str | None, report: dict[str, Any] | Any
 ) -> dict[str, Any] | None:
     if recorded_trace is None:
         return None
-    recorded = json.loads(recorded_trace)
+    try:
+        recorded = json.loads(recorded_trace)
+    except (ValueError, RecursionError):
+        return None  # a damaged trace label: the fingerprints still tell the verdict
+    if not isinstance(recorded, dict) or not isinstance(report, dict):
+        return None
     runs = report.get("runs") or [{}]
     now = runs[0]
-    for step, (a, b) in enumerate(
-        zip(recorded.get("losses", []), now.get("losses", []), strict=False)
-    ):
+    recorded_losses = recorded.get("losses")
+    recorded_losses = recorded_losses if isinstance(recorded_losses, list) else []
+    for step, (a, b) in enumerate(zip(recorded_losses, now.get("losses", []), strict=False)):
         if a != b:
             return {"step": step, "recorded": a, "here": b}
-    if recorded.get("state_sha256") != now.get("state_sha256"):
-        return {
-            "step": "final state",
-            "recorded": recorded.get("state_sha256"),
-            "here": now.get("state_sha256"),
-        }
-    if recorded.get("inference_sha256") != now.get("inference_sha256"):
-        return {
-            "step": "inference",
-            "recorded": recorded.get("inference_sha256"),
-            "here": now.get("inference_sha256"),
-        }
+    for key, what in (("state_sha256", "final state"), ("inference_sha256", "inference")):
+        if recorded.get(key) != now.get(key):
+            return {"step": what, "recorded": recorded.get(key), "here": now.get(key)}
     return None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import shlex
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +21,9 @@ import yaml
 
 from reprobox import __version__
 from reprobox._lockfile import GROUPS, requirements_text
+from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
-from reprobox.errors import ReproboxError
+from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, ReproboxError
 from reprobox.spec import Spec, parse_spec
 
 if TYPE_CHECKING:
@@ -26,15 +31,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RenderedContext",
+    "check_output_dir",
     "default_tag",
+    "dockerfile_key",
     "dockerfile_quote",
+    "from_reference",
     "image_env",
     "render_context",
+    "shell_word",
     "source_date_epoch",
     "starter_spec",
 ]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IMAGE_FILES = (
     "reprobox_hook.py",
     "reprobox_selfcheck.py",
@@ -42,6 +50,16 @@ _IMAGE_FILES = (
     "reprobox_generation.py",
     "reprobox_decoder.py",
 )
+# What FROM may name: an image ID, a reference pinned by digest, a stage or a plain name:tag.
+_FROM = re.compile(
+    r"sha256:[0-9a-f]{64}"
+    r"|[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
+_WHEEL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}\.whl")
+_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}==[A-Za-z0-9.+!_-]{1,128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -57,14 +75,49 @@ class RenderedContext:
     source_date_epoch: int
 
 
+def _inert(text: str, where: str) -> None:
+    bad = unsafe_character(text)
+    if bad is not None:
+        # The spec and lock readers refuse these already; this is the second wall, not the first.
+        raise ReproboxError(
+            f"refusing to render {text[:80]!r} into the Dockerfile's {where}: it holds {bad}",
+            hint="this value should have been refused when it was read; please report it",
+        )
+
+
 def dockerfile_quote(value: object) -> str:
     """Quote a value for ENV/LABEL so the builder reads it back literally and it adds nothing."""
     text = str(value)
-    if _CONTROL.search(text):
-        # The spec already refuses these; this is the second wall, not the first.
-        raise ReproboxError(f"refusing to render a control character into the Dockerfile: {text!r}")
+    _inert(text, "ENV/LABEL value")
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     return f'"{escaped}"'
+
+
+def dockerfile_key(value: object) -> str:
+    """An ENV or LABEL key, which the Dockerfile cannot quote: refused unless it is a plain word."""
+    text = str(value)
+    _inert(text, "ENV/LABEL key")
+    if _KEY.fullmatch(text) is None:
+        raise ReproboxError(f"refusing to render {text!r} as an ENV or LABEL key")
+    return text
+
+
+def shell_word(value: object) -> str:
+    """One word of a RUN line's shell command, quoted so the shell reads it as one literal word."""
+    text = str(value)
+    _inert(text, "RUN line")
+    if not text or text.startswith("-"):
+        raise ReproboxError(f"refusing to render {text!r} as an argument of a RUN line")
+    return shlex.quote(text)
+
+
+def from_reference(value: object) -> str:
+    """What FROM names, which the Dockerfile cannot quote: an image ID, a pinned reference, a stage."""
+    text = str(value)
+    _inert(text, "FROM line")
+    if _FROM.fullmatch(text) is None:
+        raise ReproboxError(f"refusing to render {text!r} into a FROM line")
+    return text
 
 
 def source_date_epoch(lock: Lock) -> int:
@@ -144,32 +197,114 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["dq"] = dockerfile_quote
+    env.filters["key"] = dockerfile_key
+    env.filters["sh"] = shell_word
+    env.filters["ref"] = from_reference
     return env
 
 
 def _spec_text(spec: Spec) -> str:
-    if spec.source is not None:
-        return spec.source.read_text(encoding="utf-8")
+    """The spec's own text (the bytes its sha256 covers), or a dump of a spec made in code."""
+    if spec.text:
+        return spec.text
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+def _bad_output(message: str, exit_code: int = EXIT_BAD_INPUT) -> ReproboxError:
+    return ReproboxError(
+        message, hint="render into a new or empty directory (`-o DIR`)", exit_code=exit_code
+    )
 
 
-def _place_wheels(ctx: Path, lock: Lock, wheels: Mapping[str, Path] | None) -> None:
+def check_output_dir(out: Path) -> None:
+    """`out` can become a build context: absent, or an empty directory; else exit 2 now."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise _bad_output(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise _bad_output(f"{out} is not empty")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _bad_output(f"{parent} is not a directory, so {out} cannot be made in it")
+            break
+
+
+def _wheel_plan(lock: Lock) -> dict[str, str]:
+    """Relative path in the context -> sha256, for every wheel; refuses names that are paths."""
+    plan: dict[str, str] = {}
+    for wheel in lock.wheels:
+        pin = f"{wheel.name}=={wheel.version}"
+        if _PIN.fullmatch(pin) is None or _SHA256.fullmatch(wheel.sha256) is None:
+            raise ReproboxError(
+                f"the lock pins {pin[:120]!r} (sha256 {wheel.sha256[:80]!r}), which is not a plain "
+                "name==version with a sha256; it goes into the build's requirement files",
+                hint="write the lock again with `reprobox lock --relock SPEC`",
+            )
+        if wheel.group not in GROUPS or _WHEEL_FILE.fullmatch(wheel.filename) is None:
+            raise ReproboxError(
+                f"the lock names a wheel file {wheel.filename[:120]!r} (group {wheel.group[:40]!r}) "
+                "that is not a plain wheel name",
+                hint="write the lock again with `reprobox lock --relock SPEC`",
+            )
+        plan[f"wheels/{wheel.group}/{wheel.filename}"] = wheel.sha256
+    return plan
+
+
+def _place_wheels(ctx: Path, plan: Mapping[str, str], wheels: Mapping[str, Path] | None) -> None:
     for group in GROUPS:
         (ctx / "wheels" / group).mkdir(parents=True, exist_ok=True)
     if wheels is None:
         return
-    for wheel in lock.wheels:
-        source = wheels[wheel.sha256]
-        target = ctx / "wheels" / wheel.group / wheel.filename
+    for relative, sha256 in plan.items():
+        source, target = wheels[sha256], ctx / relative
         try:
             target.hardlink_to(source)
         except OSError:
             shutil.copyfile(source, target)
+
+
+def _write_tree(
+    out: Path,
+    files: Mapping[str, str],
+    plan: Mapping[str, str],
+    wheels: Mapping[str, Path] | None,
+) -> None:
+    """Write the context into a sibling temporary folder and rename it into place.
+
+    rename(2) replaces an absent or empty directory but never a non-empty one, so of two
+    renders racing into one new folder exactly one wins, and a reader never sees half a context.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        code = (
+            EXIT_MISSING
+            if exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
+            else EXIT_BAD_INPUT
+        )
+        raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", code) from None
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        for relative, text in files.items():
+            path = tmp / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        _place_wheels(tmp, plan, wheels)
+        try:
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno in {errno.ENOTEMPTY, errno.EEXIST}:
+                raise _bad_output(
+                    f"{out} is not empty (another render may have written it first)"
+                ) from None
+            if exc.errno in {errno.ENOTDIR, errno.EISDIR}:
+                raise _bad_output(f"{out} exists and is not a directory") from None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render_context(
@@ -185,21 +320,25 @@ def render_context(
 
     `base_ref` is what `FROM` names: the spec's digest-pinned image, or the ID of the
     bootstrapped base. `wheels` maps sha256 to verified files; None leaves the wheel
-    folders empty (a context to read, not to build).
+    folders empty (a context to read, not to build). Everything is rendered and checked in
+    memory first: on any error nothing is written.
     """
-    if out.exists() and any(out.iterdir()):
-        raise ReproboxError(f"{out} is not empty", hint="render into a new or empty directory")
+    check_output_dir(out)
     lock_sha256 = hashlib.sha256(lock_text.encode()).hexdigest()
     epoch = source_date_epoch(lock)
     tag = default_tag(spec, lock_sha256)
     env = image_env(spec)
     labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
+    plan = _wheel_plan(lock)
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
     installer = by_group["installer"]
     if len(installer) != 1:
         raise ReproboxError(
             "the lock names no installer wheel (pip)", hint="run `reprobox lock --relock`"
         )
+    missing = sorted({sha for sha in plan.values() if wheels is not None and sha not in wheels})
+    if missing:
+        raise ReproboxError(f"no verified file for the locked wheels {', '.join(missing)}")
     # Debian bootstrap bases get their apt packages at bootstrap time; only other bases install here.
     apt_install = list(spec.apt) if spec.base.image is not None else []
     dockerfile = (
@@ -219,23 +358,29 @@ def render_context(
             labels=labels,
         )
     )
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "Dockerfile", dockerfile)
-    _write(out / "requirements" / "torch.txt", requirements_text(by_group["torch"]))
-    _write(out / "requirements" / "rest.txt", requirements_text(by_group["rest"] + installer))
     templates = resources.files("reprobox.templates")
-    _write(
-        out / "build" / "reprobox_install.py",
-        templates.joinpath("build/reprobox_install.py").read_text(),
-    )
-    for name in _IMAGE_FILES:
-        _write(out / "image" / name, templates.joinpath(f"image/{name}").read_text())
-    _write(out / "image" / "reprobox.lock", lock_text)
-    _write(out / "image" / "spec.yaml", _spec_text(spec))
+    files = {
+        "Dockerfile": dockerfile,
+        "requirements/torch.txt": requirements_text(by_group["torch"]),
+        "requirements/rest.txt": requirements_text(by_group["rest"] + installer),
+        "build/reprobox_install.py": templates.joinpath("build/reprobox_install.py").read_text(),
+        **{
+            f"image/{name}": templates.joinpath(f"image/{name}").read_text()
+            for name in _IMAGE_FILES
+        },
+        "image/reprobox.lock": lock_text,
+        "image/spec.yaml": _spec_text(spec),
+    }
     script = spec.script_path
     if script is not None:
-        _write(out / "image" / "user" / script.name, script.read_text(encoding="utf-8"))
-    _place_wheels(out, lock, wheels)
+        if spec.script_text is None:
+            raise ReproboxError(
+                "selfcheck.script is read when the spec is loaded from its file, and this spec "
+                "was not",
+                hint="load it with `load_spec(PATH)` (the CLI does)",
+            )
+        files[f"image/user/{script.name}"] = spec.script_text
+    _write_tree(out, files, plan, wheels)
     return RenderedContext(out, base_ref, tag, labels, env, lock_sha256, epoch)
 
 

@@ -1,46 +1,70 @@
-"""The spec: YAML in, a validated and frozen `Spec` out, with file:line errors."""
+"""The spec: YAML in, a validated and frozen `Spec` out, with file:line errors.
+
+Every string field is `Annotated[str, Text(pattern, ...)]` (reprobox._text): bounded, free of
+control characters, and a full match of its pattern. Keep it that way for new fields; a test
+walks the model and fails on a string field without one.
+"""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     model_validator,
 )
 
+from reprobox._text import Text
+from reprobox._yaml import MAX_BYTES, dotted, load_yaml
 from reprobox.compat import check_spec
 from reprobox.errors import SpecError
 
-__all__ = ["Base", "Determinism", "Index", "SelfCheck", "Spec", "Torch", "load_spec", "parse_spec"]
+__all__ = [
+    "MAX_SCRIPT_BYTES",
+    "Base",
+    "Determinism",
+    "Index",
+    "SelfCheck",
+    "Spec",
+    "Text",
+    "Torch",
+    "load_spec",
+    "parse_spec",
+]
 
-# Dockerfile and shell safety rests on these patterns: a value that matches cannot hold a
-# newline, a quote, a `$`, a backslash or a `#`, so it can never add or escape an instruction.
+#: The largest `selfcheck.script` reprobox copies into an image.
+MAX_SCRIPT_BYTES = 256 * 1024
+
+# Each pattern is matched whole (re.fullmatch). Apart from `env` values, none admits a space, a
+# quote, a `$`, a backslash, a backquote or a `#`, so none can add or escape an instruction even
+# before the render filters quote it.
 _NAME = r"[a-z0-9]+(?:[._-][a-z0-9]+)*"
-_DIGEST_REF = re.compile(
-    r"^(?P<repo>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?@sha256:(?P<digest>[0-9a-f]{64})$"
+_DIGEST_REF = (
+    r"(?P<repo>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?@sha256:(?P<digest>[0-9a-f]{64})"
 )
-_PIN = re.compile(
-    r"^(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?:\[(?P<extras>[A-Za-z0-9._,-]+)\])?"
-    r"==(?P<version>[A-Za-z0-9.+!_-]+)$"
+_PIN = (
+    r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?:\[(?P<extras>[A-Za-z0-9._,-]+)\])?"
+    r"==(?P<version>[A-Za-z0-9.+!_-]+)"
 )
-_RANGE = re.compile(r"(>=|<=|~=|!=|===|>|<|\*|\^)")
-_VERSION = r"^[0-9]+(?:\.[0-9]+)*(?:(?:a|b|rc|\.post|\.dev)[0-9]+)*(?:\+[a-z0-9.]+)?$"
-_APT = re.compile(r"^(?P<name>[a-z0-9][a-z0-9+.-]+)(?:=(?P<version>[A-Za-z0-9.+~:-]+))?$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_RANGE = r"(>=|<=|~=|!=|===|>|<|\*|\^)"
+_VERSION = r"[0-9]+(?:\.[0-9]+)*(?:(?:a|b|rc|\.post|\.dev)[0-9]+)*(?:\+[a-z0-9.]+)?"
+_APT = r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?"
+_ENV_KEY = r"[A-Za-z_][A-Za-z0-9_]*"
+_URL = r"(?:https?|file)://[^\s\"'$\\`#]+"
+_LINK = r"[^\s\"'$\\`#]+"
 
 # Set by the `determinism` section; a user who puts them in `env` would silently fight it.
 RESERVED_ENV = frozenset(
@@ -65,64 +89,64 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-def _exact_version(value: str) -> str:
-    if _RANGE.search(value):
-        raise ValueError(
-            f"{value!r} is a range; reprobox pins exactly: write one version, e.g. '2.5.1'"
-        )
-    if not re.match(_VERSION, value):
-        raise ValueError(f"{value!r} is not an exact version such as '2.5.1'")
-    return value
+def _range_why(value: str) -> str | None:
+    if re.search(_RANGE, value):
+        return f"{value!r} is a range; reprobox pins exactly: write one version, e.g. '2.5.1'"
+    return None
 
 
-ExactVersion = Annotated[str, AfterValidator(_exact_version)]
-
-
-def _pin(value: str) -> str:
-    if _PIN.match(value):
-        return value
-    if _RANGE.search(value.split("==", 1)[-1]) or "==" not in value:
-        raise ValueError(
+def _pin_why(value: str) -> str:
+    if "==" not in value or re.search(_RANGE, value.split("==", 1)[-1]):
+        return (
             f"{value!r} is not an exact pin; reprobox pins exactly: write 'name==version', "
             "e.g. 'numpy==2.4.6'"
         )
-    raise ValueError(
-        f"{value!r} is not a pin of the form 'name==version' (letters, digits, . _ - +)"
-    )
+    return f"{value!r} is not a pin of the form 'name==version' (letters, digits, . _ - +)"
 
 
-def _apt(value: str) -> str:
-    if not _APT.match(value):
+def _no_credentials(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
         raise ValueError(
-            f"{value!r} is not a Debian package: write 'name' or 'name=version' "
-            "(lower-case letters, digits, + . - : ~)"
+            "the URL holds credentials (user:password@); the spec is copied into the image and "
+            "its URLs into the lock, so keep credentials in pip's configuration or ~/.netrc"
         )
     return value
 
 
-def _image_ref(value: str) -> str:
-    if not _DIGEST_REF.match(value):
-        raise ValueError(
-            f"{value!r} is not pinned by digest: write 'name[:tag]@sha256:<64 hex digits>' "
-            "(a tag alone can move)"
-        )
-    return value
-
-
-def _bootstrap(value: str) -> str:
-    m = re.match(r"^debian:([a-z]+)$", value)
-    if not m:
-        raise ValueError(
-            f"{value!r} is not a bootstrap base: write 'debian:<suite>', e.g. 'debian:bookworm'"
-        )
-    return value
+ExactVersion = Annotated[
+    str, Text(_VERSION, "an exact version such as '2.5.1'", max_length=64, why=_range_why)
+]
+Url = Annotated[
+    str,
+    Text(_URL, "an http(s):// or file:// URL without spaces or quotes", max_length=2048),
+    AfterValidator(_no_credentials),
+]
 
 
 class Base(_Model):
     """Where the image starts: an image pinned by digest, or a Debian base reprobox makes."""
 
-    image: Annotated[str, AfterValidator(_image_ref)] | None = None
-    bootstrap: Annotated[str, AfterValidator(_bootstrap)] | None = None
+    image: (
+        Annotated[
+            str,
+            Text(
+                _DIGEST_REF,
+                "pinned by digest: write 'name[:tag]@sha256:<64 hex digits>' (a tag alone can move)",
+                max_length=512,
+            ),
+        ]
+        | None
+    ) = None
+    bootstrap: (
+        Annotated[
+            str,
+            Text(
+                r"debian:[a-z]+", "a bootstrap base: write 'debian:<suite>', e.g. 'debian:bookworm'"
+            ),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Base:
@@ -138,18 +162,17 @@ class Base(_Model):
         return None if self.bootstrap is None else self.bootstrap.split(":", 1)[1]
 
 
-def _cuda(value: str) -> str:
-    if value != "cpu" and not re.match(r"^[0-9]+\.[0-9]+$", value):
-        raise ValueError(f"{value!r} is neither 'cpu' nor a CUDA version such as '12.4'")
-    return value
-
-
 class Torch(_Model):
     """The torch release and the build of it (CPU or a CUDA variant)."""
 
     version: ExactVersion
-    cuda: Annotated[str, AfterValidator(_cuda)] = "cpu"
-    cudnn: Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,3}$")] | None = None
+    cuda: Annotated[
+        str, Text(r"cpu|[0-9]+\.[0-9]+", "'cpu' or a CUDA version such as '12.4'", max_length=16)
+    ] = "cpu"
+    cudnn: (
+        Annotated[str, Text(r"[0-9]+(?:\.[0-9]+){1,3}", "a cuDNN version such as '9.1.0.70'")]
+        | None
+    ) = None
 
     @property
     def release(self) -> str:
@@ -167,11 +190,15 @@ class Determinism(_Model):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     threads: Annotated[int, Field(ge=1, le=1024)] = 1
     gomp_cpu_affinity: Annotated[
-        str, StringConstraints(pattern=r"^[0-9]+(?:[-:][0-9]+)*(?:[ ,][0-9]+(?:[-:][0-9]+)*)*$")
+        str,
+        Text(
+            r"[0-9]+(?:[-:][0-9]+)*(?:[ ,][0-9]+(?:[-:][0-9]+)*)*",
+            "a CPU list such as '0', '0-3' or '0,2,4'",
+        ),
     ] = "0"
-    cublas_workspace_config: Annotated[str, StringConstraints(pattern=r"^(?::[0-9]+:[0-9]+)+$")] = (
-        ":4096:8"
-    )
+    cublas_workspace_config: Annotated[
+        str, Text(r"(?::[0-9]+:[0-9]+)+", "a cuBLAS workspace setting such as ':4096:8'")
+    ] = ":4096:8"
     deterministic_algorithms: bool = True
     warn_only: bool = False
     fill_uninitialized_memory: bool = True
@@ -187,7 +214,16 @@ class SelfCheck(_Model):
     """How the in-image self-check trains: steps, or the user's own script; and inference."""
 
     steps: Annotated[int, Field(ge=1, le=100_000)] = 20
-    script: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./-]+\.py$")] | None = None
+    script: (
+        Annotated[
+            str,
+            Text(
+                r"[A-Za-z0-9_.-][A-Za-z0-9_./-]*\.py",
+                "a .py file named relative to the spec's folder (letters, digits, _ . / -)",
+            ),
+        ]
+        | None
+    ) = None
     # Generation checked too (reprobox_inference.py): greedy and seeded sampling run to run.
     inference: bool = False
     # Fail unless a prompt's output is the same alone and inside batches (else only reported).
@@ -207,62 +243,82 @@ class SelfCheck(_Model):
         return self
 
 
-def _index_url(value: str) -> str:
-    if not re.match(r"^(https?|file)://[^\s\"'$\\`#]+$", value):
-        raise ValueError(f"{value!r} is not an http(s):// or file:// URL without spaces or quotes")
-    return value
-
-
-IndexUrl = Annotated[str, AfterValidator(_index_url)]
-
-
 class Index(_Model):
     """Where wheels are resolved from; empty means pip's own configuration on this machine."""
 
-    url: IndexUrl | None = None
-    extra_urls: tuple[IndexUrl, ...] = Field(default=(), strict=False)
-    find_links: tuple[Annotated[str, StringConstraints(pattern=r"^[^\s\"'$\\`#]+$")], ...] = Field(
-        default=(), strict=False
-    )
+    url: Url | None = None
+    extra_urls: tuple[Url, ...] = Field(default=(), strict=False, max_length=32)
+    find_links: tuple[
+        Annotated[str, Text(_LINK, "a path or URL without spaces or quotes", max_length=2048)], ...
+    ] = Field(default=(), strict=False, max_length=32)
 
 
 def _env(value: Mapping[str, str]) -> Mapping[str, str]:
-    for key, val in value.items():
-        if not _ENV_KEY.match(key):
-            raise ValueError(
-                f"env key {key!r} is not a variable name (letters, digits, _; not first a digit)"
-            )
+    for key in value:
         if key in RESERVED_ENV or key.startswith("REPROBOX_"):
             raise ValueError(f"env key {key!r} is set by reprobox from 'determinism'; set it there")
-        if _CONTROL.search(val):
-            raise ValueError(
-                f"env value of {key!r} holds a newline or control character; they cannot be set safely"
-            )
     return dict(sorted(value.items()))
+
+
+EnvKey = Annotated[
+    str,
+    Text(_ENV_KEY, "a variable name (letters, digits, _; not first a digit)", max_length=128),
+]
+# Any printable text: the render filter quotes it for ENV, so it cannot add an instruction.
+EnvValue = Annotated[str, Text(r".*", "printable text", max_length=4096)]
+
+
+def _spec_version(value: int) -> int:
+    if value != 1:
+        raise ValueError(f"unsupported spec version {value!r}; this reprobox reads version 1")
+    return value
 
 
 class Spec(_Model):
     """A whole reprobox spec, version 1."""
 
-    version: Literal[1]
-    name: Annotated[str, StringConstraints(pattern=f"^{_NAME}$", max_length=128)]
+    version: Annotated[int, AfterValidator(_spec_version)]
+    name: Annotated[
+        str,
+        Text(_NAME, "a name: lower-case letters and digits joined by . _ or -", max_length=128),
+    ]
     base: Base
-    python: Annotated[str, StringConstraints(pattern=r"^3\.[0-9]+$")]
+    python: Annotated[str, Text(r"3\.[0-9]+", "a Python version such as '3.11'", max_length=8)]
     torch: Torch
     transformers: ExactVersion | None = None
-    packages: tuple[Annotated[str, AfterValidator(_pin)], ...] = Field(default=(), strict=False)
-    apt: tuple[Annotated[str, AfterValidator(_apt)], ...] = Field(default=(), strict=False)
-    env: Annotated[dict[str, str], AfterValidator(_env)] = Field(default_factory=dict)
+    packages: tuple[
+        Annotated[str, Text(_PIN, "a pin 'name==version'", max_length=256, why=_pin_why)],
+        ...,
+    ] = Field(default=(), strict=False, max_length=1024)
+    apt: tuple[
+        Annotated[
+            str,
+            Text(
+                _APT,
+                "a Debian package: write 'name' or 'name=version' "
+                "(lower-case letters, digits, + . - : ~)",
+                max_length=256,
+            ),
+        ],
+        ...,
+    ] = Field(default=(), strict=False, max_length=1024)
+    env: Annotated[dict[EnvKey, EnvValue], AfterValidator(_env)] = Field(
+        default_factory=dict, max_length=256
+    )
     determinism: Determinism = Field(default_factory=Determinism)
     selfcheck: SelfCheck = Field(default_factory=SelfCheck)
     index: Index = Field(default_factory=Index)
     # Where the project lives (the OCI `source` label); not guessed from git, so that a clone
     # made over SSH and one made over HTTPS still build the same image.
-    source_url: Annotated[str, AfterValidator(_index_url)] | None = None
+    source_url: Url | None = None
 
-    # Not part of the YAML: where it came from, so relative paths and errors can name the file.
+    # Not part of the YAML: where it came from, so relative paths and errors can name the file;
+    # its exact text (what `sha256` is taken over, and what the image carries); and the
+    # self-check script as it was read and checked when the spec was loaded.
     source: Path | None = Field(default=None, exclude=True)
     sha256: str = Field(default="", exclude=True)
+    text: str = Field(default="", exclude=True, repr=False)
+    script_text: str | None = Field(default=None, exclude=True, repr=False)
 
     @property
     def script_path(self) -> Path | None:
@@ -271,38 +327,6 @@ class Spec(_Model):
             return None
         root = self.source.parent if self.source is not None else Path.cwd()
         return root / self.selfcheck.script
-
-
-def _line_map(
-    node: yaml.Node, path: tuple[str | int, ...], out: dict[tuple[str | int, ...], int]
-) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                raise _DuplicateKeyError((*path, key), key_node.start_mark.line + 1)
-            seen.add(key)
-            out[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            out[(*path, index)] = item.start_mark.line + 1
-            _line_map(item, (*path, index), out)
-
-
-class _DuplicateKeyError(Exception):
-    def __init__(self, path: tuple[str | int, ...], line: int) -> None:
-        super().__init__(path)
-        self.path = path
-        self.line = line
-
-
-def _dotted(path: tuple[str | int, ...]) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
 
 
 def _line_for(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> int:
@@ -340,58 +364,49 @@ def _describe(error: Mapping[str, Any]) -> str:
         return "unknown key" + _did_you_mean(tuple(error["loc"]))
     if kind == "missing":
         return "required key is missing"
-    if kind == "literal_error" and tuple(error["loc"]) == ("version",):
-        return f"unsupported spec version {error.get('input')!r}; this reprobox reads version 1"
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
     if kind.endswith("_type"):
         given = error.get("input")
-        message = f"{message} (got {type(given).__name__} {given!r})"
+        shown = repr(given)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        message = f"{message} (got {type(given).__name__} {shown})"
         if kind == "string_type" and isinstance(given, int | float) and not isinstance(given, bool):
             message += f'; put it in quotes, e.g. "{given}" (YAML reads 3.10 as the number 3.1)'
+        if kind == "int_type" and isinstance(given, bool):
+            message += "; YAML reads true/false as booleans, write a number"
     return message
 
 
 def parse_spec(text: str, source: Path | None = None) -> Spec:
     """Parse spec YAML text; every problem becomes one `file:line: key.path: message` line."""
     where = str(source) if source is not None else "<spec>"
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(
-            f"{where}{line}: the spec is not valid YAML: {problem}",
-            hint="check indentation and quoting near that line",
-        ) from exc
-    if not isinstance(data, dict) or root is None:
-        raise SpecError(
-            f"{where}:1: the spec must be a YAML mapping of keys such as 'version', 'name', 'torch'"
-        )
-    lines: dict[tuple[str | int, ...], int] = {}
-    try:
-        _line_map(root, (), lines)
-    except _DuplicateKeyError as exc:
-        raise SpecError(
-            f"{where}:{exc.line}: {_dotted(exc.path)}: key given twice; keep one"
-        ) from exc
+    data, lines = load_yaml(text, where)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc = tuple(error["loc"])
-            # Union members add their type names to the location; they mean nothing to a user.
+            # Union members and dict keys add their type names to the location; they mean
+            # nothing to a user.
             loc = tuple(
-                p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int"}))
+                p
+                for p in loc
+                if not (
+                    isinstance(p, str)
+                    and (
+                        "[" in p
+                        or p in {"str", "int", "function-after"}
+                        or p.startswith("function-")
+                    )
+                )
             )
-            problems.append(f"{where}:{_line_for(lines, loc)}: {_dotted(loc)}: {_describe(error)}")
-        raise SpecError("\n".join(sorted(set(problems), key=_sort_key))) from exc
+            problems.append(f"{where}:{_line_for(lines, loc)}: {dotted(loc)}: {_describe(error)}")
+        raise SpecError("\n".join(sorted(set(problems), key=_sort_key))) from None
     check_spec(spec, lambda path: f"{where}:{_line_for(lines, path)}")
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return spec.model_copy(update={"source": source, "sha256": digest})
+    return spec.model_copy(update={"source": source, "sha256": digest, "text": text})
 
 
 def _sort_key(line: str) -> tuple[int, str]:
@@ -400,21 +415,80 @@ def _sort_key(line: str) -> tuple[int, str]:
     return number, line
 
 
-def load_spec(path: Path) -> Spec:
-    """Read and validate the spec file at `path`."""
+def _read_spec(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_BYTES + 1)
+    except FileNotFoundError:
         raise SpecError(
             f"{path}: no such spec file", hint="`reprobox init > spec.yaml` writes a starter"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc}") from exc
-    spec = parse_spec(text, path)
-    script = spec.script_path
-    if script is not None and not script.is_file():
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
+    if len(data) > MAX_BYTES:
         raise SpecError(
-            f"{path}: selfcheck.script: {script} does not exist",
-            hint="the path is relative to the spec",
+            f"{path}: the spec is larger than {MAX_BYTES} bytes; reprobox reads no larger spec",
+            hint="a spec is a short file of pins; move data elsewhere",
         )
+    try:
+        # As `read_text` reads it: universal newlines, so the hash is the same on every OS.
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path}: the spec is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
+def _script_error(spec_path: Path, script: str, why: str) -> SpecError:
+    return SpecError(
+        f"{spec_path}: selfcheck.script: {script} {why}",
+        hint="the script must be a regular UTF-8 file of at most "
+        f"{MAX_SCRIPT_BYTES} bytes inside the spec's folder (symlinks resolved); "
+        "it is copied into the image, so nothing else may be",
+    )
+
+
+def read_script(spec_path: Path, script: str) -> str:
+    """The self-check script's text, if the policy allows it: a regular file inside the spec's
+    folder after resolving symlinks, at most MAX_SCRIPT_BYTES, UTF-8; else exit 2 saying why."""
+    folder = spec_path.absolute().parent.resolve()
+    try:
+        resolved = (folder / script).resolve(strict=True)
+    except FileNotFoundError:
+        raise _script_error(
+            spec_path, script, "does not exist (the path is relative to the spec)"
+        ) from None
+    except (OSError, RuntimeError) as exc:
+        raise _script_error(spec_path, script, f"cannot be resolved ({exc})") from None
+    if not resolved.is_relative_to(folder):
+        raise _script_error(
+            spec_path, script, f"resolves to {resolved}, outside the spec's folder {folder}"
+        )
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise _script_error(spec_path, script, f"cannot be opened ({exc.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _script_error(spec_path, script, "is not a regular file")
+        if info.st_size > MAX_SCRIPT_BYTES:
+            raise _script_error(spec_path, script, f"is {info.st_size} bytes, too large")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_SCRIPT_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SCRIPT_BYTES:
+        raise _script_error(spec_path, script, "grew past the size limit while it was read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _script_error(spec_path, script, f"is not UTF-8 text ({exc.reason})") from None
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and validate the spec file at `path`, and the self-check script it names."""
+    spec = parse_spec(_read_spec(path), path)
+    if spec.selfcheck.script is not None:
+        spec = spec.model_copy(update={"script_text": read_script(path, spec.selfcheck.script)})
     return spec

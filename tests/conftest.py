@@ -15,6 +15,7 @@ from typing import NoReturn
 import pytest
 
 from reprobox.base import BaseImage, bootstrap_base
+from reprobox.cache import default_cache_dir
 from reprobox.engine import DockerEngine
 from reprobox.errors import EngineError
 
@@ -47,14 +48,20 @@ def docker_engine() -> Iterator[DockerEngine]:
     engine.close()
 
 
+def base_cache_dir() -> Path:
+    """Where `reprobox build` keeps base scratch space and its record of the bases this host made:
+    the session's base shares it, so builds in the tests reuse that base and the next session
+    finds it again (only recorded bases are reused)."""
+    return default_cache_dir() / "bases"
+
+
 @pytest.fixture(scope="session")
-def debian_base(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> BaseImage:
+def debian_base(docker_engine: DockerEngine) -> BaseImage:
     """A bookworm base (python3, venv) made by mmdebstrap once, or reused from the engine."""
     if shutil.which("mmdebstrap") is None:
         skip_or_fail(
             "mmdebstrap is not installed: run `make setup` (or `apt-get install mmdebstrap`)"
         )
-    cache_dir: Path = tmp_path_factory.mktemp("base-cache")
     return bootstrap_base(
-        TEST_SUITE, (), docker_engine, cache_dir=cache_dir, on_line=lambda _: None
+        TEST_SUITE, (), docker_engine, cache_dir=base_cache_dir(), on_line=lambda _: None
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import base_cache_dir
 from fakes import FakeEngine
 
 from reprobox.base import (
@@ -263,7 +264,11 @@ def test_bootstrap_runs_mmdebstrap_once_then_reuses_the_base(tmp_path: Path) -> 
     assert argv[-1] == "http://deb.debian.org/debian"
     assert "--dpkgopt=path-exclude=/usr/share/doc/*" in argv  # slim, as Debian's own images
     assert env == {"SOURCE_DATE_EPOCH": str(EPOCH)}
-    assert list((tmp_path / "cache").iterdir()) == []  # scratch emptied
+    # Scratch emptied; only the record of the bases made here stays.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        ".trusted-bases.json.lock",
+        "trusted-bases.json",
+    ]
     again = _bootstrap(engine, tmp_path, runner, ["curl", "libgomp1"])
     assert len(runner.calls) == 1
     assert again.reused
@@ -305,6 +310,35 @@ def test_an_image_built_on_the_base_is_not_taken_for_it(tmp_path: Path) -> None:
     assert not rebuilt.reused
     assert rebuilt.image_id == base.image_id
     assert len(runner.calls) == 2
+
+
+def test_an_image_that_only_carries_the_labels_is_not_taken_for_the_base(tmp_path: Path) -> None:
+    """A loaded (imported, pulled) image with the very labels and shape of a base is not one."""
+    engine, runner = FakeEngine(), FakeMmdebstrap()
+    base = _bootstrap(engine, tmp_path, runner)
+    planted_config = json.loads(json.dumps(engine.images[base.image_id].config))
+    planted_config["rootfs"]["diff_ids"] = ["sha256:" + "6" * 64]  # other content, same labels
+    planted = engine.add_image(planted_config, "planted:1")
+    engine.remove_image(base.ref)
+    assert engine.find_images({"reprobox.base.key": base.key}) == [planted]
+    other_host = tmp_path / "other-cache"  # a cache that never recorded a base
+    made = bootstrap_base(
+        SUITE, (), engine, cache_dir=other_host, on_line=lambda _: None, runner=runner
+    )
+    assert not made.reused
+    assert made.image_id == base.image_id != planted
+    assert len(runner.calls) == 2
+
+
+@pytest.mark.parametrize("record", ["not json", "[]", '{"KEY": "sha256:x"}', '{"KEY": [1]}'])
+def test_a_damaged_record_trusts_nothing(tmp_path: Path, record: str) -> None:
+    engine, runner = FakeEngine(), FakeMmdebstrap()
+    base = _bootstrap(engine, tmp_path, runner)
+    (tmp_path / "cache" / "trusted-bases.json").write_text(record.replace("KEY", base.key))
+    again = _bootstrap(engine, tmp_path, runner)
+    assert not again.reused
+    assert len(runner.calls) == 2
+    assert _bootstrap(engine, tmp_path, runner).reused  # recorded again when it was made
 
 
 def test_a_failing_mmdebstrap_is_a_build_error_with_its_tail(tmp_path: Path) -> None:
@@ -393,11 +427,69 @@ def test_a_second_bootstrap_reuses_the_base_quickly(
 
     started = time.monotonic()
     again = bootstrap_base(
-        SUITE, (), docker_engine, cache_dir=tmp_path, on_line=lambda _: None, runner=must_not_run
+        SUITE,
+        (),
+        docker_engine,
+        cache_dir=base_cache_dir(),
+        on_line=lambda _: None,
+        runner=must_not_run,
     )
     assert time.monotonic() - started < 5
     assert again.reused
     assert again.image_id == debian_base.image_id
+
+
+@pytest.mark.docker
+def test_an_imported_image_with_base_labels_is_not_reused(
+    docker_engine: DockerEngine, debian_base: BaseImage, tmp_path: Path
+) -> None:
+    """The issue's attack: `reprobox import` an archive carrying reprobox.base.* labels for the
+    real key (and every other mark of a base); the next bootstrap must not build on it."""
+    from cli import reprobox
+
+    arch = docker_engine.ping().arch
+    labels = {
+        "reprobox.base.format": "1",
+        "reprobox.base.key": debian_base.key,
+        "reprobox.base.mirror": "http://deb.debian.org/debian",
+        "reprobox.base.packages": "",
+        "reprobox.base.suite": SUITE,
+    }
+    archive = tmp_path / "planted.tar"
+    planted, _ = write_base_archive(
+        _rootfs(tmp_path / "rootfs.tar"),
+        archive,
+        arch=arch,
+        labels=labels,
+        ref="planted/base:1",
+        source_date_epoch=EPOCH,
+        created_by="not mmdebstrap",
+    )
+    imported = reprobox("import", archive, "--allow-foreign")
+    assert imported.code == 0, imported.stderr
+    try:
+        assert planted in docker_engine.find_images({"reprobox.base.key": debian_base.key})
+        ran: list[Sequence[str]] = []
+
+        def refuse(
+            argv: Sequence[str], env: Mapping[str, str], on_line: Callable[[str], None]
+        ) -> int:
+            ran.append(argv)
+            return 1
+
+        with pytest.raises(BuildError):
+            bootstrap_base(
+                SUITE, (), docker_engine, cache_dir=tmp_path / "c", on_line=print, runner=refuse
+            )
+        assert len(ran) == 1, "the planted image was taken for the base"
+        # The control: where this host recorded the real base, it is reused, not the planted one.
+        reused = bootstrap_base(
+            SUITE, (), docker_engine, cache_dir=base_cache_dir(), on_line=print, runner=refuse
+        )
+        assert reused.reused
+        assert reused.image_id == debian_base.image_id != planted
+    finally:
+        docker_engine.remove_image(planted, force=True)
 
 
 @pytest.mark.docker

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -314,3 +316,155 @@ def test_cache_root_comes_from_the_environment(
 def test_network_fetch_over_https_verifies_a_real_wheel(tmp_path: Path) -> None:
     files = fetch([PIP_26_3], root=tmp_path)
     assert sha256(files[PIP_26_3.sha256].read_bytes()).hexdigest() == PIP_26_3.sha256
+
+
+# --- hostile servers: endless streams, stalls, Ctrl-C (issue 12) ------------------------------
+
+
+class _Endless(http.server.BaseHTTPRequestHandler):
+    """Serves zeros forever (or, for /stall, headers and then nothing), noting each request."""
+
+    started: threading.Event
+    length: str | None = None
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.length is not None:
+            self.send_header("Content-Length", self.length)
+        self.end_headers()
+        self.started.set()
+        if self.path.endswith("/stall"):
+            time.sleep(120)
+            return
+        chunk = b"\0" * 65536
+        try:
+            while True:
+                self.wfile.write(chunk)
+        except OSError:  # the client went away: the point of the test
+            return
+
+
+@pytest.fixture
+def endless() -> Iterator[tuple[str, threading.Event]]:
+    """A server on 127.0.0.1 that never stops sending, and an event set once it has begun."""
+    started = threading.Event()
+    handler = type("Handler", (_Endless,), {"started": started})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", started
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _endless_wheel(url: str, size: int | None) -> LockedWheel:
+    return LockedWheel(
+        "big", "1", "big-1-py3-none-any.whl", f"{url}/big.whl", "e" * 64, "rest", size
+    )
+
+
+def test_a_download_stops_at_the_size_the_lock_records(
+    endless: tuple[str, threading.Event], tmp_path: Path
+) -> None:
+    url, _ = endless
+    started = time.monotonic()
+    with pytest.raises(LockError) as caught:
+        WheelCache(tmp_path).fetch([_endless_wheel(url, 3_000_000)])
+    assert time.monotonic() - started < 10
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert "more than 3000000 bytes (the size the lock records)" in caught.value.message
+    assert not WheelCache(tmp_path).path("e" * 64).exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_download_without_a_recorded_size_stops_at_the_hard_cap(
+    endless: tuple[str, threading.Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import reprobox.cache
+
+    monkeypatch.setattr(reprobox.cache, "MAX_DOWNLOAD_BYTES", 5_000_000)
+    url, _ = endless
+    with pytest.raises(LockError, match="more than 5000000 bytes \\(reprobox's limit\\)"):
+        WheelCache(tmp_path).fetch([_endless_wheel(url, None)])
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_content_length_above_the_size_is_refused_before_reading(
+    endless: tuple[str, threading.Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _ = endless
+    monkeypatch.setattr(_Endless, "length", str(10**12))
+    with pytest.raises(LockError, match="more than 1000 bytes"):
+        WheelCache(tmp_path).fetch([_endless_wheel(url, 1000)])
+
+
+def test_a_local_file_larger_than_the_lock_says_is_refused(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "src", "alpha", 5000)
+    sized = dataclasses.replace(wheel, size=4999)
+    with pytest.raises(LockError, match="more than 4999 bytes"):
+        WheelCache(tmp_path / "cache").fetch([sized])
+    exact = dataclasses.replace(wheel, size=5000)
+    assert WheelCache(tmp_path / "cache").fetch([exact])  # the control: the right size passes
+
+
+@pytest.mark.parametrize("path", ["big.whl", "stall"])
+def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
+    endless: tuple[str, threading.Event], tmp_path: Path, path: str
+) -> None:
+    """A real SIGINT to a real `reprobox render` while it downloads (or waits on a stalled server)."""
+    from test_render import fake_lock
+
+    from reprobox._lockfile import format_lock
+    from reprobox.spec import load_spec
+
+    url, begun = endless
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text((Path(__file__).parent.parent / "images" / "demo-cpu.yaml").read_text())
+    spec = load_spec(spec_path)
+    lock = fake_lock(spec)
+    wheels = tuple(
+        LockedWheel(w.name, w.version, w.filename, f"{url}/{path}", w.sha256, w.group)
+        for w in lock.wheels
+    )
+    (tmp_path / "spec.lock").write_text(
+        format_lock(type(lock)(**{**lock.__dict__, "wheels": wheels}))
+    )
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reprobox", "render", str(spec_path), "-o", str(tmp_path / "ctx")],
+        env={**os.environ, "REPROBOX_CACHE_DIR": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert begun.wait(30), "the download never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert took < 4, f"Ctrl-C took {took:.1f} s to stop the download"
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ctx").exists()
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert files == [], f"left in the cache: {files}"
+
+
+def test_a_lock_url_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path / "src", "alpha")
+    hostile = dataclasses.replace(wheel, url=wheel.url + "\x1b]0;pwned\x07")
+    with pytest.raises(LockError, match="control character") as caught:
+        WheelCache(tmp_path / "cache").fetch([hostile])
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert "\x1b" not in caught.value.render()

@@ -5,14 +5,28 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reprobox._lockfile import IndexSettings, Lock, LockedWheel, format_lock
-from reprobox.errors import ReproboxError
-from reprobox.render import dockerfile_quote, render_context, starter_spec
+from reprobox.base import BaseImage
+from reprobox.engine import DockerEngine
+from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
+from reprobox.render import (
+    _environment,
+    _write_tree,
+    dockerfile_quote,
+    from_reference,
+    render_context,
+    shell_word,
+    starter_spec,
+)
 from reprobox.spec import Spec, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,3 +268,199 @@ def test_a_small_pin_change_leaves_the_torch_stage_and_its_dates_alone(tmp_path:
     heavier = replace(lock_a, wheels=(*lock_a.wheels, _wheel("sympy", "1.14.0", "torch")))
     ctx_c = render_context(spec_a, heavier, format_lock(heavier), tmp_path / "c", base_ref=BASE_ID)
     assert ctx_c.source_date_epoch != ctx_a.source_date_epoch
+
+
+# -- the second wall: every value quoted where it enters the Dockerfile (issue 12) -------------
+
+#: Values that would change a Dockerfile or a shell command if they went in unquoted.
+NASTY = [
+    '" && RUN id && "',
+    "$(id) ${HOME} $HOME `id`",
+    "trailing backslash \\",
+    "\\",
+    "\\\\",
+    '\\"',
+    "\\$HOME",
+    "# not a comment",
+    "it's 'single' and \"double\"",
+    "a;b|c&d>e<f*g?h[i]j{k}l~m!n",
+    "-rf",
+    " leading and trailing ",
+    "ünïcödé ✓",
+]
+
+
+@pytest.mark.parametrize("value", ["a\nRUN id", "a\rb", "x\u2028y", "\x00", "\u202e"])
+@pytest.mark.parametrize("name", ["dq", "key", "sh", "ref"])
+def test_every_filter_refuses_line_breaks_and_control_characters(name: str, value: str) -> None:
+    with pytest.raises(ReproboxError, match="refusing to render"):
+        _environment().filters[name](value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("key", "A B"),
+        ("key", "A=B"),
+        ("key", ""),
+        ("key", '"A"'),
+        ("sh", "-x"),
+        ("sh", ""),
+        ("ref", "base AS torch"),
+        ("ref", "$BASE"),
+        ("ref", "--platform=linux/arm64 base"),
+        ("ref", "Base:1"),
+    ],
+)
+def test_unquotable_places_refuse_anything_but_a_plain_word(name: str, value: str) -> None:
+    with pytest.raises(ReproboxError, match="refusing to render"):
+        _environment().filters[name](value)
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_shell_words_stay_one_literal_word(value: str) -> None:
+    if value.startswith("-"):
+        return  # refused above: an option is never a package
+    assert shlex.split(f"apt-get install {shell_word(value)} && true") == [
+        "apt-get",
+        "install",
+        value,
+        "&&",
+        "true",
+    ]
+
+
+def test_from_takes_ids_pinned_references_and_stage_names() -> None:
+    for ref in [
+        BASE_ID,
+        "torch",
+        "reprobox/base:bookworm",
+        f"nvidia/cuda:12.4.1@sha256:{'0' * 64}",
+    ]:
+        assert from_reference(ref) == ref
+
+
+@pytest.mark.docker
+def test_the_engine_reads_quoted_values_back_literally(
+    docker_engine: DockerEngine, debian_base: BaseImage, tmp_path: Path
+) -> None:
+    """The engine's own reading, not ours: ENV, LABEL and RUN words come back exactly as given."""
+    words = [v for v in NASTY if not v.startswith("-")]
+    template = (
+        "FROM {{ base | ref }}\n"
+        "RUN printf '%s\\n' {{ words | map('sh') | join(' ') }} > /words.txt\n"
+        "ENV {% for v in words %}V{{ loop.index }}={{ v | dq }} {% endfor %}\n\n"
+        "LABEL {% for v in words %}{{ ('x.v' ~ loop.index) | key }}={{ v | dq }} {% endfor %}\n"
+    )
+    context = tmp_path / "ctx"
+    context.mkdir()
+    dockerfile = _environment().from_string(template).render(base=debian_base.image_id, words=words)
+    (context / "Dockerfile").write_text(dockerfile)
+    image = docker_engine.build(context)
+    try:
+        config = docker_engine.inspect_image(image)["Config"]
+        env = dict(item.split("=", 1) for item in config["Env"])
+        assert [env[f"V{i}"] for i in range(1, len(words) + 1)] == words
+        assert [config["Labels"][f"x.v{i}"] for i in range(1, len(words) + 1)] == words
+        result = docker_engine.run(image, ["cat", "/words.txt"], timeout_s=60)
+        assert result.stdout.split("\n")[:-1] == words
+    finally:
+        docker_engine.remove_image(image, force=True)
+
+
+# -- validate first, write atomically (issue 12) -----------------------------------------------
+
+
+def _demo() -> Spec:
+    return load_spec(ROOT / "images" / "demo-cpu.yaml")
+
+
+def test_render_into_a_file_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    target = tmp_path / "ctx"
+    target.write_text("mine")
+    with pytest.raises(ReproboxError, match="not a directory") as caught:
+        _render(_demo(), target)
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert target.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]
+
+
+def test_a_rejected_render_writes_nothing(tmp_path: Path) -> None:
+    spec = _demo()
+    lock = fake_lock(spec)
+    evil = LockedWheel("evil", "1", "../../evil.whl", "https://x/evil.whl", "0" * 64, "rest")
+    bad = replace(lock, wheels=(*lock.wheels, evil))
+    with pytest.raises(ReproboxError, match="not a plain wheel name"):
+        render_context(spec, bad, format_lock(bad), tmp_path / "out" / "ctx", base_ref=BASE_ID)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ReproboxError, match="refusing to render"):
+        render_context(spec, lock, format_lock(lock), tmp_path / "ctx", base_ref="x\nRUN id")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_filled_after_the_check_is_not_replaced(tmp_path: Path) -> None:
+    """The rename is the lock: it never replaces a non-empty folder, whoever filled it."""
+    target = tmp_path / "ctx"
+    target.mkdir()
+    (target / "theirs.txt").write_text("first")
+    with pytest.raises(ReproboxError, match="not empty") as caught:
+        _write_tree(target, {"Dockerfile": "FROM x\n"}, {}, None)
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]  # no temporary folder left
+
+
+def test_an_empty_folder_is_filled_and_keeps_ordinary_permissions(tmp_path: Path) -> None:
+    (tmp_path / "ctx").mkdir()
+    _render(_demo(), tmp_path / "ctx")
+    assert (tmp_path / "ctx" / "Dockerfile").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "ctx").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_two_renders_racing_into_one_new_folder_one_wins(tmp_path: Path) -> None:
+    spec = _demo()
+    lock = fake_lock(spec)
+    target = tmp_path / "ctx"
+    barrier = threading.Barrier(8)
+
+    def one(_: int) -> str:
+        barrier.wait()
+        try:
+            render_context(spec, lock, format_lock(lock), target, base_ref=BASE_ID)
+        except ReproboxError as err:
+            return f"refused {err.exit_code}"
+        return "wrote"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(one, range(8)))
+    assert outcomes == [f"refused {EXIT_BAD_INPUT}"] * 7 + ["wrote"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctx"]
+    assert (target / "Dockerfile").is_file()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": "1\x00"},
+        {"version": "1 --index-url=http://evil"},
+        {"name": "evil\nRUN id"},
+        {"sha256": "z" * 64},
+        {"filename": ".hidden.whl"},
+        {"group": "../x"},
+    ],
+    ids=["nul-version", "option-in-version", "newline-name", "bad-hash", "dot-file", "bad-group"],
+)
+def test_a_lock_entry_that_is_not_plain_is_refused_before_writing(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    spec = _demo()
+    lock = fake_lock(spec)
+    evil = replace(_wheel("evil", "1", "rest"), **change)
+    bad = replace(lock, wheels=(*lock.wheels, evil))
+    with pytest.raises(ReproboxError, match="not a plain") as caught:
+        render_context(spec, bad, format_lock(lock), tmp_path / "ctx", base_ref=BASE_ID)
+    assert "relock" in caught.value.render()
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert list(tmp_path.iterdir()) == []

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import re
+import time
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from reprobox._text import unsafe_character
 from reprobox.errors import EXIT_BAD_INPUT, SpecError
 from reprobox.render import dockerfile_quote
-from reprobox.spec import load_spec, parse_spec
+from reprobox.spec import MAX_SCRIPT_BYTES, Spec, Text, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "images" / "demo-cpu.yaml").read_text()
@@ -244,8 +252,8 @@ def _undo_quote(quoted: str) -> str:
 @given(st.text(st.characters(codec="utf-8", exclude_characters="\x00")))
 def test_env_values_are_refused_or_inert(value: str) -> None:
     text = DEMO.replace("env: {}", "env:\n  USER_VALUE: " + _yaml_dq(value))
-    if re.search(r"[\x00-\x1f\x7f]", value):
-        with pytest.raises(SpecError, match=r"USER_VALUE.*control character"):
+    if unsafe_character(value) is not None:
+        with pytest.raises(SpecError, match=r"USER_VALUE.*control or invisible character"):
             parse_spec(text)
         return
     rendered = dockerfile_quote(parse_spec(text).env["USER_VALUE"])
@@ -269,3 +277,294 @@ def _yaml_dq(value: str) -> str:
         ch if ch.isprintable() and ch not in '"\\' else f"\\U{ord(ch):08x}" for ch in value
     )
     return f'"{escaped}"'
+
+
+# -- one rule for every string (issue 12) ------------------------------------------------------
+
+# Each field, a valid value for it, and the demo with that value set (by key path).
+VALID_FIELDS: list[tuple[tuple[str | int, ...], str]] = [
+    (("name",), "demo-cpu"),
+    (("base", "bootstrap"), "debian:bookworm"),
+    (("python",), "3.11"),
+    (("torch", "version"), "2.13.0"),
+    (("torch", "cuda"), "cpu"),
+    (("transformers",), "4.46.3"),
+    (("packages", 0), "numpy==2.4.6"),
+    (("apt", 0), "curl"),
+    (("env", "GOOD_KEY"), "value"),
+    (("determinism", "gomp_cpu_affinity"), "0"),
+    (("determinism", "cublas_workspace_config"), ":4096:8"),
+    (("index", "url"), "https://pypi.org/simple"),
+    (("index", "extra_urls", 0), "https://download.pytorch.org/whl/cpu"),
+    (("index", "find_links", 0), "/srv/wheels"),
+    (("source_url",), "https://github.com/example/project"),
+]
+
+
+def _demo_with(path: tuple[str | int, ...], value: object) -> str:
+    """The demo spec with the value at `path` set, as JSON (which is YAML): every escape exact."""
+    data = yaml.safe_load(DEMO)
+    node = data
+    for part, following in itertools.pairwise(path):
+        if isinstance(node, dict) and part not in node:
+            node[part] = [] if isinstance(following, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        assert isinstance(last, int)
+        node[last:] = [value]
+    else:
+        node[last] = value
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(("path", "value"), VALID_FIELDS, ids=str)
+def test_each_field_accepts_its_plain_value(path: tuple[str | int, ...], value: str) -> None:
+    spec = parse_spec(_demo_with(path, value))
+    assert spec.name == "demo-cpu"
+
+
+@pytest.mark.parametrize("tail", ["\n", "\r", "\r\n", "\x85", "\u2028", "\t", "\x00", "\u202e"])
+@pytest.mark.parametrize(("path", "value"), VALID_FIELDS, ids=str)
+def test_no_field_accepts_a_line_break_or_control_character(
+    path: tuple[str | int, ...], value: str, tail: str
+) -> None:
+    # `re.match("...$")` let "curl\n" through: `$` matches before a final newline.
+    message = _error(_demo_with(path, value + tail))
+    assert "control or invisible character" in message
+    assert str(path[0]) in message
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("env", "KEY\nRUN id"), "x"),
+        (("env", "TRAILING\n"), "x"),
+        (("base", "image"), "ubuntu@sha256:" + "0" * 64 + "\n"),
+        (("base", "image"), "ubuntu@sha256:" + "0" * 64 + " AS x"),
+    ],
+)
+def test_keys_and_references_are_matched_whole(path: tuple[str | int, ...], value: str) -> None:
+    data = yaml.safe_load(DEMO)
+    if path[0] == "base":
+        data["base"] = {"image": value}
+    else:
+        data["env"] = {path[1]: value}
+    message = _error(json.dumps(data))
+    assert str(path[0]) in message
+
+
+def _string_fields(
+    model: type[BaseModel], prefix: str = ""
+) -> list[tuple[str, tuple[object, ...]]]:
+    """Every str anywhere in a field's annotation (dict keys, tuple items, optionals), with its metadata."""
+    found: list[tuple[str, tuple[object, ...]]] = []
+
+    def walk(name: str, annotation: object, metadata: tuple[object, ...]) -> None:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            base, *extra = typing.get_args(annotation)
+            walk(name, base, (*metadata, *extra))
+        elif annotation is str:
+            found.append((name, metadata))
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.extend(_string_fields(annotation, f"{name}."))
+        else:
+            for arg in typing.get_args(annotation):
+                walk(name, arg, metadata)
+
+    for field_name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        walk(prefix + field_name, field.annotation, tuple(field.metadata))
+    return found
+
+
+def test_every_string_field_goes_through_the_one_rule() -> None:
+    fields = _string_fields(Spec)
+    assert len(fields) >= 18  # the walk finds them (dict keys and values, tuple items included)
+    bare = [name for name, metadata in fields if not any(isinstance(m, Text) for m in metadata)]
+    assert bare == [], f"string fields without Text(...): {bare}"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("version",), True, "valid integer"),
+        (("version",), 1.0, "valid integer"),
+        (("version",), "1", "valid integer"),
+        (("version",), 2, "unsupported spec version"),
+        (("determinism", "seed"), True, "valid integer"),
+        (("determinism", "threads"), 2.0, "valid integer"),
+        (("selfcheck", "steps"), "20", "valid integer"),
+        (("determinism", "deterministic_algorithms"), 1, "valid boolean"),
+        (("determinism", "deterministic_algorithms"), "yes", "valid boolean"),
+        (("name",), 7, "valid string"),
+        (("packages",), "numpy==2.4.6", "valid tuple"),
+    ],
+)
+def test_types_are_strict(path: tuple[str | int, ...], value: object, expected: str) -> None:
+    assert expected in _error(_demo_with(path, value))
+
+
+def test_yaml_booleans_are_not_version_1() -> None:
+    # PyYAML reads YAML 1.1: yes, on and true are all the boolean True, which == 1 in Python.
+    for spelling in ("true", "yes", "on", "1.0", '"1"'):
+        message = _error(DEMO.replace("version: 1", f"version: {spelling}"))
+        assert message.startswith("spec.yaml:1: version:"), message
+    assert parse_spec(DEMO).version == 1
+
+
+def test_credentials_in_urls_are_refused() -> None:
+    message = _error(_demo_with(("source_url",), "https://user:token@github.com/x/y"))
+    assert "credentials" in message
+    assert "source_url" in message
+    assert "credentials" in _error(
+        _demo_with(("index", "url"), "https://u:p@mirror.example/simple")
+    )
+
+
+# -- bounded YAML (issue 12) -------------------------------------------------------------------
+
+
+def _laughs(levels: int = 9) -> str:
+    lines = ["a: &a [" + ",".join(["lol"] * 9) + "]"]
+    for previous, name in zip("abcdefghi", "bcdefghij"[: levels - 1], strict=False):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once() -> None:
+    bomb = _laughs()
+    assert len(bomb) < 400  # the issue's was 388 bytes; the plain safe loader expands it to 9**9
+    started = time.monotonic()
+    message = _error(bomb)
+    assert time.monotonic() - started < 2
+    assert "more than 16 aliases" in message
+    assert message.startswith("spec.yaml:3:")  # the line where the limit was crossed
+
+
+def test_a_few_aliases_are_fine() -> None:
+    text = DEMO.replace("apt: []", "apt: &shared []").replace(
+        "env: {}", "env: {}\nx_alias: *shared"
+    )
+    assert "x_alias: unknown key" in _error(text)  # read as YAML, refused as a spec key
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 10_000 + "]" * 10_000 + "\n",
+        "a: " + "{b: " * 2_000 + "1" + "}" * 2_000 + "\n",
+        "a: &x [1, *x]\n",
+        DEMO.replace("apt: []", "apt: &x [*x]"),
+    ],
+    ids=["deep-lists", "deep-mappings", "self-alias", "self-alias-in-spec"],
+)
+def test_deep_or_endless_nesting_is_refused(text: str) -> None:
+    message = _error(text)
+    assert "nest more than 32 levels" in message
+
+
+def test_a_large_spec_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(DEMO + "#" * (1 << 20) + "\n")
+    with pytest.raises(SpecError, match=r"larger than 1048576 bytes"):
+        load_spec(path)
+    assert "1048576 bytes" in _error(DEMO + "#" * (1 << 20))
+
+
+def test_many_values_are_refused() -> None:
+    text = DEMO.replace("apt: []", "apt: [" + ", ".join(["curl"] * 25_000) + "]")
+    assert "more than 20000 values" in _error(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (DEMO + "? [a, b]\n: 1\n", "a key must be a plain word"),
+        (DEMO + '"bad\\nkey": 1\n', "control or invisible character"),
+        (DEMO.replace("name: demo-cpu", "name: demo\x07cpu"), "U+0007"),
+        (DEMO.replace("name: demo-cpu", 'name: "demo\\x1b[31m"'), "U+001B"),
+    ],
+    ids=["complex-key", "control-in-key", "raw-bell", "escape-sequence"],
+)
+def test_odd_keys_and_raw_control_characters_are_refused_with_their_line(
+    text: str, expected: str
+) -> None:
+    message = _error(text)
+    assert expected in message
+    assert re.match(r"spec\.yaml:[0-9]+:", message)
+
+
+def test_a_spec_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(DEMO.encode() + b"# \xff\xfe\n")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(path)
+
+
+# -- the self-check script policy (issue 12) ---------------------------------------------------
+
+
+def _spec_with_script(folder: Path, script: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(DEMO.replace("  # script: train.py", f"  script: {json.dumps(script)}"))
+    return path
+
+
+def test_a_script_inside_the_folder_is_read_at_load(tmp_path: Path) -> None:
+    path = _spec_with_script(tmp_path / "repo", "sub/train.py")
+    (tmp_path / "repo" / "sub").mkdir()
+    (tmp_path / "repo" / "sub" / "train.py").write_text("print('hi')\n")
+    (tmp_path / "repo" / "link.py").symlink_to("sub/train.py")  # a link that stays inside
+    spec = load_spec(path)
+    assert spec.script_text == "print('hi')\n"
+    assert load_spec(_spec_with_script(tmp_path / "repo", "link.py")).script_text == "print('hi')\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "make", "expected"),
+    [
+        ("../outside.py", "outside", "outside the spec's folder"),
+        ("train.py", "symlink-out", "outside the spec's folder"),
+        ("train.py", "symlink-secret", "outside the spec's folder"),
+        ("train.py", "dir", "not a regular file"),
+        ("train.py", "fifo", "not a regular file"),
+        ("train.py", "large", "too large"),
+        ("train.py", "latin1", "not UTF-8"),
+        ("train.py", "loop", "cannot be resolved"),
+        ("/etc/passwd.py", "none", "relative to the spec's folder"),
+    ],
+)
+def test_a_script_outside_the_policy_is_refused(
+    tmp_path: Path, script: str, make: str, expected: str
+) -> None:
+    repo = tmp_path / "repo"
+    path = _spec_with_script(repo, script)
+    target = repo / "train.py"
+    secret = tmp_path / "home" / ".docker" / "config.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text('{"auths": {"r": {"auth": "c2VjcmV0"}}}')
+    (tmp_path / "outside.py").write_text("print('outside')\n")
+    if make == "symlink-out":
+        target.symlink_to(tmp_path / "outside.py")
+    elif make == "symlink-secret":
+        target.symlink_to(secret)
+    elif make == "dir":
+        target.mkdir()
+    elif make == "fifo":
+        os.mkfifo(target)
+    elif make == "large":
+        target.write_text("#" * (MAX_SCRIPT_BYTES + 1))
+    elif make == "latin1":
+        target.write_bytes(b"print('caf\xe9')\n")
+    elif make == "loop":
+        target.symlink_to(repo / "loop.py")
+        (repo / "loop.py").symlink_to(target)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert expected in caught.value.render()
+    assert "selfcheck.script" in caught.value.render()

@@ -1,0 +1,341 @@
+"""One test per row of README's exit-code table: the real CLI in a fresh process, its code, its
+message, and (for bad input) that nothing was written. Rows that need an engine are `docker`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from archives import Entry, layer, raw_config, write_archive
+from cli import Cli, reprobox
+from test_render import fake_lock
+
+from reprobox import cli
+from reprobox._lockfile import format_lock
+from reprobox.engine import DockerEngine
+from reprobox.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL,
+    EXIT_MISSING,
+    EXIT_OK,
+)
+from reprobox.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = (ROOT / "images" / "demo-cpu.yaml").read_text()
+
+
+def _project(folder: Path, spec_text: str = DEMO, *, lock: bool = True) -> Path:
+    """A spec (and a lock made for it without resolving) in `folder`; the spec's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.yaml"
+    spec_path.write_text(spec_text)
+    if lock:
+        locked = fake_lock(load_spec(spec_path))
+        (folder / "spec.lock").write_text(format_lock(locked))
+    return spec_path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _bad_input_writes_nothing(
+    folder: Path, *argv: str | Path, env: dict[str, str] | None = None
+) -> Cli:
+    before = _files(folder)
+    done = reprobox(*argv, env=env)
+    assert done.code == EXIT_BAD_INPUT, done.stderr
+    assert "\nreprobox: error: " in "\n" + done.stderr
+    assert "Traceback" not in done.stderr
+    assert _files(folder) == before, "exit 2 changed files"
+    return done
+
+
+# -- 0 ------------------------------------------------------------------------------------------
+
+
+def test_0_render_writes_the_context(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    done = reprobox("render", spec, "-o", tmp_path / "ctx", "--no-wheels")
+    assert done.code == EXIT_OK, done.stderr
+    assert (tmp_path / "ctx" / "Dockerfile").is_file()
+
+
+# -- 1 ------------------------------------------------------------------------------------------
+
+
+def test_1_two_images_differ(tmp_path: Path) -> None:
+    paths = []
+    for name, data in (("a", b"1"), ("b", b"2")):
+        layers = [layer(Entry("opt/data", data))]
+        write_archive(tmp_path / f"{name}.tar", raw_config(layers), layers)
+        paths.append(tmp_path / f"{name}.tar")
+    done = reprobox("diff", *paths)
+    assert done.code == EXIT_CHECK_FAILED, done.stderr
+    assert "/opt/data" in done.stdout
+
+
+# -- 2: bad input, and nothing written ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("apt: []", 'apt: ["curl\\nRUN id"]'), "control or invisible character"),
+        (("numpy==2.4.6", '"numpy==2.4.6\\n"'), "packages[0]"),
+        (("version: 1", "version: true"), "version"),
+        (("env: {}", 'env: {"KEY\\n": x}'), "env"),
+        (("apt: []", "apt: &a [*a]"), "nest more than 32 levels"),
+    ],
+    ids=["newline-in-apt", "newline-in-pin", "version-true", "newline-in-env-key", "self-alias"],
+)
+def test_2_a_hostile_spec_writes_no_lock_and_no_context(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    spec = _project(tmp_path, DEMO.replace(*change), lock=False)
+    done = _bad_input_writes_nothing(tmp_path, "render", spec, "-o", tmp_path / "ctx")
+    assert expected in done.stderr
+
+
+def test_2_an_alias_bomb_ends_at_once(tmp_path: Path) -> None:
+    levels = ["a: &a [" + ",".join(["lol"] * 9) + "]"]
+    levels += [
+        f"{n}: &{n} [" + ",".join([f"*{p}"] * 9) + "]" for p, n in itertools.pairwise("abcdefghi")
+    ]
+    spec = _project(tmp_path, "\n".join(levels) + "\n", lock=False)
+    done = _bad_input_writes_nothing(tmp_path, "lock", spec)
+    assert "more than 16 aliases" in done.stderr
+
+
+def test_2_a_script_linked_to_a_secret_is_refused_before_anything(tmp_path: Path) -> None:
+    secret = tmp_path / "home" / ".docker" / "config.json"
+    secret.parent.mkdir(parents=True)
+    secret.write_text('{"auths": {"registry": {"auth": "c2VjcmV0"}}}')
+    repo = tmp_path / "repo"
+    spec = _project(repo, DEMO.replace("  # script: train.py", "  script: train.py"), lock=False)
+    (repo / "train.py").symlink_to(secret)
+    done = _bad_input_writes_nothing(tmp_path, "render", spec, "-o", repo / "ctx")
+    assert "outside the spec's folder" in done.stderr
+    assert "c2VjcmV0" not in done.stderr + done.stdout
+
+
+def test_2_render_into_a_file(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    (tmp_path / "out").write_text("mine")
+    done = _bad_input_writes_nothing(
+        tmp_path, "render", spec, "-o", tmp_path / "out", "--no-wheels"
+    )
+    assert "not a directory" in done.stderr
+
+
+def test_2_render_into_a_non_empty_folder_writes_no_lock(tmp_path: Path) -> None:
+    spec = _project(tmp_path, lock=False)  # no lock: the old order wrote one before refusing
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "keep.txt").write_text("mine")
+    done = _bad_input_writes_nothing(tmp_path, "render", spec, "-o", tmp_path / "ctx")
+    assert "is not empty" in done.stderr
+
+
+def test_2_a_cache_dir_that_is_a_file(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    (tmp_path / "cache").write_text("not a folder")
+    env = {"REPROBOX_CACHE_DIR": str(tmp_path / "cache")}
+    done = _bad_input_writes_nothing(tmp_path, "render", spec, "-o", tmp_path / "ctx", env=env)
+    assert "is not a folder" in done.stderr
+
+
+def test_2_export_into_a_directory_before_any_work(tmp_path: Path) -> None:
+    done = _bad_input_writes_nothing(tmp_path, "export", "any-image:1", "-o", tmp_path)
+    assert "is a directory" in done.stderr
+
+
+def test_2_a_download_larger_than_the_lock_says(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    lock = fake_lock(load_spec(spec))
+    wheel = tmp_path / "served" / "big.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"\0" * 10_000)
+    wheels = tuple(dataclasses.replace(w, url=wheel.as_uri(), size=100) for w in lock.wheels)
+    (tmp_path / "spec.lock").write_text(format_lock(dataclasses.replace(lock, wheels=wheels)))
+    env = {"REPROBOX_CACHE_DIR": str(tmp_path / "cache")}
+    done = reprobox("render", spec, "-o", tmp_path / "ctx", env=env)
+    assert done.code == EXIT_BAD_INPUT, done.stderr
+    assert "more than 100 bytes (the size the lock records)" in done.stderr
+    assert not (tmp_path / "ctx").exists()
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.docker
+def test_2_import_of_an_archive_that_is_not_a_reprobox_export(
+    docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    layers = [layer(Entry("opt/data", b"foreign"))]
+    archive = tmp_path / "foreign.tar"
+    write_archive(archive, raw_config(layers), layers)
+    done = _bad_input_writes_nothing(tmp_path, "import", archive)
+    assert "is not a reprobox export" in done.stderr
+    assert "--allow-foreign" in done.stderr
+
+
+@pytest.mark.docker
+def test_2_check_of_an_image_whose_selfcheck_label_is_not_json(
+    docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    (tmp_path / "Dockerfile").write_text(
+        'FROM scratch\nLABEL reprobox.selfcheck.argv="{not json"\n'
+    )
+    image = docker_engine.build(tmp_path)
+    try:
+        done = reprobox("check", image)
+        assert done.code == EXIT_BAD_INPUT, done.stderr
+        assert "reprobox.selfcheck.argv label is not the self-check command" in done.stderr
+    finally:
+        docker_engine.remove_image(image, force=True)
+
+
+# -- 3: the environment lacks something -----------------------------------------------------------
+
+
+def test_3_no_engine(tmp_path: Path) -> None:
+    done = reprobox("check", "x:1", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert done.code == EXIT_MISSING, done.stderr
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` made unwritable even for root (the immutable attribute), or a skip."""
+    folder.mkdir(exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(
+            ["chattr", "+i", str(folder)], capture_output=True, check=False
+        ).returncode
+    ):
+        pytest.skip("cannot make a folder read-only for root here (chattr +i failed)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_3_a_read_only_cache_dir(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    with _read_only(tmp_path / "cache"):
+        env = {"REPROBOX_CACHE_DIR": str(tmp_path / "cache")}
+        done = reprobox("render", spec, "-o", tmp_path / "ctx", env=env)
+    assert done.code == EXIT_MISSING, done.stderr
+    assert "cannot write to the cache folder" in done.stderr
+    assert not (tmp_path / "ctx").exists()
+
+
+def test_3_a_wheel_server_that_does_not_answer(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    lock = fake_lock(load_spec(spec))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    wheels = tuple(
+        dataclasses.replace(w, url=f"http://127.0.0.1:{port}/{w.filename}") for w in lock.wheels
+    )
+    (tmp_path / "spec.lock").write_text(format_lock(dataclasses.replace(lock, wheels=wheels)))
+    env = {"REPROBOX_CACHE_DIR": str(tmp_path / "cache")}
+    done = reprobox("render", spec, "-o", tmp_path / "ctx", env=env)
+    assert done.code == EXIT_MISSING, done.stderr
+    assert "check the network" in done.stderr
+
+
+class _Garbage(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.recv(65536)
+        self.request.sendall(b"\x00\xffgarbage, not HTTP\r\n\r\n")
+
+
+@pytest.mark.docker
+def test_3_a_registry_that_answers_garbage(docker_engine: DockerEngine, tmp_path: Path) -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Garbage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        spec = _project(tmp_path)
+        to = f"127.0.0.1:{server.server_address[1]}/team/demo"
+        done = reprobox("publish", spec, "--to", to, env={"DOCKER_CONFIG": str(tmp_path)})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.code == EXIT_MISSING, done.stderr
+    assert "does not speak HTTP" in done.stderr
+
+
+# -- 4: a bug in reprobox -----------------------------------------------------------------------
+
+
+def test_4_any_other_exception_is_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(args: object) -> int:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_init", broken)
+    assert cli.main(["init"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert err.startswith("reprobox: internal error: KeyError")
+    assert "Traceback" not in err
+    assert cli.main(["--debug", "init"]) == EXIT_INTERNAL
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_readme_table_has_a_row_per_code_and_names_tests_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| exit |") :].split("\n\n", 1)[0]
+    codes = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert codes == ["0", "1", "2", "3", "4", "130"]
+    here = {
+        name.removeprefix("test_").split("_", 1)[0]
+        for name in globals()
+        if name.startswith("test_")
+    }
+    assert {"0", "1", "2", "3", "4"} <= here  # a test per row, named after its code
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("check", "demo:1\nRUN id"),
+        ("check", "--json", "Demo:Latest"),
+        ("export", "demo:1 extra", "-o", "out.tar"),
+        ("diff", "demo:1", "\x1b[2Jdemo:2"),
+        ("build", "spec.yaml", "--tag", "not a tag"),
+    ],
+    ids=["newline", "upper-case", "space", "escape", "build-tag"],
+)
+def test_2_an_image_name_that_is_no_reference_is_refused_before_the_engine(
+    tmp_path: Path, argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # No engine at all: the name is refused before one is asked (else this would be exit 3).
+    env = {"DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
+    done = _bad_input_writes_nothing(tmp_path, *argv, env=env)
+    assert "is not an image name or ID" in done.stderr
+    assert "\x1b" not in done.stderr
