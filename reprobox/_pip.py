@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from packaging.utils import canonicalize_name
 
 from reprobox._target import Target
-from reprobox.errors import EXIT_MISSING, LockError
+from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
 
 __all__ = [
     "PYPI",
@@ -282,12 +282,11 @@ def _unreachable_error(failures: list[tuple[str, str]], indexes: Sequence[str]) 
     url, reason = failures[0]
     index = next((i for i in indexes if url.startswith(i.rstrip("/") + "/")), url)
     others = f" (and {len(failures) - 1} more pages)" if len(failures) > 1 else ""
-    return LockError(
+    return IndexUnreachableError(
         f"could not reach the package index {index} while locking: {reason[:300]}{others}. "
         "A lock made without it could differ from one made with it, so reprobox stops",
         hint="connect this machine to that index, or point the spec's index.extra_urls or "
         "index.find_links (or pip's configuration) at a mirror or a folder holding the wheels",
-        exit_code=EXIT_MISSING,
     )
 
 
@@ -307,22 +306,16 @@ def _conflict_error(result: PipResult) -> LockError:
 def _generic_error(result: PipResult) -> LockError:
     tail = "\n".join(result.stderr.strip().splitlines()[-12:])
     network = _NETWORK.search(result.stderr + result.stdout) is not None
-    return LockError(
-        f"pip could not resolve the requirements:\n{tail}",
-        hint="check the network and the index settings" if network else "see pip's message above",
-        exit_code=EXIT_MISSING if network else None,
-    )
+    message = f"pip could not resolve the requirements:\n{tail}"
+    if network:
+        return IndexUnreachableError(message, hint="check the network and the index settings")
+    return LockError(message, hint="see pip's message above")
 
 
-@dataclass(frozen=True)
-class NoMatch:
+def _no_match(
+    result: PipResult, index_args: Sequence[str], indexes: tuple[str, ...]
+) -> NoMatchError | None:
     """pip found no wheel for a requirement: which one, and the versions it could use."""
-
-    requirement: str
-    usable_versions: tuple[str, ...]
-
-
-def _no_match(result: PipResult) -> NoMatch | None:
     match = _NO_MATCH.search(result.stderr)
     if match is None:
         return None
@@ -334,19 +327,7 @@ def _no_match(result: PipResult) -> NoMatch | None:
             v.strip() for v in versions["versions"].split(",") if v.strip() and v.strip() != "none"
         )
     )
-    return NoMatch(match["req"], usable)
-
-
-class NoMatchError(LockError):
-    """pip found no usable wheel for `no_match.requirement`; the caller explains why."""
-
-    def __init__(
-        self, no_match: NoMatch, index_args: tuple[str, ...], indexes: tuple[str, ...]
-    ) -> None:
-        super().__init__(f"no wheel found for {no_match.requirement}")
-        self.no_match = no_match
-        self.index_args = index_args
-        self.indexes = indexes
+    return NoMatchError(match["req"], usable, tuple(index_args), indexes)
 
 
 def resolve_with_pip(
@@ -363,9 +344,9 @@ def resolve_with_pip(
         if result.returncode != 0:
             if "ResolutionImpossible" in result.stderr + result.stdout:
                 raise _conflict_error(result)
-            no_match = _no_match(result)
+            no_match = _no_match(result, index_args, indexes)
             if no_match is not None:
-                raise NoMatchError(no_match, tuple(index_args), indexes)
+                raise no_match
             raise _generic_error(result)
         data = json.loads(report.read_text(encoding="utf-8"))
     _check_environment(data.get("environment"), target)

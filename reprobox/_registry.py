@@ -28,13 +28,16 @@ from typing import Any
 
 import requests
 
-from reprobox.errors import EXIT_BAD_INPUT, EngineError, ReproboxError
+from reprobox.errors import (
+    BadInputError,
+    EngineError,
+    RegistryAuthError,
+    RegistryUnreachableError,
+)
 
 __all__ = [
     "MANIFEST_TYPES",
-    "RegistryAuthError",
     "RegistryClient",
-    "RegistryUnreachableError",
     "Target",
     "check_image_ref",
     "check_tag",
@@ -62,14 +65,6 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
-class RegistryUnreachableError(EngineError):
-    """Nothing answers at the registry's address (exit 3)."""
-
-
-class RegistryAuthError(EngineError):
-    """The registry refused the credentials, or there were none (exit 3)."""
-
-
 @dataclass(frozen=True)
 class Target:
     """Where to publish: a registry and a repository in it."""
@@ -88,12 +83,11 @@ class Target:
         return f"{self.name}:{tag}"
 
 
-def _bad_reference(text: str, why: str) -> ReproboxError:
-    return ReproboxError(
+def _bad_reference(text: str, why: str) -> BadInputError:
+    return BadInputError(
         f"--to {text!r} is not a valid repository name: {why}",
         hint="write REGISTRY/REPO, for example 127.0.0.1:5000/team/model or ghcr.io/org/model: "
         "lower-case letters, digits and . _ - in the path, no tag (give tags with --tag)",
-        exit_code=EXIT_BAD_INPUT,
     )
 
 
@@ -123,10 +117,9 @@ def parse_target(text: str) -> Target:
 def check_tag(tag: str) -> str:
     """A tag the engine accepts (letters, digits, `_ . -`, at most 128, not starting with . or -)."""
     if not _TAG.fullmatch(tag):
-        raise ReproboxError(
+        raise BadInputError(
             f"--tag {tag!r} is not a valid tag",
             hint="use letters, digits, _ . and -, at most 128 characters, not starting with . or -",
-            exit_code=EXIT_BAD_INPUT,
         )
     return tag
 
@@ -141,10 +134,9 @@ _IMAGE_REF = re.compile(
 def check_image_ref(text: str, what: str = "IMAGE") -> str:
     """An image the engine is asked about: a name[:tag][@digest] or an ID; else exit 2 now."""
     if len(text) > 512 or _IMAGE_REF.fullmatch(text) is None:
-        raise ReproboxError(
+        raise BadInputError(
             f"{what} {text[:200]!r} is not an image name or ID",
             hint="write name[:tag], name@sha256:<digest>, or an image ID (`docker images` lists them)",
-            exit_code=EXIT_BAD_INPUT,
         )
     return text
 

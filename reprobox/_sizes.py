@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from reprobox.errors import EXIT_MISSING, LockError
+from reprobox.errors import IndexUnreachableError
 
 __all__ = ["Head", "wheel_sizes"]
 
@@ -42,10 +42,9 @@ def _file_size(url: str) -> int:
     try:
         return path.stat().st_size
     except OSError as exc:
-        raise LockError(
+        raise IndexUnreachableError(
             f"the locked wheel {url} cannot be read: {exc.strerror}",
             hint="the folder or file index it came from changed while locking; lock again",
-            exit_code=EXIT_MISSING,
         ) from None
 
 
@@ -53,18 +52,16 @@ def _http_size(url: str, verify: bool | str, head: Head) -> int | None:
     try:
         status, length = head(url, verify)
     except requests.RequestException as exc:
-        raise LockError(
+        raise IndexUnreachableError(
             f"could not read the size of {url}: {type(exc).__name__}",
             hint="check the network; the lock records each wheel's size so downloads stop there",
-            exit_code=EXIT_MISSING,
         ) from None
     if status in {401, 403}:
         return None  # an index that wants credentials: the size stays unknown, not guessed
     if status >= 400:
-        raise LockError(
+        raise IndexUnreachableError(
             f"{url} answered HTTP {status} when asked for its size; the index changed while locking",
             hint="lock again",
-            exit_code=EXIT_MISSING,
         )
     if length is None or not length.isdecimal():
         return None

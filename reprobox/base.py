@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from reprobox.engine import Engine
-from reprobox.errors import BuildError, EngineError, ReproboxError
+from reprobox.errors import BadInputError, BuildError, EngineError
 
 __all__ = [
     "ALWAYS_INCLUDED",
@@ -323,7 +323,7 @@ def write_normalized_layer(
                             first[group] = name
                             source = everything.get(group)
                             if source is None or not source.isreg():
-                                raise ReproboxError(
+                                raise BadInputError(
                                     f"{src}: hard link {name} -> {group}: no such file"
                                 )
                             info.type, info.linkname, info.size = tarfile.REGTYPE, "", source.size
@@ -379,7 +379,7 @@ def _member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
     except KeyError:
         member = None
     if member is None:
-        raise ReproboxError(f"the root filesystem has no {name}: is it a Debian system?")
+        raise BadInputError(f"the root filesystem has no {name}: is it a Debian system?")
     return member.read()
 
 
@@ -477,13 +477,13 @@ def _is_base(info: Mapping[str, Any]) -> bool:
 
 def _validate(suite: str, packages: Sequence[str]) -> None:
     if not _SUITE.fullmatch(suite):
-        raise ReproboxError(
+        raise BadInputError(
             f"{suite!r} is not a Debian suite name",
             hint="use a codename such as bookworm or trixie (without the `debian:` prefix)",
         )
     bad = [p for p in packages if not _PACKAGE.fullmatch(p)]
     if bad:
-        raise ReproboxError(
+        raise BadInputError(
             f"not Debian package names: {', '.join(map(repr, bad))}",
             hint="write `name` or `name=version`, e.g. `libgomp1` or `libgomp1=12.2.0-14`",
         )

@@ -33,7 +33,7 @@ import requests
 from reprobox import __version__
 from reprobox._lockfile import LockedWheel
 from reprobox._text import unsafe_character
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError, ReproboxError
+from reprobox.errors import BadInputError, IndexUnreachableError, LockError, MissingError
 
 __all__ = [
     "MAX_DOWNLOAD_BYTES",
@@ -81,24 +81,18 @@ def usable_cache_dir(root: Path | None = None) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ReproboxError(
-            f"the cache folder {root} is not a folder", hint=hint, exit_code=EXIT_BAD_INPUT
-        ) from None
+        raise BadInputError(f"the cache folder {root} is not a folder", hint=hint) from None
     except OSError as exc:
-        raise ReproboxError(
-            f"cannot make the cache folder {root}: {exc.strerror or exc}",
-            hint=hint,
-            exit_code=EXIT_MISSING,
+        raise MissingError(
+            f"cannot make the cache folder {root}: {exc.strerror or exc}", hint=hint
         ) from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
         os.close(fd)
         Path(probe).unlink()
     except OSError as exc:
-        raise ReproboxError(
-            f"cannot write to the cache folder {root}: {exc.strerror or exc}",
-            hint=hint,
-            exit_code=EXIT_MISSING,
+        raise MissingError(
+            f"cannot write to the cache folder {root}: {exc.strerror or exc}", hint=hint
         ) from None
     return root
 
@@ -360,10 +354,9 @@ def _copy(
                 digest.update(chunk)
                 report(label, done, total)
     except (requests.RequestException, OSError) as exc:
-        raise LockError(
+        raise IndexUnreachableError(
             f"cannot fetch {wheel.filename} from {wheel.url}: {_reason(exc)}",
             hint="check the network (or that the file:// path still exists), then run again",
-            exit_code=EXIT_MISSING,
         ) from exc
     return digest.hexdigest(), done
 

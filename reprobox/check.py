@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from reprobox._text import unsafe_character
-from reprobox.engine import Engine, GpuUnavailableError
-from reprobox.errors import EXIT_BAD_INPUT, CheckError, ReproboxError
+from reprobox.engine import Engine
+from reprobox.errors import BadInputError, CheckError, GpuUnavailableError
 from reprobox.spec import Spec
 
 __all__ = [
@@ -99,7 +99,7 @@ def image_uses_cuda(labels: Mapping[str, str], image: str) -> bool:
     value = labels.get(CUDA_LABEL)
     if value is None or not _CUDA_VALUE.fullmatch(value):
         shown = "missing" if value is None else repr(value[:40])
-        raise ReproboxError(
+        raise BadInputError(
             f"{image}: its {CUDA_LABEL} label is {shown}, not 'cpu' or a CUDA version such as '12.4'",
             hint="rebuild it with this reprobox (`reprobox build SPEC`)",
         )
@@ -145,11 +145,10 @@ def parse_selfcheck_label(image: str, raw: str) -> list[str]:
         and argv[:2] == ["python", _PROGRAM]
     )
     if not well_formed:
-        raise ReproboxError(
+        raise BadInputError(
             f"{image}: its {SELFCHECK_LABEL} label is not the self-check command reprobox records "
             f"(a JSON list of strings starting with python {_PROGRAM}): {raw[:120]!r}",
             hint="the image was changed after reprobox built it; build it again, or ask its author",
-            exit_code=EXIT_BAD_INPUT,
         )
     return list(argv)
 

@@ -33,7 +33,7 @@ from reprobox._archive import (
 )
 from reprobox._registry import check_image_ref
 from reprobox.engine import Engine
-from reprobox.errors import ReproboxError
+from reprobox.errors import BadInputError
 
 __all__ = [
     "Difference",
@@ -167,7 +167,7 @@ def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, 
     for ref in refs:
         check_image_ref(ref, "an image")
     if refs and engine is None:
-        raise ReproboxError(
+        raise BadInputError(
             f"{refs[0]} is not a file, and there is no engine to save it from",
             hint="name a docker-archive (.tar) that exists, or an image in the engine",
         )
@@ -201,9 +201,9 @@ def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
         AttributeError,
         RecursionError,
     ) as err:
-        raise ReproboxError(f"{archive} is not a docker-archive ({err})") from err
+        raise BadInputError(f"{archive} is not a docker-archive ({err})") from err
     if len(found) != 1:
-        raise ReproboxError(
+        raise BadInputError(
             f"{archive} holds {len(found)} images{'' if image_id is None else ' with ID ' + image_id}",
             hint="diff takes an archive of one image: `docker save IMAGE -o FILE.tar`",
         )
@@ -267,7 +267,7 @@ def _layer_entries(image: _Image, index: int) -> dict[str, _Entry]:
         entries: dict[str, _Entry] = {}
         for member in layer:
             if len(entries) >= MAX_LAYER_ENTRIES:
-                raise ReproboxError(
+                raise BadInputError(
                     f"{image.archive}: layer {image.layers[index]} holds more than "
                     f"{MAX_LAYER_ENTRIES} entries; diff does not list them"
                 )
@@ -279,7 +279,7 @@ def _layer_entries(image: _Image, index: int) -> dict[str, _Entry]:
 def _layer_stream(outer: tarfile.TarFile, name: str, archive: Path) -> Iterator[tarfile.TarFile]:
     data = outer.extractfile(name)
     if data is None:
-        raise ReproboxError(f"{archive}: layer {name} is not a file")
+        raise BadInputError(f"{archive}: layer {name} is not a file")
     # "r|*": a stream, read once front to back; compressed layers (OCI archives) work too.
     with data, tarfile.open(fileobj=data, mode="r|*") as layer:
         yield layer

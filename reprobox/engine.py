@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, BuildError, EngineError
+from reprobox.errors import (
+    BuildError,
+    ContainerTimeoutError,
+    EngineError,
+    GpuUnavailableError,
+    ImageNotFoundError,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -28,12 +34,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BuildEvent",
     "BuildLog",
-    "ContainerTimeoutError",
     "DockerEngine",
     "Engine",
     "EngineInfo",
-    "GpuUnavailableError",
-    "ImageNotFoundError",
     "RunResult",
     "gpu_request_error",
     "registry_auth",
@@ -51,16 +54,6 @@ _NO_ENGINE_HINT = (
     "dockerd; elsewhere install Docker Engine (https://docs.docker.com/engine/install/) and start it, "
     "or point DOCKER_HOST at one that runs"
 )
-
-
-class ImageNotFoundError(EngineError):
-    """The engine holds no image by that name or ID (bad input, not a missing engine)."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-class GpuUnavailableError(EngineError):
-    """A container was to get a GPU and got none: no NVIDIA runtime, no GPU, a refused driver."""
 
 
 _TOOLKIT_HINT = (
@@ -86,12 +79,6 @@ def gpu_request_error(host: str, said: str) -> GpuUnavailableError | None:
             hint=hint,
         )
     return None
-
-
-class ContainerTimeoutError(EngineError):
-    """A container ran past its time limit and was stopped."""
-
-    exit_code = EXIT_CHECK_FAILED
 
 
 @dataclass(frozen=True)

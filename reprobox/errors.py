@@ -1,4 +1,11 @@
-"""The one error family of reprobox: a message, a hint, and the exit code it maps to."""
+"""Every error reprobox reports to a user, grouped by the exit code it maps to.
+
+An error's exit code is a property of its class, so the code a user (or CI) sees says what kind
+of problem it was: 1 a check failed, 2 bad input, 3 the environment lacks something. 4 is any
+exception that is not a ReproboxError (a bug in reprobox); `cli.main` maps it. 5 is kept for
+`check` on a host whose device class the image records no fingerprint for (nothing to compare
+with: neither a failure nor a proof).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,22 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_MISSING",
     "EXIT_OK",
+    "ArchiveError",
+    "BadInputError",
     "BuildError",
     "CheckError",
+    "ContainerTimeoutError",
+    "DigestMismatchError",
     "EngineError",
+    "GpuUnavailableError",
+    "ImageNotFoundError",
+    "IndexUnreachableError",
     "LockError",
+    "MissingError",
+    "NoMatchError",
+    "PushInterruptedError",
+    "RegistryAuthError",
+    "RegistryUnreachableError",
     "ReproboxError",
     "SpecError",
 ]
@@ -29,36 +48,78 @@ class ReproboxError(Exception):
 
     exit_code: int = EXIT_BAD_INPUT
 
-    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
-        if exit_code is not None:
-            self.exit_code = exit_code
 
     def render(self) -> str:
         """One paragraph: what went wrong, then what to do about it."""
         return self.message if self.hint is None else f"{self.message}\n  hint: {self.hint}"
 
 
-class SpecError(ReproboxError):
+# --- 1: a check failed -----------------------------------------------------------------------
+
+
+class CheckError(ReproboxError):
+    """A check failed: the self-check found training not reproducible, or could not prove it."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+
+class DigestMismatchError(CheckError):
+    """A pulled `base.image` is not the image its pinned digest names; it was not used."""
+
+
+# --- 2: bad input ----------------------------------------------------------------------------
+
+
+class BadInputError(ReproboxError):
+    """What the user gave (a file, an argument, an image, an archive) cannot be used as it is."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SpecError(BadInputError):
     """The spec file is malformed, mistyped or asks for something impossible."""
 
 
-class LockError(ReproboxError):
+class LockError(BadInputError):
     """Resolving, reading or verifying the lock (or the wheel cache) failed."""
 
 
-class EngineError(ReproboxError):
-    """The container engine (or a tool the pipeline needs) is not there or refused."""
+class NoMatchError(LockError):
+    """pip found no usable wheel for `requirement`; the lock stage explains why."""
 
-    exit_code = EXIT_MISSING
+    def __init__(
+        self,
+        requirement: str,
+        usable_versions: tuple[str, ...],
+        index_args: tuple[str, ...],
+        indexes: tuple[str, ...],
+    ) -> None:
+        super().__init__(f"no wheel found for {requirement}")
+        self.requirement = requirement
+        self.usable_versions = usable_versions
+        self.index_args = index_args
+        self.indexes = indexes
 
 
-class BuildError(ReproboxError):
-    """A build step failed; carries the failing instruction and the tail of its log."""
+class ImageNotFoundError(BadInputError):
+    """The engine holds no image by that name or ID (bad input, not a missing engine)."""
 
-    exit_code = EXIT_CHECK_FAILED
+
+class ArchiveError(BadInputError):
+    """An image archive is damaged, foreign, or would change what the engine holds."""
+
+
+class BuildError(BadInputError):
+    """A Dockerfile step (or mmdebstrap) failed; carries the step and the tail of its log.
+
+    Bad input, not a failed check: the build is reprobox's own recipe from verified wheels,
+    so a step fails on what the spec asks for (an apt package or version the mirror lacks, a
+    wheel that does not install on the base). The log tail says which.
+    """
 
     def __init__(
         self, message: str, step: str = "", log_tail: str = "", hint: str | None = None
@@ -79,7 +140,44 @@ class BuildError(ReproboxError):
         return "\n".join(parts)
 
 
-class CheckError(ReproboxError):
-    """The self-check found that training in the image is not reproducible."""
+# --- 3: the environment lacks something ------------------------------------------------------
 
-    exit_code = EXIT_CHECK_FAILED
+
+class MissingError(ReproboxError):
+    """This host lacks what the command needs: a tool, a writable folder, the network."""
+
+    exit_code = EXIT_MISSING
+
+
+class IndexUnreachableError(LockError):
+    """A package index or a wheel's server does not answer (a LockError by stage, exit 3)."""
+
+    exit_code = EXIT_MISSING
+
+
+class EngineError(MissingError):
+    """The container engine is not there or refused (or a tool the pipeline needs is missing)."""
+
+
+class GpuUnavailableError(EngineError):
+    """A container was to get a GPU and got none: no NVIDIA runtime, no GPU, a refused driver."""
+
+
+class ContainerTimeoutError(EngineError):
+    """A container ran past its time limit and was stopped.
+
+    The environment, not a failed check: nothing was compared, the host did not finish in time
+    (a loaded machine, a hung device).
+    """
+
+
+class RegistryUnreachableError(EngineError):
+    """Nothing answers at the registry's address."""
+
+
+class RegistryAuthError(EngineError):
+    """The registry refused the credentials, or there were none."""
+
+
+class PushInterruptedError(EngineError):
+    """The registry stopped answering during the push; a retry resumes from what landed."""

@@ -42,7 +42,7 @@ from reprobox._registry import check_image_ref
 from reprobox._yaml import MAX_BYTES as MAX_SPEC_BYTES
 from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
 from reprobox.engine import DockerEngine, Engine
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, ReproboxError
+from reprobox.errors import ArchiveError, BadInputError, MissingError
 from reprobox.progress import Reporter
 
 __all__ = ["SIDE_MEMBERS", "ArchiveContents", "export_image", "import_image", "verify_archive"]
@@ -75,12 +75,11 @@ class ArchiveContents:
     labels: Mapping[str, str]  # the first image's labels
 
 
-def _corrupt(archive: Path, why: str) -> ReproboxError:
-    return ReproboxError(
+def _corrupt(archive: Path, why: str) -> ArchiveError:
+    return ArchiveError(
         f"{archive} is not a usable image archive: {why}; nothing was loaded",
         hint="copy the file again from its source (compare `sha256sum`), or export it again "
         "with `reprobox export IMAGE -o FILE.tar`",
-        exit_code=EXIT_BAD_INPUT,
     )
 
 
@@ -175,7 +174,7 @@ def verify_archive(archive: Path) -> ArchiveContents:
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
                 raise _corrupt(archive, str(err)) from None
     except FileNotFoundError:
-        raise ReproboxError(f"{archive}: no such file", exit_code=EXIT_BAD_INPUT) from None
+        raise BadInputError(f"{archive}: no such file") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise _corrupt(archive, f"{type(err).__name__}: {err}") from None
     tags = [str(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
@@ -204,7 +203,7 @@ def _file_in_layers(
                     return None
                 if clean == path and entry.isfile():
                     if entry.size > limit:
-                        raise ReproboxError(f"{path} in the image is larger than {limit} bytes")
+                        raise BadInputError(f"{path} in the image is larger than {limit} bytes")
                     data = inner.extractfile(entry)
                     return None if data is None else data.read(limit)
     return None
@@ -286,11 +285,10 @@ def _check_tags(contents: ArchiveContents, engine: Engine, archive: Path, *, for
         if _REPO_TAG.fullmatch(tag) is None:
             raise _corrupt(archive, f"its manifest names a malformed tag {tag[:200]!r}")
         if tag.startswith("reprobox/base:"):
-            raise ReproboxError(
+            raise BadInputError(
                 f"{archive} carries the tag {tag}; bases are made on this host only, so it "
                 "was not loaded",
                 hint="import images that `reprobox export` wrote; bases never travel",
-                exit_code=EXIT_BAD_INPUT,
             )
     image_id = contents.image_ids[0] if len(contents.image_ids) == 1 else None
     moved = [
@@ -299,34 +297,28 @@ def _check_tags(contents: ArchiveContents, engine: Engine, archive: Path, *, for
         if engine.image_exists(tag) and engine.inspect_image(tag).get("Id") != image_id
     ]
     if moved and not force:
-        raise ReproboxError(
+        raise BadInputError(
             f"importing {archive} would move {', '.join(moved)} from the image it names in this "
             "engine to another one; nothing was loaded",
             hint="pass --force to move the tag, or remove the tag first (`docker rmi TAG`)",
-            exit_code=EXIT_BAD_INPUT,
         )
 
 
 def _check_output(output: Path) -> None:
     """Where export writes: a file path (new or to replace) in an existing or creatable folder."""
     if output.is_dir():
-        raise ReproboxError(
+        raise BadInputError(
             f"{output} is a directory; export writes one file",
             hint="give the archive's file name, e.g. `-o image.tar`",
-            exit_code=EXIT_BAD_INPUT,
         )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ReproboxError(
-            f"{output.parent} is not a directory", exit_code=EXIT_BAD_INPUT
-        ) from None
+        raise BadInputError(f"{output.parent} is not a directory") from None
     except OSError as exc:
-        raise ReproboxError(
-            f"cannot make {output.parent}: {exc.strerror or exc}", exit_code=EXIT_MISSING
-        ) from None
+        raise MissingError(f"cannot make {output.parent}: {exc.strerror or exc}") from None
     if not os.access(output.parent, os.W_OK):
-        raise ReproboxError(f"cannot write into {output.parent}", exit_code=EXIT_MISSING)
+        raise MissingError(f"cannot write into {output.parent}")
 
 
 def export_image(image: str, output: Path, *, engine: Engine | None = None) -> dict[str, Any]:
@@ -338,7 +330,7 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     info = engine.inspect_image(image)
     labels = (info.get("Config") or {}).get("Labels") or {}
     if SELFCHECK_LABEL not in labels:
-        raise ReproboxError(
+        raise BadInputError(
             f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)",
             hint="export images that `reprobox build` made; `docker save` writes any other image",
         )
@@ -349,12 +341,12 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
             engine.save(refs, partial)
             side = _side_members(partial)
             if _lock_matches(side, labels) is False:
-                raise ReproboxError(
+                raise BadInputError(
                     f"the lock inside {image} does not match its {_LOCK_LABEL} label"
                 )
             _append(partial, side)
     except IsADirectoryError:
-        raise ReproboxError(f"{output} is a directory", exit_code=EXIT_BAD_INPUT) from None
+        raise BadInputError(f"{output} is a directory") from None
     size = output.stat().st_size
     seconds = round(time.monotonic() - started, 1)
     return {
@@ -393,18 +385,17 @@ def import_image(
         raise _corrupt(archive, f"its reprobox.lock does not match the image's {_LOCK_LABEL}")
     why = _not_an_export(contents)
     if why is not None and not allow_foreign:
-        raise ReproboxError(
+        raise BadInputError(
             f"{archive} is not a reprobox export: {why}; nothing was loaded",
             hint="`reprobox export IMAGE -o FILE.tar` writes one; to load another archive "
             "anyway, pass --allow-foreign (or use `docker load`)",
-            exit_code=EXIT_BAD_INPUT,
         )
     _check_tags(contents, engine, archive, force=force)
     with reporter.stage(f"load {archive}"):
         loaded = engine.load(archive)
     missing = sorted(set(contents.image_ids) - set(loaded))
     if missing:
-        raise ReproboxError(f"the engine did not report loading {', '.join(missing)}")
+        raise BadInputError(f"the engine did not report loading {', '.join(missing)}")
     shown = ", ".join(contents.tags) or "no tags"
     seconds = round(time.monotonic() - started, 1)
     first = contents.tags[0] if contents.tags else contents.image_ids[0]

@@ -30,7 +30,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag
 from packaging.utils import canonicalize_name
 
-from reprobox.errors import ReproboxError
+from reprobox.errors import BadInputError
 
 __all__ = ["Imported", "Wanted", "read_project"]
 
@@ -58,8 +58,8 @@ class Imported:
     find_links: tuple[str, ...] = field(default=())
 
 
-def _refuse(where: str, what: str, why: str, hint: str) -> ReproboxError:
-    return ReproboxError(f"{where}: {what} cannot be pinned: {why}", hint=hint)
+def _refuse(where: str, what: str, why: str, hint: str) -> BadInputError:
+    return BadInputError(f"{where}: {what} cannot be pinned: {why}", hint=hint)
 
 
 _FROM_INDEX = (
@@ -68,7 +68,7 @@ _FROM_INDEX = (
 )
 
 
-def _direct(where: str, text: str) -> ReproboxError:
+def _direct(where: str, text: str) -> BadInputError:
     """A refusal for a URL or path where a `name==version` from an index must stand."""
     url = text.split(" @ ", 1)[-1].strip()
     if _VCS.match(url):
@@ -87,14 +87,14 @@ def _direct(where: str, text: str) -> ReproboxError:
 
 def _requirement(text: str, where: str) -> Requirement:
     if _CONTROL.search(text):
-        raise ReproboxError(f"{where}: the line holds a control character", hint="remove it")
+        raise BadInputError(f"{where}: the line holds a control character", hint="remove it")
     looks_direct = _VCS.match(text) or text.startswith(("file:", ".", "/", "~"))
     if looks_direct or re.match(r"^[a-z][a-z0-9+.-]*://", text, re.I):
         raise _direct(where, text)
     try:
         req = Requirement(text)
     except InvalidRequirement as exc:
-        raise ReproboxError(
+        raise BadInputError(
             f"{where}: {text!r} is not a requirement: {exc}",
             hint="write `name==version` (or a range, which is resolved once)",
         ) from None
@@ -167,13 +167,13 @@ def _requirements_txt(path: Path, env: Environment, seen: set[Path]) -> Imported
             elif name in {"-f", "--find-links"}:
                 links.append(value)  # as written: index.find_links is relative to the spec
             elif name in {"-c", "--constraint"}:
-                raise ReproboxError(
+                raise BadInputError(
                     f"{where}: {line}: a constraints file would change what resolves, unseen "
                     "in the spec",
                     hint="write the constrained versions into the requirements as pins",
                 )
             elif not name.startswith(_IGNORED):
-                raise ReproboxError(
+                raise BadInputError(
                     f"{where}: the option {name} is not one reprobox can carry into a spec",
                     hint="remove it (index options -i, --extra-index-url, -f are carried over)",
                 )
@@ -204,7 +204,7 @@ def _pyproject(path: Path, groups: Sequence[str], env: Environment) -> Imported:
     data = _toml(path, text)
     project = data.get("project")
     if not isinstance(project, dict):
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: has no [project] table", hint="name the project's requirements file instead"
         )
     strings: list[str] = list(project.get("dependencies", []))
@@ -218,7 +218,7 @@ def _pyproject(path: Path, groups: Sequence[str], env: Environment) -> Imported:
             strings += [str(r) for r in resolver.resolve(group)]
         else:
             known = sorted({*optional, *dependency_groups})
-            raise ReproboxError(
+            raise BadInputError(
                 f"{path}: no optional dependencies or dependency group named {group!r}",
                 hint=f"known: {', '.join(known) or 'none'}",
             )
@@ -277,7 +277,7 @@ def _uv_lock(path: Path, groups: Sequence[str], env: Environment) -> Imported:
     roots = [p for p in packages if {"virtual", "editable"} & set(p.get("source", {}))]
     roots = [p for p in roots if p["source"].get("virtual", p["source"].get("editable")) == "."]
     if len(roots) != 1:
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: no single project at '.' in this uv.lock",
             hint="run `uv lock` in the project's directory",
         )
@@ -287,7 +287,7 @@ def _uv_lock(path: Path, groups: Sequence[str], env: Environment) -> Imported:
         extras = root.get("optional-dependencies", {})
         dev = root.get("dev-dependencies", {})
         if group not in extras and group not in dev:
-            raise ReproboxError(
+            raise BadInputError(
                 f"{path}: the project has no extra or dependency group named {group!r}",
                 hint=f"known: {', '.join(sorted({*extras, *dev})) or 'none'}",
             )
@@ -325,7 +325,7 @@ def _pylock(path: Path, groups: Sequence[str], env: Environment, tags: Sequence[
     try:
         lock = Pylock.from_dict(_toml(path, text))
     except PylockValidationError as exc:
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: not a valid pylock.toml (PEP 751): {exc}",
             hint="write it again with the tool that made it",
         ) from None
@@ -334,7 +334,7 @@ def _pylock(path: Path, groups: Sequence[str], env: Environment, tags: Sequence[
     unknown = sorted(set(groups) - {*extras, *chosen})
     if unknown:
         known = sorted({*(lock.extras or ()), *(lock.dependency_groups or ())})
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: no extra or dependency group named {unknown[0]!r}",
             hint=f"known: {', '.join(known) or 'none'}",
         )
@@ -348,7 +348,7 @@ def _pylock(path: Path, groups: Sequence[str], env: Environment, tags: Sequence[
             )
         )
     except PylockSelectError as exc:
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: this lock does not cover the image's platform: {exc}",
             hint="lock the project for Linux and the spec's Python, or pass --python",
         ) from None
@@ -370,16 +370,16 @@ def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ReproboxError(f"{path}: no such file") from None
+        raise BadInputError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReproboxError(f"{path}: cannot read it: {exc}") from None
+        raise BadInputError(f"{path}: cannot read it: {exc}") from None
 
 
 def _toml(path: Path, text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ReproboxError(f"{path}: not valid TOML: {exc}") from None
+        raise BadInputError(f"{path}: not valid TOML: {exc}") from None
 
 
 def read_project(
@@ -399,5 +399,5 @@ def read_project(
     if is_valid_pylock_path(path):
         return _pylock(path, groups, environment, tags)
     if groups:
-        raise ReproboxError(f"{path}: a requirements file has no groups", hint="remove --group")
+        raise BadInputError(f"{path}: a requirements file has no groups", hint="remove --group")
     return _requirements_txt(path, environment, set())

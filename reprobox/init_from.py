@@ -22,7 +22,7 @@ from reprobox import __version__
 from reprobox._pip import PipConfig, Runner, read_pip_config, resolve_with_pip, run_pip
 from reprobox._target import ASSUMED_GLIBC, Target, host_arch
 from reprobox.compat import debian_suite, torch_release
-from reprobox.errors import ReproboxError
+from reprobox.errors import BadInputError
 from reprobox.importers import Imported, Wanted, read_project
 from reprobox.spec import parse_spec
 
@@ -51,7 +51,7 @@ def _base(python: str, base_image: str | None, arch: str) -> _Base:
         if facts is not None and facts[0] == python:
             target = Target(python, arch, facts[1])
             return _Base(f"  bootstrap: debian:{suite}", target, f"glibc {facts[1]}")
-    raise ReproboxError(
+    raise BadInputError(
         f"no Debian base reprobox can bootstrap has Python {python}",
         hint="pass --base-image NAME@sha256:<digest> (an image with that Python), or --python 3.11",
     )
@@ -141,7 +141,7 @@ def _pins(
     torch_wanted = grouped.pop("torch", None)
     torch_exact = exact.pop("torch", None)
     if torch_wanted and torch_exact and torch and torch_exact.partition("+")[0] != torch:
-        raise ReproboxError(
+        raise BadInputError(
             f"{torch_wanted[0].where}: the file pins torch {torch_exact}, but --torch says {torch}",
             hint="drop --torch (it is for files that name no torch, or a range)",
         )
@@ -279,7 +279,7 @@ def write_spec(path: Path, text: str) -> None:
         with path.open("x", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
     except FileExistsError:
-        raise ReproboxError(
+        raise BadInputError(
             f"{path}: already exists; reprobox does not overwrite a spec",
             hint="choose another path, or remove the file first",
         ) from None

@@ -29,7 +29,6 @@ from reprobox._lockfile import (
     requirements_text,
 )
 from reprobox._pip import (
-    NoMatchError,
     PipConfig,
     Resolution,
     ResolvedDist,
@@ -44,7 +43,7 @@ from reprobox._pylock import format_pylock, pylock_path
 from reprobox._sizes import wheel_sizes
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
-from reprobox.errors import EXIT_MISSING, LockError
+from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
 from reprobox.spec import Index, Spec
 
 __all__ = [
@@ -145,25 +144,22 @@ def _resolve(
         try:
             return resolve_with_pip(target, requirements, args, runner)
         except NoMatchError as err:
-            if fallback is None or err.no_match.requirement != requirements[0]:
+            if fallback is None or err.requirement != requirements[0]:
                 raise
             try:
                 return resolve_with_pip(
                     target, requirements, [*args, "--extra-index-url", fallback], runner
                 )
-            except LockError as again:
-                if isinstance(again, NoMatchError) or again.exit_code != EXIT_MISSING:
-                    raise
-                raise LockError(
+            except IndexUnreachableError as again:
+                raise IndexUnreachableError(
                     f"{requirements[0]} is not on the configured indexes, so reprobox asked "
                     f"PyTorch's index {fallback}; {again.message}",
                     hint=again.hint,
-                    exit_code=EXIT_MISSING,
                 ) from None
     except NoMatchError as err:
-        listing = link_listing(target, err.no_match.requirement, err.index_args, runner)
+        listing = link_listing(target, err.requirement, err.index_args, runner)
         raise explain_no_match(
-            err.no_match.requirement, err.no_match.usable_versions, listing, target, err.indexes
+            err.requirement, err.usable_versions, listing, target, err.indexes
         ) from None
 
 

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from reprobox.base import write_normalized_layer
 from reprobox.engine import Engine
-from reprobox.errors import EngineError, ReproboxError
+from reprobox.errors import BadInputError, EngineError
 
 __all__ = [
     "NormalizedImage",
@@ -180,7 +180,7 @@ def _base_layers(engine: Engine, image_id: str, base_image: str | None) -> tuple
         return ()
     base = _diff_ids(engine.inspect_image(base_image))
     if _diff_ids(engine.inspect_image(image_id))[: len(base)] != base:
-        raise ReproboxError(
+        raise BadInputError(
             f"{image_id} is not built on {base_image}: its layers do not start with the base's",
             hint="pass the image that the Dockerfile names in FROM as the base",
         )
@@ -218,12 +218,12 @@ def _manifest_entry(archive: tarfile.TarFile, path: Path) -> tuple[dict[str, Any
     """The config and the layer paths of the one image in a docker-archive."""
     manifest = json.loads(_read(archive, "manifest.json", path))
     if len(manifest) != 1:
-        raise ReproboxError(f"{path} holds {len(manifest)} images; expected exactly one")
+        raise BadInputError(f"{path} holds {len(manifest)} images; expected exactly one")
     entry = manifest[0]
     config: dict[str, Any] = json.loads(_read(archive, entry["Config"], path))
     layers = [str(name) for name in entry["Layers"]]
     if len(layers) != len(config["rootfs"]["diff_ids"]):
-        raise ReproboxError(f"{path}: the manifest and the config disagree on the layer count")
+        raise BadInputError(f"{path}: the manifest and the config disagree on the layer count")
     return config, layers
 
 
@@ -233,7 +233,7 @@ def _read(archive: tarfile.TarFile, name: str, path: Path) -> bytes:
     except KeyError:
         member = None
     if member is None:
-        raise ReproboxError(f"{path} is not a docker-archive: it has no {name}")
+        raise BadInputError(f"{path} is not a docker-archive: it has no {name}")
     return member.read()
 
 
@@ -275,7 +275,7 @@ class _Rewriter:
 def _open_member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
     data = archive.extractfile(name)
     if data is None:
-        raise ReproboxError(f"the saved image's {name} is not a file")
+        raise BadInputError(f"the saved image's {name} is not a file")
     return data
 
 

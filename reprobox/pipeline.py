@@ -27,8 +27,8 @@ from reprobox.check import (
     selfcheck_argv,
 )
 from reprobox.compat import TRITON_BUILD_PACKAGES
-from reprobox.engine import DockerEngine, Engine, GpuUnavailableError
-from reprobox.errors import EXIT_CHECK_FAILED, EngineError, ReproboxError
+from reprobox.engine import DockerEngine, Engine
+from reprobox.errors import BadInputError, DigestMismatchError, GpuUnavailableError
 from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
@@ -89,11 +89,10 @@ def _pull_base(ref: str, engine: Engine, reporter: Reporter) -> None:
         engine.pull(f"{repository}@{digest}", registry_auth(registry))
     found = engine.inspect_image(f"{repository}@{digest}").get("RepoDigests") or []
     if f"{repository}@{digest}" not in found and not any(d.endswith("@" + digest) for d in found):
-        raise EngineError(
+        raise DigestMismatchError(
             f"the registry served {repository} with digests {', '.join(found) or 'none'}, not "
             f"{digest}; the base was not used",
             hint="check the reference and the registry: a digest-pinned base must match exactly",
-            exit_code=EXIT_CHECK_FAILED,
         )
 
 
@@ -458,13 +457,13 @@ def check(image: str) -> dict[str, Any]:
     reporter = Reporter()
     engine = _engine(reporter)
     if not engine.image_exists(image):
-        raise ReproboxError(
+        raise BadInputError(
             f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
         )
     labels: dict[str, str] = (engine.inspect_image(image).get("Config") or {}).get("Labels") or {}
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
-        raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
+        raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
     cuda = image_uses_cuda(labels, image)
     argv = device_argv(parse_selfcheck_label(image, raw_argv), cuda=cuda)
     with reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):

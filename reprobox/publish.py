@@ -16,31 +16,28 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from reprobox._registry import (
-    RegistryAuthError,
     RegistryClient,
-    RegistryUnreachableError,
     Target,
     check_tag,
     is_insecure,
     parse_target,
 )
 from reprobox.check import image_uses_cuda, recorded_fingerprints
-from reprobox.engine import (
-    DockerEngine,
-    Engine,
+from reprobox.engine import DockerEngine, Engine, registry_auth
+from reprobox.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_MISSING,
+    EngineError,
     GpuUnavailableError,
     ImageNotFoundError,
-    registry_auth,
+    PushInterruptedError,
+    RegistryAuthError,
 )
-from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, EngineError
 from reprobox.progress import Reporter
 
 __all__ = [
     "Builder",
     "Published",
-    "PushInterruptedError",
-    "RegistryAuthError",
-    "RegistryUnreachableError",
     "publish",
     "push_image",
     "scrub",
@@ -53,10 +50,6 @@ _NETWORK = re.compile(
     r"network is unreachable|context canceled",
     re.I,
 )
-
-
-class PushInterruptedError(EngineError):
-    """The registry stopped answering during the push (exit 3); a retry resumes from what landed."""
 
 
 class Builder(Protocol):

@@ -23,7 +23,7 @@ from reprobox import __version__
 from reprobox._lockfile import GROUPS, requirements_text
 from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, ReproboxError
+from reprobox.errors import BadInputError, MissingError, ReproboxError
 from reprobox.spec import Spec, parse_spec
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def _inert(text: str, where: str) -> None:
     bad = unsafe_character(text)
     if bad is not None:
         # The spec and lock readers refuse these already; this is the second wall, not the first.
-        raise ReproboxError(
+        raise BadInputError(
             f"refusing to render {text[:80]!r} into the Dockerfile's {where}: it holds {bad}",
             hint="this value should have been refused when it was read; please report it",
         )
@@ -98,7 +98,7 @@ def dockerfile_key(value: object) -> str:
     text = str(value)
     _inert(text, "ENV/LABEL key")
     if _KEY.fullmatch(text) is None:
-        raise ReproboxError(f"refusing to render {text!r} as an ENV or LABEL key")
+        raise BadInputError(f"refusing to render {text!r} as an ENV or LABEL key")
     return text
 
 
@@ -107,7 +107,7 @@ def shell_word(value: object) -> str:
     text = str(value)
     _inert(text, "RUN line")
     if not text or text.startswith("-"):
-        raise ReproboxError(f"refusing to render {text!r} as an argument of a RUN line")
+        raise BadInputError(f"refusing to render {text!r} as an argument of a RUN line")
     return shlex.quote(text)
 
 
@@ -116,7 +116,7 @@ def from_reference(value: object) -> str:
     text = str(value)
     _inert(text, "FROM line")
     if _FROM.fullmatch(text) is None:
-        raise ReproboxError(f"refusing to render {text!r} into a FROM line")
+        raise BadInputError(f"refusing to render {text!r} into a FROM line")
     return text
 
 
@@ -210,10 +210,10 @@ def _spec_text(spec: Spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=True)
 
 
-def _bad_output(message: str, exit_code: int = EXIT_BAD_INPUT) -> ReproboxError:
-    return ReproboxError(
-        message, hint="render into a new or empty directory (`-o DIR`)", exit_code=exit_code
-    )
+def _bad_output(message: str, *, missing: bool = False) -> ReproboxError:
+    """`message` as bad input (exit 2), or where this host cannot write there (exit 3)."""
+    kind = MissingError if missing else BadInputError
+    return kind(message, hint="render into a new or empty directory (`-o DIR`)")
 
 
 def check_output_dir(out: Path) -> None:
@@ -235,13 +235,13 @@ def _wheel_plan(lock: Lock) -> dict[str, str]:
     for wheel in lock.wheels:
         pin = f"{wheel.name}=={wheel.version}"
         if _PIN.fullmatch(pin) is None or _SHA256.fullmatch(wheel.sha256) is None:
-            raise ReproboxError(
+            raise BadInputError(
                 f"the lock pins {pin[:120]!r} (sha256 {wheel.sha256[:80]!r}), which is not a plain "
                 "name==version with a sha256; it goes into the build's requirement files",
                 hint="write the lock again with `reprobox lock --relock SPEC`",
             )
         if wheel.group not in GROUPS or _WHEEL_FILE.fullmatch(wheel.filename) is None:
-            raise ReproboxError(
+            raise BadInputError(
                 f"the lock names a wheel file {wheel.filename[:120]!r} (group {wheel.group[:40]!r}) "
                 "that is not a plain wheel name",
                 hint="write the lock again with `reprobox lock --relock SPEC`",
@@ -278,12 +278,8 @@ def _write_tree(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     except OSError as exc:
-        code = (
-            EXIT_MISSING
-            if exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
-            else EXIT_BAD_INPUT
-        )
-        raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", code) from None
+        denied = exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
+        raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", missing=denied) from None
     try:
         mask = os.umask(0)
         os.umask(mask)
@@ -333,12 +329,12 @@ def render_context(
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
     installer = by_group["installer"]
     if len(installer) != 1:
-        raise ReproboxError(
+        raise BadInputError(
             "the lock names no installer wheel (pip)", hint="run `reprobox lock --relock`"
         )
     missing = sorted({sha for sha in plan.values() if wheels is not None and sha not in wheels})
     if missing:
-        raise ReproboxError(f"no verified file for the locked wheels {', '.join(missing)}")
+        raise BadInputError(f"no verified file for the locked wheels {', '.join(missing)}")
     # Debian bootstrap bases get their apt packages at bootstrap time; only other bases install here.
     apt_install = list(spec.apt) if spec.base.image is not None else []
     dockerfile = (
@@ -374,7 +370,7 @@ def render_context(
     script = spec.script_path
     if script is not None:
         if spec.script_text is None:
-            raise ReproboxError(
+            raise BadInputError(
                 "selfcheck.script is read when the spec is loaded from its file, and this spec "
                 "was not",
                 hint="load it with `load_spec(PATH)` (the CLI does)",

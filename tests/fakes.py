@@ -22,11 +22,10 @@ from reprobox.engine import (
     BuildEvent,
     BuildLog,
     EngineInfo,
-    ImageNotFoundError,
     RunResult,
     gpu_request_error,
 )
-from reprobox.errors import EngineError
+from reprobox.errors import EngineError, ImageNotFoundError
 
 __all__ = ["FakeEngine", "FakeRun", "config_id"]
 

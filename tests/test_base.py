@@ -346,6 +346,7 @@ def test_a_failing_mmdebstrap_is_a_build_error_with_its_tail(tmp_path: Path) -> 
     with pytest.raises(BuildError) as caught:
         _bootstrap(engine, tmp_path, FakeMmdebstrap(status=1), ["no-such-package"])
     err = caught.value
+    assert err.exit_code == EXIT_BAD_INPUT  # what the spec asks for cannot be bootstrapped
     assert err.step.startswith("mmdebstrap --variant=minbase")
     assert err.log_tail.splitlines() == [f"I: line {i}" for i in range(10, 30)]
     assert engine.images == {}

@@ -21,7 +21,8 @@ from conftest import skip_or_fail
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox.check import device_argv, gpu_probe_argv, run_selfcheck, selfcheck_argv
-from reprobox.engine import DockerEngine, GpuUnavailableError
+from reprobox.engine import DockerEngine
+from reprobox.errors import GpuUnavailableError
 from reprobox.spec import load_spec
 
 pytestmark = [pytest.mark.docker, pytest.mark.network]

@@ -16,12 +16,17 @@ from reprobox.base import BaseImage
 from reprobox.engine import (
     BuildEvent,
     BuildLog,
-    ContainerTimeoutError,
     DockerEngine,
     Engine,
+)
+from reprobox.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_MISSING,
+    BuildError,
+    ContainerTimeoutError,
+    EngineError,
     ImageNotFoundError,
 )
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, BuildError, EngineError
 
 
 def _feed(log: BuildLog, *texts: str) -> None:
@@ -61,7 +66,7 @@ def test_build_log_error_names_the_step_and_its_last_lines() -> None:
     assert err.log_tail.splitlines() == [f"line {i}" for i in range(10, 30)]
     assert "step 2/3" in err.message
     assert "returned a non-zero code: 2" in err.message
-    assert err.exit_code == 1
+    assert err.exit_code == EXIT_BAD_INPUT  # the spec asks for what cannot be built
     assert "RUN ./fail.sh" in err.render()
     assert "line 29" in err.render()
 
@@ -235,7 +240,7 @@ def test_run_past_its_time_limit_is_stopped_and_removed(
     with pytest.raises(ContainerTimeoutError) as caught:
         docker_engine.run(small_image, ["sleep", "60"], timeout_s=2)
     assert time.monotonic() - started < 30
-    assert caught.value.exit_code == 1
+    assert caught.value.exit_code == EXIT_MISSING  # the host did not finish in time
     assert docker_engine._client().containers(all=True, filters={"ancestor": small_image}) == []
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import inspect
 import itertools
 import os
+import pkgutil
 import shutil
 import socket
 import socketserver
@@ -29,6 +32,7 @@ from reprobox.errors import (
     EXIT_INTERNAL,
     EXIT_MISSING,
     EXIT_OK,
+    ReproboxError,
 )
 from reprobox.spec import load_spec
 
@@ -303,6 +307,26 @@ def test_4_any_other_exception_is_an_internal_error(
     assert "Traceback" not in err
     assert cli.main(["--debug", "init"]) == EXIT_INTERNAL
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_every_error_class_lives_in_errors_with_one_exit_meaning() -> None:
+    """Each ReproboxError subclass is defined in reprobox.errors, and its exit code is a class
+    property (1, 2 or 3), so an error's class says what kind of problem it is."""
+    package = Path(cli.__file__).parent
+    for info in pkgutil.iter_modules([str(package)]):
+        if info.name != "__main__":  # that one runs the CLI
+            importlib.import_module(f"reprobox.{info.name}")
+    found: list[type[ReproboxError]] = []
+    todo: list[type[ReproboxError]] = [ReproboxError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    assert len(found) > 10
+    for cls in found:
+        assert cls.__module__ == "reprobox.errors", f"{cls.__name__} lives in {cls.__module__}"
+        assert cls.exit_code in {EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_MISSING}, cls
+    assert "exit_code" not in inspect.signature(ReproboxError.__init__).parameters
 
 
 def test_the_readme_table_has_a_row_per_code_and_names_tests_that_exist() -> None:

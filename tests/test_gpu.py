@@ -23,8 +23,8 @@ from reprobox import cli, pipeline
 from reprobox.check import device_argv, run_selfcheck
 from reprobox.compat import nvidia_require_cuda
 from reprobox.doctor import Disk, Gpu, Probes, doctor
-from reprobox.engine import Engine, GpuUnavailableError, RunResult
-from reprobox.errors import CheckError
+from reprobox.engine import Engine, RunResult
+from reprobox.errors import CheckError, GpuUnavailableError
 from reprobox.render import image_env
 from reprobox.spec import load_spec
 

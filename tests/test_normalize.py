@@ -28,8 +28,8 @@ from archives import (
 
 from reprobox.base import BaseImage
 from reprobox.diff import diff_images, format_diff
-from reprobox.engine import DockerEngine, ImageNotFoundError
-from reprobox.errors import ReproboxError
+from reprobox.engine import DockerEngine
+from reprobox.errors import ImageNotFoundError, ReproboxError
 from reprobox.normalize import NormalizedImage, normalize_config, normalize_image, rfc3339
 
 SDE = 1_700_000_000  # 2023-11-14T22:13:20Z, earlier than BUILD_TIME

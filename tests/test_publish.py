@@ -29,15 +29,19 @@ from fakes import FakeEngine
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox._registry import is_insecure, parse_target
-from reprobox.engine import DockerEngine, GpuUnavailableError
-from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, EngineError, ReproboxError
-from reprobox.handoff import verify_archive
-from reprobox.publish import (
+from reprobox.engine import DockerEngine
+from reprobox.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_MISSING,
+    EngineError,
+    GpuUnavailableError,
     PushInterruptedError,
     RegistryAuthError,
     RegistryUnreachableError,
-    publish,
+    ReproboxError,
 )
+from reprobox.handoff import verify_archive
+from reprobox.publish import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "images" / "demo-cpu.yaml"

@@ -20,11 +20,10 @@ import pytest
 from reprobox._registry import (
     MAX_BODY_BYTES,
     RegistryClient,
-    RegistryUnreachableError,
     _origin,
     parse_target,
 )
-from reprobox.errors import EXIT_MISSING, EngineError
+from reprobox.errors import EXIT_MISSING, EngineError, RegistryUnreachableError
 
 USER, PASSWORD = "alice", "pw-s3cret-42"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
