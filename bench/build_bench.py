@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox.cache import WheelCache, default_cache_dir
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.lock import read_lock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,7 @@ def _timed_build(engine: DockerEngine, ctx: Path, *, nocache: bool) -> tuple[flo
 
 
 def _size(engine: DockerEngine, ref: str) -> int:
-    size: int = engine.inspect_image(ref)["Size"]
-    return size
+    return engine.inspect_image(ref).size
 
 
 def _installed_bytes(engine: DockerEngine, ref: str) -> int:
@@ -88,13 +87,12 @@ def _installed_bytes(engine: DockerEngine, ref: str) -> int:
 
 def _from_earlier_run(engine: DockerEngine, ref: str, started: str) -> str:
     """A note when `ref` was made before this run began: its time is a cache hit, not a build."""
-    created: str = engine.inspect_image(ref)["Created"]
+    created = engine.inspect_image(ref).created
     return " [layer cache from an earlier run]" if created < started else ""
 
 
 def _layers(engine: DockerEngine, ref: str) -> list[str]:
-    layers: list[str] = engine.inspect_image(ref)["RootFS"]["Layers"]
-    return layers
+    return list(engine.inspect_image(ref).diff_ids)
 
 
 def main() -> int:

@@ -24,10 +24,10 @@ import socket
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import requests
 
+from reprobox.engine import RegistrySettings
 from reprobox.errors import (
     BadInputError,
     EngineError,
@@ -43,6 +43,7 @@ __all__ = [
     "check_tag",
     "is_insecure",
     "parse_target",
+    "registry_auth",
 ]
 
 #: What a Docker Engine 20.10 pushes (schema 2), and the OCI form other tools push.
@@ -149,15 +150,14 @@ def _addresses(host: str) -> list[str]:
         return []
 
 
-def is_insecure(registry: str, registry_config: Mapping[str, Any]) -> bool:
+def is_insecure(registry: str, settings: RegistrySettings) -> bool:
     """Whether the engine talks plain HTTP to `registry` (its insecure-registries setting)."""
-    index = (registry_config.get("IndexConfigs") or {}).get(registry)
-    if isinstance(index, Mapping) and "Secure" in index:
-        return not index["Secure"]
+    if registry in settings.secure:
+        return not settings.secure[registry]
     networks = []
-    for cidr in registry_config.get("InsecureRegistryCIDRs") or []:
+    for cidr in settings.insecure_cidrs:
         try:
-            networks.append(ipaddress.ip_network(str(cidr)))
+            networks.append(ipaddress.ip_network(cidr))
         except ValueError:
             continue
     return any(
@@ -423,3 +423,28 @@ def _reason(err: BaseException) -> str:
         return seen.strerror
     text = str(err.args[0]) if err.args else str(err)
     return text if len(text) < 200 else text[:197] + "..."
+
+
+def registry_auth(registry: str) -> dict[str, str] | None:
+    """The credentials the user's Docker config holds for `registry` (None: none there).
+
+    Read the way `docker login` left them: `$DOCKER_CONFIG/config.json` (default
+    `~/.docker/config.json`), its `auths`, `credsStore` and `credHelpers`. The values are secrets:
+    pass them on, never print them.
+    """
+    # The SDK's reader of the Docker client's config, imported here only: it follows
+    # credsStore and credHelpers as `docker login` set them up.
+    import docker.auth
+    import docker.errors
+
+    try:
+        config = docker.auth.load_config()
+        found = config.resolve_authconfig(registry)
+    except docker.errors.DockerException as err:
+        raise EngineError(
+            f"cannot read the credentials for {registry} from the Docker config: {type(err).__name__}",
+            hint=f"run `docker login {registry}` again",
+        ) from None
+    if not found:
+        return None
+    return {str(k).lower(): str(v) for k, v in found.items() if v}

@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from reprobox.engine import Engine
+from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError, BuildError, EngineError
 
 __all__ = [
@@ -440,8 +440,8 @@ def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | No
         if not engine.image_exists(image_id):
             continue
         info = engine.inspect_image(image_id)
-        labels: dict[str, str] = (info.get("Config") or {}).get("Labels") or {}
-        if info.get("Id") == image_id and _is_base(info) and labels.get(f"{_LABEL}key") == key:
+        labels = info.labels
+        if info.id == image_id and _is_base(info) and labels.get(f"{_LABEL}key") == key:
             engine.tag(image_id, ref)  # the tag keeps `docker image prune` off it
             return BaseImage(
                 image_id=image_id,
@@ -455,23 +455,22 @@ def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | No
     return None
 
 
-def _is_base(info: Mapping[str, Any]) -> bool:
+def _is_base(info: ImageInfo) -> bool:
     """One layer, and exactly the config we write: not an image built FROM the base.
 
     A step that changes no file (`RUN true`) adds no layer and inherits every label, so the
     layer count and labels alone cannot tell; the pinned creation time and the absence of a
     parent can, since the builder stamps the clock and records the parent on what it makes.
     """
-    config = info.get("Config") or {}
-    labels = config.get("Labels") or {}
+    labels = info.labels
     ours = {f"{_LABEL}{n}" for n in ("format", "installed", "key", "mirror", "packages", "suite")}
     return (
-        not info.get("Parent")
-        and info.get("Created") == labels.get("org.opencontainers.image.created")
-        and len(info.get("RootFS", {}).get("Layers", [])) == 1
+        not info.parent
+        and info.created == labels.get("org.opencontainers.image.created")
+        and len(info.diff_ids) == 1
         and set(labels) == {*ours, "org.opencontainers.image.created"}
-        and config.get("Env") == _ENV
-        and config.get("Cmd") == _CMD
+        and info.env == tuple(_ENV)
+        and info.cmd == tuple(_CMD)
     )
 
 

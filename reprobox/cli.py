@@ -89,7 +89,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from reprobox.diff import diff_images, diff_to_json, format_diff
-    from reprobox.engine import DockerEngine
+    from reprobox.docker_engine import DockerEngine
 
     diff = diff_images(args.image_a, args.image_b, engine=DockerEngine())
     report = diff_to_json(diff) | {"summary": format_diff(diff)}

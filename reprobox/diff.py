@@ -32,7 +32,7 @@ from reprobox._archive import (
     read_member,
 )
 from reprobox._registry import check_image_ref
-from reprobox.engine import Engine
+from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError
 
 __all__ = [
@@ -139,14 +139,14 @@ def diff_images(
 ) -> ImageDiff:
     """Compare two images (IDs, tags, or docker-archive paths); `engine` saves the non-paths."""
     infos = _inspect([ref for ref in (a, b) if not Path(ref).is_file()], engine)
-    if a in infos and b in infos and infos[a]["Id"] == infos[b]["Id"]:
-        side = ImageSide(a, str(infos[a]["Id"]), len(infos[a]["RootFS"]["Layers"]))
+    if a in infos and b in infos and infos[a].id == infos[b].id:
+        side = ImageSide(a, infos[a].id, len(infos[a].diff_ids))
         return ImageDiff(side, ImageSide(b, side.image_id, side.layers), ())
     with tempfile.TemporaryDirectory(prefix="diff-", dir=workdir) as tmp:
         saved = Path(tmp) / "images.tar"
         if infos and engine is not None:
             # One archive for both: layers they share are written once.
-            engine.save(sorted({str(info["Id"]) for info in infos.values()}), saved)
+            engine.save(sorted({info.id for info in infos.values()}), saved)
         image_a, image_b = (_image(ref, infos, saved) for ref in (a, b))
         differences: list[Difference] = []
         if image_a.side.image_id != image_b.side.image_id:
@@ -162,7 +162,7 @@ def _order(row: Difference) -> tuple[int, int, str, int, str]:
     return (_SECTIONS.index(row.section), row.layer or 0, path, field_rank, row.field)
 
 
-def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, Any]]:
+def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, ImageInfo]:
     """The engine's description of each reference that does not name a file."""
     for ref in refs:
         check_image_ref(ref, "an image")
@@ -174,9 +174,9 @@ def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, dict[str, 
     return {ref: engine.inspect_image(ref) for ref in refs} if engine is not None else {}
 
 
-def _image(ref: str, infos: Mapping[str, Mapping[str, Any]], saved: Path) -> _Image:
+def _image(ref: str, infos: Mapping[str, ImageInfo], saved: Path) -> _Image:
     if ref in infos:
-        return _read_image(ref, saved, str(infos[ref]["Id"]))
+        return _read_image(ref, saved, infos[ref].id)
     return _read_image(ref, Path(ref), None)
 
 

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.compat import driver_verdict
-from reprobox.engine import DockerEngine, Engine
+from reprobox.docker_engine import DockerEngine
+from reprobox.engine import Engine, EngineInfo
 from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, read_lock
 from reprobox.spec import Spec, load_spec
@@ -118,15 +119,13 @@ class Probes:
     cache_dir: Callable[[], Path] = default_cache_dir
 
 
-def _engine_lines(probes: Probes) -> tuple[list[Line], dict[str, Any] | None, str]:
+def _engine_lines(probes: Probes) -> tuple[list[Line], EngineInfo | None]:
     try:
-        engine = probes.engine()
-        who = engine.ping()
-        info = engine.info()
+        who = probes.engine().ping()
     except EngineError as err:
-        return [Line("engine", "fail", err.message, err.hint)], None, ""
+        return [Line("engine", "fail", err.message, err.hint)], None
     detail = f"Docker Engine {who.server_version} (API {who.api_version}, {who.arch}) at {who.host}"
-    return [Line("engine", "ok", detail)], info, who.host
+    return [Line("engine", "ok", detail)], who
 
 
 def _cached_bytes(lock: Lock, cache_root: Path) -> tuple[int, int]:
@@ -174,18 +173,17 @@ def _needs(spec: Spec | None, lock: Lock | None, lock_note: str, cache_root: Pat
     return _Need(_INSTALL_FACTOR * known, 0.0, why)
 
 
-def _disk_lines(probes: Probes, info: dict[str, Any] | None, host: str, need: _Need) -> list[Line]:
+def _disk_lines(probes: Probes, info: EngineInfo | None, need: _Need) -> list[Line]:
     """One line per filesystem: what it must hold (engine storage, wheel cache) against its free space."""
     places: list[tuple[str, Disk, float]] = [
         ("wheel cache", probes.disk(probes.cache_dir()), need.cache)
     ]
     lines = []
-    root = str((info or {}).get("DockerRootDir") or "")
-    if root and host.startswith("unix://"):
-        places.insert(0, ("engine storage", probes.disk(Path(root)), need.engine))
+    if info is not None and info.root_dir and info.host.startswith("unix://"):
+        places.insert(0, ("engine storage", probes.disk(Path(info.root_dir)), need.engine))
     elif info is not None:
         lines.append(
-            Line("disk", "warn", f"the engine at {host} is remote: its disk is not measured")
+            Line("disk", "warn", f"the engine at {info.host} is remote: its disk is not measured")
         )
     for device in dict.fromkeys(disk.device for _, disk, _ in places):
         here = [(what, disk, needed) for what, disk, needed in places if disk.device == device]
@@ -222,7 +220,7 @@ def _tool_line(probes: Probes, spec: Spec | None) -> Line:
     )
 
 
-def _gpu_lines(probes: Probes, spec: Spec | None, info: dict[str, Any] | None) -> list[Line]:
+def _gpu_lines(probes: Probes, spec: Spec | None, info: EngineInfo | None) -> list[Line]:
     cuda = spec.torch.cuda if spec is not None and spec.torch.is_cuda else None
     gpus, where = probes.gpus()
     if not gpus:
@@ -255,8 +253,8 @@ def _driver_line(cuda: str, driver: str) -> Line:
     return Line("driver", verdict.status, verdict.detail, verdict.hint)
 
 
-def _runtime_line(probes: Probes, info: dict[str, Any] | None, *, needed: bool) -> Line:
-    runtimes = sorted((info or {}).get("Runtimes") or {})
+def _runtime_line(probes: Probes, info: EngineInfo | None, *, needed: bool) -> Line:
+    runtimes = sorted(info.runtimes) if info is not None else []
     hook = probes.which("nvidia-container-runtime-hook") or probes.which("nvidia-container-cli")
     if "nvidia" in runtimes or hook is not None:
         where = "the engine's nvidia runtime" if "nvidia" in runtimes else hook
@@ -275,9 +273,9 @@ def doctor(spec_path: Path | None = None, *, probes: Probes | None = None) -> di
     """`reprobox doctor [SPEC]`: what this host has, against what the spec needs."""
     probes = probes or Probes()
     spec = load_spec(spec_path) if spec_path is not None else None
-    lines, info, host = _engine_lines(probes)
+    lines, info = _engine_lines(probes)
     lock, lock_note = _lock_for(spec_path)
-    lines += _disk_lines(probes, info, host, _needs(spec, lock, lock_note, probes.cache_dir()))
+    lines += _disk_lines(probes, info, _needs(spec, lock, lock_note, probes.cache_dir()))
     lines.append(_tool_line(probes, spec))
     lines += _gpu_lines(probes, spec, info)
     failed = [line for line in lines if line.status == "fail"]

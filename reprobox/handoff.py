@@ -41,7 +41,8 @@ from reprobox._archive import (
 from reprobox._registry import check_image_ref
 from reprobox._yaml import MAX_BYTES as MAX_SPEC_BYTES
 from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
-from reprobox.engine import DockerEngine, Engine
+from reprobox.docker_engine import DockerEngine
+from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import ArchiveError, BadInputError, MissingError
 from reprobox.progress import Reporter
 
@@ -243,13 +244,13 @@ def _partial(dest: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
-def _refs_to_save(info: Mapping[str, Any], image: str) -> list[str]:
+def _refs_to_save(info: ImageInfo, image: str) -> list[str]:
     """The name the user gave, or every tag of an image named by ID (an ID alone saves no tag)."""
-    tags = [str(tag) for tag in info.get("RepoTags") or []]
+    tags = list(info.tags)
     named = image if ":" in image.rsplit("/", 1)[-1] else f"{image}:latest"
     if named in tags:
         return [named]
-    return tags or [str(info["Id"])]
+    return tags or [info.id]
 
 
 def _lock_matches(side: Mapping[str, bytes], labels: Mapping[str, str]) -> bool | None:
@@ -294,7 +295,7 @@ def _check_tags(contents: ArchiveContents, engine: Engine, archive: Path, *, for
     moved = [
         tag
         for tag in contents.tags
-        if engine.image_exists(tag) and engine.inspect_image(tag).get("Id") != image_id
+        if engine.image_exists(tag) and engine.inspect_image(tag).id != image_id
     ]
     if moved and not force:
         raise BadInputError(
@@ -328,7 +329,7 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     _check_output(output)  # before the engine spends seconds saving
     engine = engine or DockerEngine()
     info = engine.inspect_image(image)
-    labels = (info.get("Config") or {}).get("Labels") or {}
+    labels = info.labels
     if SELFCHECK_LABEL not in labels:
         raise BadInputError(
             f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)",
@@ -352,12 +353,12 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     return {
         "archive": str(output),
         "bytes": size,
-        "image_id": str(info["Id"]),
-        "tags": [ref for ref in refs if ref != info["Id"]],
+        "image_id": info.id,
+        "tags": [ref for ref in refs if ref != info.id],
         "members": sorted(side),
         "fingerprints": recorded_fingerprints(labels),
         "seconds": seconds,
-        "summary": f"exported {info['Id']} ({', '.join(refs)}) to {output}: "
+        "summary": f"exported {info.id} ({', '.join(refs)}) to {output}: "
         f"{size / 1e6:.0f} MB with {', '.join(sorted(side)) or 'no spec or lock'} ({seconds} s)\n"
         f"on the other side: `reprobox import {output.name}`, then `reprobox check {refs[0]}`",
     }

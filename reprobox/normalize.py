@@ -178,17 +178,13 @@ def _base_layers(engine: Engine, image_id: str, base_image: str | None) -> tuple
     """The diff IDs of `base_image`, checked to be where `image_id`'s layers start."""
     if base_image is None:
         return ()
-    base = _diff_ids(engine.inspect_image(base_image))
-    if _diff_ids(engine.inspect_image(image_id))[: len(base)] != base:
+    base = engine.inspect_image(base_image).diff_ids
+    if engine.inspect_image(image_id).diff_ids[: len(base)] != base:
         raise BadInputError(
             f"{image_id} is not built on {base_image}: its layers do not start with the base's",
             hint="pass the image that the Dockerfile names in FROM as the base",
         )
     return base
-
-
-def _diff_ids(info: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(str(d) for d in info.get("RootFS", {}).get("Layers") or [])
 
 
 def _rewrite(

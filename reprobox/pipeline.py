@@ -27,7 +27,8 @@ from reprobox.check import (
     selfcheck_argv,
 )
 from reprobox.compat import TRITON_BUILD_PACKAGES
-from reprobox.engine import DockerEngine, Engine
+from reprobox.docker_engine import DockerEngine
+from reprobox.engine import Engine
 from reprobox.errors import BadInputError, DigestMismatchError, GpuUnavailableError
 from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
 from reprobox.normalize import normalize_image, relabel
@@ -76,7 +77,7 @@ def _engine(reporter: Reporter) -> Engine:
 def _pull_base(ref: str, engine: Engine, reporter: Reporter) -> None:
     """Pull a digest-pinned `base.image` the engine lacks, with the user's Docker credentials,
     and check that what came is the image the digest names."""
-    from reprobox.engine import registry_auth
+    from reprobox._registry import registry_auth
 
     named, digest = ref.split("@", 1)
     slash, colon = named.rfind("/"), named.rfind(":")
@@ -87,7 +88,7 @@ def _pull_base(ref: str, engine: Engine, reporter: Reporter) -> None:
     registry = first if is_host else "https://index.docker.io/v1/"
     with reporter.stage(f"pull the base {repository}@{digest}"):
         engine.pull(f"{repository}@{digest}", registry_auth(registry))
-    found = engine.inspect_image(f"{repository}@{digest}").get("RepoDigests") or []
+    found = engine.inspect_image(f"{repository}@{digest}").repo_digests
     if f"{repository}@{digest}" not in found and not any(d.endswith("@" + digest) for d in found):
         raise DigestMismatchError(
             f"the registry served {repository} with digests {', '.join(found) or 'none'}, not "
@@ -287,7 +288,7 @@ class _Outcome:
 def _reused(engine: Engine, record: dict[str, str], *, check: bool) -> _Outcome:
     """The image this exact raw build became last time, with the proof it already carries."""
     image_id = record["image_id"]
-    labels = engine.inspect_image(image_id)["Config"].get("Labels") or {}
+    labels = engine.inspect_image(image_id).labels
     fingerprints = recorded_fingerprints(labels)
     shown = ", ".join(f"{k} {v}" for k, v in fingerprints.items()) or "no self-check"
     return _Outcome(
@@ -320,9 +321,7 @@ def _prove(
         )
     content_id = normalized.image_id
     labels = {CONTENT_LABEL: content_id}
-    cuda = image_uses_cuda(
-        engine.inspect_image(content_id)["Config"].get("Labels") or {}, content_id
-    )
+    cuda = image_uses_cuda(engine.inspect_image(content_id).labels, content_id)
     if not check:
         image_id = relabel(engine, normalized, labels, workdir=workdir)
         return _Outcome(
@@ -389,7 +388,7 @@ def _gpu_preflight(engine: Engine, record: dict[str, str], reporter: Reporter) -
     content_id = record.get("content_id", "")
     if not engine.image_exists(content_id):
         return
-    labels = engine.inspect_image(content_id)["Config"].get("Labels") or {}
+    labels = engine.inspect_image(content_id).labels
     if not image_uses_cuda(labels, content_id):
         return
     with reporter.stage("is there a GPU for the self-check?"):
@@ -460,7 +459,7 @@ def check(image: str) -> dict[str, Any]:
         raise BadInputError(
             f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
         )
-    labels: dict[str, str] = (engine.inspect_image(image).get("Config") or {}).get("Labels") or {}
+    labels = engine.inspect_image(image).labels
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
         raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")

@@ -21,9 +21,11 @@ from reprobox._registry import (
     check_tag,
     is_insecure,
     parse_target,
+    registry_auth,
 )
 from reprobox.check import image_uses_cuda, recorded_fingerprints
-from reprobox.engine import DockerEngine, Engine, registry_auth
+from reprobox.docker_engine import DockerEngine
+from reprobox.engine import Engine, EngineInfo
 from reprobox.errors import (
     EXIT_CHECK_FAILED,
     EXIT_MISSING,
@@ -175,10 +177,8 @@ def push_image(
     return Published(target, image_id, digest, tuple(tags), tally.pushed, tally.reused)
 
 
-def _client(engine: Engine, target: Target, auth: Mapping[str, str] | None) -> RegistryClient:
-    registry_config = engine.info().get("RegistryConfig") or {}
-    insecure = is_insecure(target.registry, registry_config)
-    return RegistryClient(target, auth, insecure=insecure)
+def _client(info: EngineInfo, target: Target, auth: Mapping[str, str] | None) -> RegistryClient:
+    return RegistryClient(target, auth, insecure=is_insecure(target.registry, info.registry))
 
 
 def _default_builder() -> Builder:
@@ -212,9 +212,9 @@ def publish(
     extra = [check_tag(tag) for tag in tags]
     reporter = Reporter()
     engine = engine or DockerEngine()
-    engine.ping()
+    info = engine.ping()
     auth = credentials(target.registry)
-    client = _client(engine, target, auth)
+    client = _client(info, target, auth)
     with reporter.stage(f"check the registry {target.registry} and the credentials for it"):
         client.check_access()
     build = builder or _default_builder()
@@ -235,7 +235,7 @@ def publish(
         built = build(spec_path, check=False, **options)
     if not built["passed"]:
         return _gated(target, built)
-    labels = engine.inspect_image(built["image_id"])["Config"].get("Labels") or {}
+    labels = engine.inspect_image(built["image_id"]).labels
     proof = _proof(labels, built["image_id"])
     if not proof:
         unverified = unverified or f"{built['image_id']} carries no fingerprint for {_kind(labels)}"

@@ -176,4 +176,4 @@ class ArchiveEngine(FakeEngine):
     def save(self, refs: Sequence[str], dest: Path) -> None:
         (ref,) = refs
         self._call("save", ref)
-        shutil.copyfile(self.archives[self.inspect_image(ref)["Id"]], dest)
+        shutil.copyfile(self.archives[self.inspect_image(ref).id], dest)

@@ -16,7 +16,7 @@ import pytest
 
 from reprobox.base import BaseImage, bootstrap_base
 from reprobox.cache import default_cache_dir
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EngineError
 
 #: The suite the tests bootstrap; the same key as a spec's `base.bootstrap: debian:bookworm`.

@@ -18,13 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobox.engine import (
-    BuildEvent,
-    BuildLog,
-    EngineInfo,
-    RunResult,
-    gpu_request_error,
-)
+from reprobox.build_log import BuildLog
+from reprobox.docker_engine import gpu_request_error
+from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
 from reprobox.errors import EngineError, ImageNotFoundError
 
 __all__ = ["FakeEngine", "FakeRun", "config_id"]
@@ -61,8 +57,9 @@ class FakeEngine:
     `run_handler(image, argv, env)` answers `run` (default: exit 0, no output); `alive=False`
     makes every call raise EngineError (exit 3) as a missing engine would. `calls` records
     (method, argument) pairs for assertions, `runs` every container run with its GPU request.
-    A run that asks for GPUs fails as the real engine's does unless `info_answer` lists an
-    `nvidia` runtime.
+    A run that asks for GPUs fails as the real engine's does unless `runtimes` lists `nvidia`.
+    `add_image`, `remove_image` and `find_images` are the tests' own handles on its store, not
+    part of the Engine protocol.
     """
 
     def __init__(
@@ -81,12 +78,10 @@ class FakeEngine:
         self.calls: list[tuple[str, str]] = []
         self.pushed: dict[str, str] = {}
         self.runs: list[FakeRun] = []
-        #: What `info()` answers; tests edit it (runtimes, storage root, registry settings).
-        self.info_answer: dict[str, Any] = {
-            "DockerRootDir": "/var/lib/docker",
-            "Runtimes": {"runc": {"path": "runc"}},
-            "RegistryConfig": {"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}},
-        }
+        #: What `ping()` reports of the engine's settings; tests change them.
+        self.runtimes: tuple[str, ...] = ("runc",)
+        self.root_dir = "/var/lib/docker"
+        self.registry_settings = RegistrySettings(insecure_cidrs=("127.0.0.0/8",))
 
     def _call(self, method: str, arg: str) -> None:
         self.calls.append((method, arg))
@@ -110,9 +105,19 @@ class FakeEngine:
         raise ImageNotFoundError(f"inspecting {ref}: no such image in the fake engine")
 
     def ping(self) -> EngineInfo:
-        """The fake's identity, or EngineError when `alive` is False."""
+        """The fake's identity and settings, or EngineError when `alive` is False."""
         self._call("ping", "")
-        return EngineInfo("fake://engine", "20.10.24", "1.41", "linux", self.arch)
+        return EngineInfo(
+            "fake://engine",
+            "20.10.24",
+            "1.41",
+            "linux",
+            self.arch,
+            storage_driver="overlay2",
+            runtimes=self.runtimes,
+            registry=self.registry_settings,
+            root_dir=self.root_dir,
+        )
 
     def build(
         self,
@@ -121,13 +126,11 @@ class FakeEngine:
         tag: str | None = None,
         nocache: bool = False,
         labels: Mapping[str, str] | None = None,
-        buildargs: Mapping[str, str] | None = None,
-        dockerfile: str = "Dockerfile",
         on_event: Callable[[BuildEvent], None] | None = None,
     ) -> str:
         """Replay the Dockerfile's steps through BuildLog; the ID hashes the whole context."""
         self._call("build", str(context_dir))
-        steps = _instructions((context_dir / dockerfile).read_text())
+        steps = _instructions((context_dir / "Dockerfile").read_text())
         log = BuildLog(on_event)
         if not steps:
             log.fail("the Dockerfile has no instructions")
@@ -149,7 +152,6 @@ class FakeEngine:
         settings = config.setdefault("config", {})
         settings["Labels"] = {**(settings.get("Labels") or {}), **(labels or {})}
         config["context"] = _tree_digest(context_dir)
-        config["buildargs"] = dict(sorted((buildargs or {}).items()))
         log.feed({"aux": {"ID": self.add_image(config)}})
         image_id = log.finish()
         if tag is not None:
@@ -180,7 +182,7 @@ class FakeEngine:
         self._call("run", shlex.join([image, *argv]))
         self._resolve(image)
         self.runs.append(FakeRun(image, tuple(argv), dict(env or {}), gpus))
-        if gpus and "nvidia" not in (self.info_answer.get("Runtimes") or {}):
+        if gpus and "nvidia" not in self.runtimes:
             # What Docker Engine answers a device request when no runtime can serve it.
             said = 'could not select device driver "" with capabilities: [[gpu]]'
             error = gpu_request_error("fake://engine", said)
@@ -190,22 +192,23 @@ class FakeEngine:
             return RunResult(0, "", "")
         return self.run_handler(image, argv, dict(env or {}))
 
-    def inspect_image(self, ref: str) -> dict[str, Any]:
-        """The part of `docker inspect` that reprobox reads."""
+    def inspect_image(self, ref: str) -> ImageInfo:
+        """The image as the real engine would describe it."""
         self._call("inspect_image", ref)
         image = self._resolve(ref)
-        return {
-            "Id": image.id,
-            "RepoTags": sorted(image.tags),
-            "Config": image.config.get("config", {}),
-            "RootFS": {
-                "Type": "layers",
-                "Layers": list(image.config.get("rootfs", {}).get("diff_ids", [])),
-            },
-            "Architecture": image.config.get("architecture", self.arch),
-            "Os": image.config.get("os", "linux"),
-            "Created": image.config.get("created", ""),
-        }
+        settings = image.config.get("config", {})
+        cmd = settings.get("Cmd")
+        return ImageInfo(
+            id=image.id,
+            tags=tuple(sorted(image.tags)),
+            labels=dict(settings.get("Labels") or {}),
+            env=tuple(settings.get("Env") or ()),
+            cmd=None if cmd is None else tuple(cmd),
+            diff_ids=tuple(image.config.get("rootfs", {}).get("diff_ids", [])),
+            created=image.config.get("created", ""),
+            architecture=image.config.get("architecture", self.arch),
+            os=image.config.get("os", "linux"),
+        )
 
     def image_exists(self, ref: str) -> bool:
         """Whether the fake holds `ref`."""
@@ -293,20 +296,6 @@ class FakeEngine:
         if _full_ref(ref) not in self.pushed and not self.image_exists(ref):
             raise EngineError(f"pulling {ref}: the registry said: manifest unknown")
         return self._resolve(ref).id
-
-    def info(self) -> dict[str, Any]:
-        """`docker info` as the fake was told to answer (`info_answer`)."""
-        self._call("info", "")
-        answer: dict[str, Any] = json.loads(json.dumps(self.info_answer))
-        return answer
-
-    def add_labels(self, image_id: str, labels: Mapping[str, str]) -> str:
-        """A new image with the same layers and `labels` merged in."""
-        self._call("add_labels", image_id)
-        config: dict[str, Any] = json.loads(json.dumps(self._resolve(image_id).config))
-        settings = config.setdefault("config", {})
-        settings["Labels"] = {**(settings.get("Labels") or {}), **labels}
-        return self.add_image(config)
 
 
 def _bytes_id(data: bytes) -> str:

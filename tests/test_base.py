@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import base_cache_dir
+from engine_admin import find_images, remove_image
 from fakes import FakeEngine
 
 from reprobox.base import (
@@ -27,7 +28,7 @@ from reprobox.base import (
     write_base_archive,
     write_normalized_layer,
 )
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, BuildError, EngineError, ReproboxError
 
 EPOCH = DEFAULT_SOURCE_DATE_EPOCH
@@ -256,7 +257,7 @@ def test_bootstrap_runs_mmdebstrap_once_then_reuses_the_base(tmp_path: Path) -> 
     assert first.packages == ("curl", "libgomp1")
     assert first.installed == ("bash=5.2.15-2+b13", "python3=3.11.2-1+b1")
     assert first.ref == f"reprobox/base:bookworm-{first.key[:12]}"
-    assert engine.inspect_image(first.ref)["Id"] == first.image_id
+    assert engine.inspect_image(first.ref).id == first.image_id
     ((argv, env),) = runner.calls
     assert argv[:2] == ["mmdebstrap", "--variant=minbase"]
     assert f"--include={','.join((*ALWAYS_INCLUDED, 'curl', 'libgomp1'))}" in argv
@@ -408,9 +409,9 @@ def test_the_base_runs_python_and_makes_venvs(
     docker_engine: DockerEngine, debian_base: BaseImage
 ) -> None:
     info = docker_engine.inspect_image(debian_base.ref)
-    assert info["Id"] == debian_base.image_id
-    assert len(info["RootFS"]["Layers"]) == 1
-    assert info["Created"].startswith("2023-06-10T00:00:00")
+    assert info.id == debian_base.image_id
+    assert len(info.diff_ids) == 1
+    assert info.created.startswith("2023-06-10T00:00:00")
     assert any(p.startswith("python3=") for p in debian_base.installed)
     script = "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys; print(sys.prefix)' && echo $LANG"
     result = docker_engine.run(debian_base.image_id, ["sh", "-c", script], timeout_s=60)
@@ -469,7 +470,7 @@ def test_an_imported_image_with_base_labels_is_not_reused(
     imported = reprobox("import", archive, "--allow-foreign")
     assert imported.code == 0, imported.stderr
     try:
-        assert planted in docker_engine.find_images({"reprobox.base.key": debian_base.key})
+        assert planted in find_images(docker_engine, {"reprobox.base.key": debian_base.key})
         ran: list[Sequence[str]] = []
 
         def refuse(
@@ -490,7 +491,7 @@ def test_an_imported_image_with_base_labels_is_not_reused(
         assert reused.reused
         assert reused.image_id == debian_base.image_id != planted
     finally:
-        docker_engine.remove_image(planted, force=True)
+        remove_image(docker_engine, planted, force=True)
 
 
 @pytest.mark.docker

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 from conftest import skip_or_fail
+from engine_admin import add_labels, remove_image
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox.base import BaseImage
-from reprobox.engine import DockerEngine
-from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, EngineError
+from reprobox.docker_engine import DockerEngine
+from reprobox.engine import ImageInfo
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, DigestMismatchError, EngineError
 from reprobox.pipeline import _base_ref, _pull_base
 from reprobox.progress import Reporter
 from reprobox.spec import load_spec
@@ -47,14 +49,14 @@ class _Answering:
         self.pulled.append(ref)
         return "sha256:" + "1" * 64
 
-    def inspect_image(self, ref: str) -> dict[str, Any]:
-        return {"RepoDigests": self.digests}
+    def inspect_image(self, ref: str) -> ImageInfo:
+        return ImageInfo("sha256:" + "1" * 64, repo_digests=tuple(self.digests))
 
 
 def test_a_pulled_base_whose_digest_differs_is_refused() -> None:
     ref = "registry.example:5000/team/base:1@sha256:" + "a" * 64
     engine = _Answering(["registry.example:5000/team/base@sha256:" + "b" * 64])
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(DigestMismatchError) as err:
         _pull_base(ref, engine, Reporter())  # type: ignore[arg-type]
     assert err.value.exit_code == EXIT_CHECK_FAILED
     assert "not sha256:" + "a" * 64 in err.value.message
@@ -83,7 +85,7 @@ def test_a_digest_pinned_base_is_pulled_with_credentials_and_built_from(
 ) -> None:
     # A base of its own (the session's Debian base plus a label: no layer of its own), pushed to
     # the registry, then removed here, so that only a pull can bring it back.
-    own = docker_engine.add_labels(debian_base.image_id, {"reprobox.test": "pulled-base"})
+    own = add_labels(docker_engine, debian_base.image_id, {"reprobox.test": "pulled-base"})
     repository = f"{registry.address}/reprobox-test/base"
     docker_engine.tag(own, f"{repository}:1")
     auth = {
@@ -92,7 +94,7 @@ def test_a_digest_pinned_base_is_pulled_with_credentials_and_built_from(
         "serveraddress": registry.address,
     }
     digest = docker_engine.push(repository, "1", auth)
-    docker_engine.remove_image(f"{repository}:1")
+    remove_image(docker_engine, f"{repository}:1")
     ref = f"{repository}:1@{digest}"
     assert not docker_engine.image_exists(ref)
     assert not docker_engine.image_exists(own)
@@ -115,12 +117,12 @@ def test_a_digest_pinned_base_is_pulled_with_credentials_and_built_from(
         monkeypatch.setenv("DOCKER_CONFIG", str(config))
         assert _base_ref(spec, docker_engine, Reporter()) == ref
         pulled = docker_engine.inspect_image(ref)
-        assert pulled["Id"] == own
-        assert f"{repository}@{digest}" in pulled["RepoDigests"]
+        assert pulled.id == own
+        assert f"{repository}@{digest}" in pulled.repo_digests
         # The engine builds FROM the digest reference (as the rendered Dockerfile does).
-        built = docker_engine.add_labels(ref, {"reprobox.test": "built-from-pulled"})
-        assert docker_engine.inspect_image(built)["Parent"] == own
+        built = add_labels(docker_engine, ref, {"reprobox.test": "built-from-pulled"})
+        assert docker_engine.inspect_image(built).parent == own
     finally:
         for image in (built, ref, own):
             if image is not None and docker_engine.image_exists(image):
-                docker_engine.remove_image(image, force=True)
+                remove_image(docker_engine, image, force=True)

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 from cli import reprobox
+from engine_admin import add_labels, remove_image
 
 from reprobox.check import run_selfcheck, selfcheck_argv
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.spec import load_spec
 
 pytestmark = pytest.mark.docker
@@ -54,8 +55,7 @@ def demo(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def labels(engine: DockerEngine, ref: str) -> dict[str, str]:
-    found: dict[str, str] = engine.inspect_image(ref)["Config"]["Labels"]
-    return found
+    return dict(engine.inspect_image(ref).labels)
 
 
 def test_build_passes_and_records_its_proof(demo: Built, docker_engine: DockerEngine) -> None:
@@ -71,7 +71,7 @@ def test_build_passes_and_records_its_proof(demo: Built, docker_engine: DockerEn
     assert image_labels["reprobox.lock-sha256"] == report["lock_sha256"]
     assert image_labels["org.opencontainers.image.title"] == "demo-cpu"
     assert image_labels["org.opencontainers.image.created"].endswith("T00:00:00Z")
-    assert docker_engine.inspect_image(demo.tag)["Id"] == report["image_id"]
+    assert docker_engine.inspect_image(demo.tag).id == report["image_id"]
     lock_text = demo.spec.with_suffix(".lock").read_text()
     assert "torch==2.13.0+cpu \\" in lock_text
 
@@ -79,7 +79,7 @@ def test_build_passes_and_records_its_proof(demo: Built, docker_engine: DockerEn
 def test_image_holds_the_environment_and_no_build_debris(
     demo: Built, docker_engine: DockerEngine
 ) -> None:
-    env = dict(e.split("=", 1) for e in docker_engine.inspect_image(demo.tag)["Config"]["Env"])
+    env = dict(e.split("=", 1) for e in docker_engine.inspect_image(demo.tag).env)
     for key, value in {
         "PYTHONHASHSEED": "0",
         "OMP_NUM_THREADS": "1",
@@ -128,7 +128,8 @@ def test_check_names_the_first_step_that_differs_from_the_record(
     recorded = labels(docker_engine, demo.tag)
     trace = json.loads(recorded["reprobox.trace.cpu-x86_64"])
     trace["losses"][3] = float.hex(1.0)
-    tampered = docker_engine.add_labels(
+    tampered = add_labels(
+        docker_engine,
         demo.report["image_id"],
         {
             "reprobox.fingerprint.cpu-x86_64": "0" * 64,
@@ -145,7 +146,7 @@ def test_check_names_the_first_step_that_differs_from_the_record(
         assert "differs from the 0000" in text.stdout
         assert "first difference from the recorded run" in text.stdout
     finally:
-        docker_engine.remove_image(tampered, force=True)
+        remove_image(docker_engine, tampered, force=True)
 
 
 def test_a_different_seed_gives_a_different_fingerprint(
@@ -281,9 +282,7 @@ def test_user_script_self_check_passes_and_fails(
     assert report["passed"] is False
     assert report["tags"] == []
     assert "differ" in report["summary"]
-    assert docker_engine.inspect_image(report["built_id"])["RepoTags"] == [], (
-        "a failed check tags nothing"
-    )
+    assert docker_engine.inspect_image(report["built_id"]).tags == (), "a failed check tags nothing"
 
 
 def test_no_engine_is_exit_3_with_what_to_do(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from conftest import skip_or_fail
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox.check import device_argv, gpu_probe_argv, run_selfcheck, selfcheck_argv
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import GpuUnavailableError
 from reprobox.spec import load_spec
 
@@ -60,8 +60,7 @@ def cuda(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _labels(engine: DockerEngine, ref: str) -> dict[str, str]:
-    labels: dict[str, str] = engine.inspect_image(ref)["Config"]["Labels"]
-    return labels
+    return dict(engine.inspect_image(ref).labels)
 
 
 def test_a_checked_build_stops_with_exit_3_saying_a_gpu_is_needed_and_how(cuda: CudaBuild) -> None:

@@ -19,10 +19,11 @@ from archives import (
     sha256,
     write_archive,
 )
+from engine_admin import remove_image
 
 from reprobox.base import BaseImage
 from reprobox.diff import ImageDiff, diff_images, diff_to_json, format_diff
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ReproboxError
 
 BASE = layer(directory("etc"), Entry("etc/os-release", b"debian"))
@@ -210,4 +211,4 @@ def test_the_engine_by_tag_id_and_archive(
         ]
         assert "config container" in format_diff(diff)
     finally:
-        docker_engine.remove_image(built, force=True)
+        remove_image(docker_engine, built, force=True)

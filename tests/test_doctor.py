@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"  # CUDA 12.4: 550.54.15 full, 525.60.13 minor-compat
 H100 = Gpu("NVIDIA H100 80GB HBM3", "550.54.15", "9.0")
-NVIDIA_RUNTIME = {"runc": {"path": "runc"}, "nvidia": {"path": "nvidia-container-runtime"}}
+NVIDIA_RUNTIME = ("nvidia", "runc")
 
 
 class LocalFakeEngine(FakeEngine):
@@ -62,7 +62,7 @@ def _line(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _gpu_engine() -> FakeEngine:
     engine = LocalFakeEngine()
-    engine.info_answer["Runtimes"] = NVIDIA_RUNTIME
+    engine.runtimes = NVIDIA_RUNTIME
     return engine
 
 

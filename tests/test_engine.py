@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from engine_admin import add_labels, remove_image
 from fakes import FakeEngine
 
 from reprobox.base import BaseImage
-from reprobox.engine import (
-    BuildEvent,
-    BuildLog,
-    DockerEngine,
-    Engine,
-)
+from reprobox.build_log import BuildLog
+from reprobox.docker_engine import DockerEngine, engine_info, image_info
+from reprobox.engine import BuildEvent, Engine, ImageInfo, RegistrySettings
 from reprobox.errors import (
     EXIT_BAD_INPUT,
     EXIT_MISSING,
@@ -26,6 +27,7 @@ from reprobox.errors import (
     ContainerTimeoutError,
     EngineError,
     ImageNotFoundError,
+    ReproboxError,
 )
 
 
@@ -96,7 +98,7 @@ def test_both_engines_satisfy_the_protocol() -> None:
 
 
 def test_importing_the_engine_neither_imports_docker_nor_connects() -> None:
-    code = "import sys, reprobox.engine as e; e.DockerEngine('unix:///nonexistent'); print('docker' in sys.modules)"
+    code = "import sys, reprobox.docker_engine as e; e.DockerEngine('unix:///nonexistent'); print('docker' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -132,6 +134,62 @@ def test_every_call_on_a_dead_engine_is_an_engine_error(tmp_path: Path) -> None:
     assert caught.value.exit_code == EXIT_MISSING
 
 
+def test_docker_json_becomes_the_typed_values_the_stages_read() -> None:
+    version = {"Version": "28.5.2", "ApiVersion": "1.51", "Os": "linux", "Arch": "amd64"}
+    said: dict[str, Any] = {
+        "Driver": "overlayfs",
+        "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
+        "Runtimes": {"runc": {"path": "runc"}, "nvidia": {"path": "nvidia-container-runtime"}},
+        "DockerRootDir": "/srv/docker",
+        "RegistryConfig": {
+            "InsecureRegistryCIDRs": ["127.0.0.0/8"],
+            "IndexConfigs": {"r.example:5000": {"Secure": False}, "docker.io": {"Secure": True}},
+        },
+    }
+    info = engine_info("tcp://engine:2375", version, said)
+    assert (info.server_version, info.api_version, info.arch) == ("28.5.2", "1.51", "amd64")
+    assert (info.storage_driver, info.containerd_store, info.root_dir) == (
+        "overlayfs",
+        True,
+        "/srv/docker",
+    )
+    assert info.runtimes == ("nvidia", "runc")
+    assert info.registry == RegistrySettings(
+        ("127.0.0.0/8",), {"r.example:5000": False, "docker.io": True}
+    )
+    # The control: the classic store says something else in DriverStatus.
+    said |= {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]}
+    assert engine_info("unix:///x", version, said).containerd_store is False
+    image = image_info(
+        {
+            "Id": "sha256:" + "1" * 64,
+            "RepoTags": ["a:1"],
+            "RepoDigests": ["r/a@sha256:" + "2" * 64],
+            "Parent": "",
+            "Created": "2023-06-10T00:00:00Z",
+            "Architecture": "amd64",
+            "Os": "linux",
+            "Size": 125,
+            "Config": {"Env": ["A=1"], "Cmd": None, "Labels": {"k": "v"}},
+            "RootFS": {"Type": "layers", "Layers": ["sha256:" + "3" * 64]},
+        }
+    )
+    assert image == ImageInfo(
+        id="sha256:" + "1" * 64,
+        tags=("a:1",),
+        repo_digests=("r/a@sha256:" + "2" * 64,),
+        labels={"k": "v"},
+        env=("A=1",),
+        cmd=None,
+        diff_ids=("sha256:" + "3" * 64,),
+        created="2023-06-10T00:00:00Z",
+        architecture="amd64",
+        os="linux",
+        size=125,
+    )
+    assert image_info({"Id": "sha256:x", "Config": {"Labels": None}}).labels == {}
+
+
 # --- the real engine ---------------------------------------------------------------------------
 
 
@@ -142,7 +200,7 @@ def scratch_images(docker_engine: DockerEngine) -> Iterator[list[str]]:
     yield made
     for ref in reversed(made):
         if docker_engine.image_exists(ref):
-            docker_engine.remove_image(ref, force=True)
+            remove_image(docker_engine, ref, force=True)
 
 
 def _context(tmp_path: Path, base: BaseImage, *body: str) -> Path:
@@ -168,6 +226,9 @@ def test_ping_reports_the_engine(docker_engine: DockerEngine) -> None:
     assert info.api_version
     assert info.os == "linux"
     assert info.arch
+    assert info.storage_driver
+    assert info.root_dir.startswith("/")
+    assert "runc" in info.runtimes
 
 
 @pytest.mark.docker
@@ -183,7 +244,7 @@ def test_build_streams_steps_and_tags_after_success(
     steps = [e.text for e in events if e.kind == "step"]
     assert steps == [f"FROM {debian_base.image_id}", "RUN echo from-the-step", "ENV A=1"]
     assert any(e.step == 2 and e.text == "from-the-step" for e in events if e.kind == "output")
-    assert docker_engine.inspect_image("reprobox-test/build:1")["Id"] == image_id
+    assert docker_engine.inspect_image("reprobox-test/build:1").id == image_id
 
 
 @pytest.mark.docker
@@ -250,15 +311,15 @@ def test_labels_are_added_without_touching_the_layers(
 ) -> None:
     labels = {"reprobox.fingerprint.cpu-x86_64": "ab" * 32, "odd": "quote\" 'single' $HOME\nline"}
     started = time.monotonic()
-    labelled = docker_engine.add_labels(small_image, labels)
+    labelled = add_labels(docker_engine, small_image, labels)
     scratch_images.append(labelled)
     assert time.monotonic() - started < 30
     before, after = docker_engine.inspect_image(small_image), docker_engine.inspect_image(labelled)
     assert labelled != small_image
-    assert after["RootFS"]["Layers"] == before["RootFS"]["Layers"]
-    assert len(after["RootFS"]["Layers"]) == 2
-    assert after["Config"]["Labels"].items() >= labels.items()
-    assert "odd" not in (before["Config"]["Labels"] or {})
+    assert after.diff_ids == before.diff_ids
+    assert len(after.diff_ids) == 2
+    assert after.labels.items() >= labels.items()
+    assert "odd" not in before.labels
 
 
 @pytest.mark.docker
@@ -266,12 +327,33 @@ def test_save_and_load_round_trip(
     docker_engine: DockerEngine, small_image: str, tmp_path: Path, scratch_images: list[str]
 ) -> None:
     archive = tmp_path / "small.tar"
-    layers = docker_engine.inspect_image(small_image)["RootFS"]["Layers"]
+    layers = docker_engine.inspect_image(small_image).diff_ids
     docker_engine.save(["reprobox-test/small:1"], archive)
-    docker_engine.remove_image("reprobox-test/small:1")
+    remove_image(docker_engine, "reprobox-test/small:1")
     assert not docker_engine.image_exists(small_image)
     assert docker_engine.load(archive) == [small_image]
-    assert docker_engine.inspect_image("reprobox-test/small:1")["RootFS"]["Layers"] == layers
+    assert docker_engine.inspect_image("reprobox-test/small:1").diff_ids == layers
+
+
+@pytest.mark.docker
+def test_save_writes_several_images_into_one_archive(
+    docker_engine: DockerEngine, small_image: str, debian_base: BaseImage, tmp_path: Path
+) -> None:
+    out = tmp_path / "saved"
+    out.mkdir()
+    archive = out / "both.tar"
+    docker_engine.save([small_image, debian_base.image_id], archive)
+    with tarfile.open(archive) as tar:
+        manifest = tar.extractfile("manifest.json")
+        assert manifest is not None
+        entries = json.load(manifest)
+    configs = {
+        "sha256:" + entry["Config"].removesuffix(".json").rpartition("/")[2] for entry in entries
+    }
+    assert configs == {small_image, debian_base.image_id}
+    with pytest.raises(ReproboxError):
+        docker_engine.save(["reprobox-test/never-built:1"], out / "none.tar")
+    assert sorted(p.name for p in out.iterdir()) == ["both.tar"]
 
 
 @pytest.mark.docker

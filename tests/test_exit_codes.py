@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 from archives import Entry, layer, raw_config, write_archive
 from cli import Cli, reprobox
+from engine_admin import remove_image
 from test_render import fake_lock
 
 from reprobox import cli
 from reprobox._lockfile import format_lock
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import (
     EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
@@ -208,7 +209,7 @@ def test_2_check_of_an_image_whose_selfcheck_label_is_not_json(
         assert done.code == EXIT_BAD_INPUT, done.stderr
         assert "reprobox.selfcheck.argv label is not the self-check command" in done.stderr
     finally:
-        docker_engine.remove_image(image, force=True)
+        remove_image(docker_engine, image, force=True)
 
 
 # -- 3: the environment lacks something -----------------------------------------------------------

@@ -30,7 +30,7 @@ from reprobox.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"
-NVIDIA_RUNTIME = {"runc": {"path": "runc"}, "nvidia": {"path": "nvidia-container-runtime"}}
+NVIDIA_RUNTIME = ("nvidia", "runc")
 OLD_ARGV = ["python", "/opt/reprobox/reprobox_selfcheck.py", "--steps", "4", "--device", "auto"]
 
 
@@ -95,7 +95,7 @@ def test_a_self_check_that_finds_no_gpu_is_exit_3_naming_why(
     missing = "torch 2.5.1+cu124 (CUDA 12.4) cannot use CUDA: Found no NVIDIA driver"
     answer = RunResult(3, _report("", passed=False, missing=missing), "")
     engine = FakeEngine(run_handler=lambda *_: answer)
-    engine.info_answer["Runtimes"] = NVIDIA_RUNTIME
+    engine.runtimes = NVIDIA_RUNTIME
     _image(engine, "12.4")
     code, err = _check(monkeypatch, engine, capsys)
     assert code == 3
@@ -107,7 +107,7 @@ def test_a_cuda_image_never_passes_on_the_cpu(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine = FakeEngine(run_handler=lambda *_: RunResult(0, _report("cpu-x86_64"), ""))
-    engine.info_answer["Runtimes"] = NVIDIA_RUNTIME
+    engine.runtimes = NVIDIA_RUNTIME
     _image(engine, "12.4")
     code, err = _check(monkeypatch, engine, capsys)
     assert code == 1
@@ -209,7 +209,7 @@ def _spec_for(cuda: str, tmp: Path) -> Path:
 
 def _gpu_host(tmp: Path, driver: str) -> Probes:
     engine = FakeEngine()
-    engine.info_answer["Runtimes"] = NVIDIA_RUNTIME
+    engine.runtimes = NVIDIA_RUNTIME
 
     def make_engine() -> Engine:
         return engine

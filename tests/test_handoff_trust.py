@@ -90,7 +90,7 @@ def test_a_reprobox_export_is_imported(tmp_path: Path) -> None:
     report = import_image(path, engine=engine)
     assert report["image_ids"] == [image_id]
     assert report["reprobox_export"] is True
-    assert engine.inspect_image("demo:1")["Id"] == image_id
+    assert engine.inspect_image("demo:1").id == image_id
 
 
 @pytest.mark.parametrize(
@@ -127,9 +127,9 @@ def test_an_existing_tag_is_never_moved_without_force(tmp_path: Path) -> None:
     message = _refused(path, engine)
     assert "would move demo:1" in message
     assert "--force" in message
-    assert engine.inspect_image("demo:1")["Id"] == mine
+    assert engine.inspect_image("demo:1").id == mine
     import_image(path, engine=engine, force=True)
-    assert engine.inspect_image("demo:1")["Id"] == image_id
+    assert engine.inspect_image("demo:1").id == image_id
     # The control: re-importing the same image moves nothing, so needs no --force.
     import_image(path, engine=engine)
 

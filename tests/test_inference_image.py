@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from cli import reprobox
 
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 
 pytestmark = [pytest.mark.docker, pytest.mark.network]
 
@@ -55,7 +55,7 @@ def test_build_and_check_pass_with_one_fingerprint(
     built: Built, docker_engine: DockerEngine
 ) -> None:
     assert built.build["passed"] is True
-    labels = docker_engine.inspect_image(built.tag)["Config"]["Labels"]
+    labels = docker_engine.inspect_image(built.tag).labels
     assert "--inference" in json.loads(labels["reprobox.selfcheck.argv"])
     recorded = labels["reprobox.fingerprint.cpu-x86_64"]
     assert built.check["passed"] is True

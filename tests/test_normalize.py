@@ -25,10 +25,11 @@ from archives import (
     timestamp_pyc,
     write_archive,
 )
+from engine_admin import remove_image
 
 from reprobox.base import BaseImage
 from reprobox.diff import diff_images, format_diff
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ImageNotFoundError, ReproboxError
 from reprobox.normalize import NormalizedImage, normalize_config, normalize_image, rfc3339
 
@@ -332,7 +333,7 @@ def builds(
     finally:
         for image_id in dict.fromkeys(reversed(made)):
             with contextlib.suppress(ImageNotFoundError):
-                docker_engine.remove_image(image_id, force=True)
+                remove_image(docker_engine, image_id, force=True)
 
 
 @pytest.mark.docker
@@ -407,10 +408,10 @@ def test_labels_apply_without_touching_layers(
         assert labelled.image_id != plain.image_id
         assert labelled.diff_ids == plain.diff_ids
         info = docker_engine.inspect_image(labelled.image_id)
-        assert info["Config"]["Labels"]["org.opencontainers.image.title"] == "reprobox-test"
-        assert tuple(info["RootFS"]["Layers"]) == labelled.diff_ids
+        assert info.labels["org.opencontainers.image.title"] == "reprobox-test"
+        assert info.diff_ids == labelled.diff_ids
     finally:
-        docker_engine.remove_image(labelled.image_id, force=True)
+        remove_image(docker_engine, labelled.image_id, force=True)
 
 
 @pytest.mark.docker
@@ -423,7 +424,7 @@ def test_without_a_base_every_layer_is_rewritten_and_still_agrees(
     ]
     try:
         assert whole[0].image_id == whole[1].image_id
-        base_layer = docker_engine.inspect_image(debian_base.image_id)["RootFS"]["Layers"][0]
+        base_layer = docker_engine.inspect_image(debian_base.image_id).diff_ids[0]
         assert whole[0].diff_ids[0] != base_layer  # the base's empty logs went as debris
         assert whole[0].diff_ids[1:] == builds.normal[0].diff_ids[1:]
         result = docker_engine.run(
@@ -431,4 +432,4 @@ def test_without_a_base_every_layer_is_rewritten_and_still_agrees(
         )
         assert (result.exit_code, result.stderr) == (0, "")
     finally:
-        docker_engine.remove_image(whole[0].image_id, force=True)
+        remove_image(docker_engine, whole[0].image_id, force=True)

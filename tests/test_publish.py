@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 from cli import reprobox
 from conftest import skip_or_fail
+from engine_admin import remove_image
 from fakes import FakeEngine
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox._registry import is_insecure, parse_target
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine, engine_info
+from reprobox.engine import RegistrySettings
 from reprobox.errors import (
     EXIT_BAD_INPUT,
     EXIT_MISSING,
@@ -372,12 +374,16 @@ def test_references_name_their_registry_as_the_engine_does() -> None:
 
 
 def test_the_engine_settings_decide_plain_http() -> None:
-    settings: dict[str, Any] = {"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}}
-    assert is_insecure("127.0.0.1:5000", settings)
-    assert is_insecure("localhost:5000", settings)
-    assert not is_insecure("10.1.2.3:5000", settings)
-    settings["IndexConfigs"]["10.1.2.3:5000"] = {"Secure": False}
-    assert is_insecure("10.1.2.3:5000", settings)
+    said: dict[str, Any] = {"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}}
+
+    def settings() -> RegistrySettings:  # as the engine's `docker info` reads
+        return engine_info("unix:///x", {}, {"RegistryConfig": said}).registry
+
+    assert is_insecure("127.0.0.1:5000", settings())
+    assert is_insecure("localhost:5000", settings())
+    assert not is_insecure("10.1.2.3:5000", settings())
+    said["IndexConfigs"]["10.1.2.3:5000"] = {"Secure": False}
+    assert is_insecure("10.1.2.3:5000", settings())
 
 
 class FailingPushEngine(PushingFakeEngine):
@@ -588,7 +594,7 @@ def test_the_self_check_gates_the_push(
     assert report["digest"] is None
     assert "nothing was pushed" in report["summary"]
     assert registry.blob_count() == before
-    tags = docker_engine.inspect_image(report["image_id"])["RepoTags"]
+    tags = docker_engine.inspect_image(report["image_id"]).tags
     assert not any(tag.startswith(registry.address) for tag in tags)
 
 
@@ -642,7 +648,7 @@ def test_an_interrupted_publish_resumes_and_the_pulled_image_passes_check(
         inspected = json.dumps(docker_engine.inspect_image(report["image_id"]))
         _no_secret(second.stdout, second.stderr, stderr, inspected)
 
-        docker_engine.remove_image(report["image_id"], force=True)
+        remove_image(docker_engine, report["image_id"], force=True)
         assert not docker_engine.image_exists(report["image_id"])
         pulled = docker_engine.pull(report["tags"][1], {"username": USER, "password": PASSWORD})
         assert pulled == report["image_id"]
@@ -651,9 +657,9 @@ def test_an_interrupted_publish_resumes_and_the_pulled_image_passes_check(
         assert check.json()["matches_recorded"] is True
     finally:
         registry.stop()
-        for ref in docker_engine.inspect_image(built.json()["image_id"]).get("RepoTags") or []:
+        for ref in docker_engine.inspect_image(built.json()["image_id"]).tags:
             if ref.startswith(registry.address) and docker_engine.image_exists(ref):
-                docker_engine.remove_image(ref)
+                remove_image(docker_engine, ref)
 
 
 @pytest.mark.docker
@@ -668,7 +674,7 @@ def test_export_then_import_on_a_clean_engine_then_check(
     exported = reprobox("export", tag, "-o", archive, "--json")
     assert exported.code == 0, exported.stderr
     assert exported.json()["members"] == ["reprobox/reprobox.lock", "reprobox/spec.yaml"]
-    labels = docker_engine.inspect_image(image_id)["Config"]["Labels"]
+    labels = docker_engine.inspect_image(image_id).labels
     with tarfile.open(archive) as tar:
         lock, spec_inside = (
             tar.extractfile(f"reprobox/{n}") for n in ("reprobox.lock", "spec.yaml")
@@ -678,7 +684,7 @@ def test_export_then_import_on_a_clean_engine_then_check(
         assert hashlib.sha256(lock.read()).hexdigest() == labels["reprobox.lock-sha256"]
         assert "name: reprobox-publish-test" in spec_inside.read().decode()
 
-    docker_engine.remove_image(image_id, force=True)
+    remove_image(docker_engine, image_id, force=True)
     assert not docker_engine.image_exists(image_id)
     damaged = tmp_path / "damaged.tar"
     with archive.open("rb") as source, damaged.open("wb") as out:

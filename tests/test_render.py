@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_admin import remove_image
 
 from reprobox._lockfile import IndexSettings, Lock, LockedWheel, format_lock
 from reprobox.base import BaseImage
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.render import (
     _environment,
@@ -358,14 +359,14 @@ def test_the_engine_reads_quoted_values_back_literally(
     (context / "Dockerfile").write_text(dockerfile)
     image = docker_engine.build(context)
     try:
-        config = docker_engine.inspect_image(image)["Config"]
-        env = dict(item.split("=", 1) for item in config["Env"])
+        config = docker_engine.inspect_image(image)
+        env = dict(item.split("=", 1) for item in config.env)
         assert [env[f"V{i}"] for i in range(1, len(words) + 1)] == words
-        assert [config["Labels"][f"x.v{i}"] for i in range(1, len(words) + 1)] == words
+        assert [config.labels[f"x.v{i}"] for i in range(1, len(words) + 1)] == words
         result = docker_engine.run(image, ["cat", "/words.txt"], timeout_s=60)
         assert result.stdout.split("\n")[:-1] == words
     finally:
-        docker_engine.remove_image(image, force=True)
+        remove_image(docker_engine, image, force=True)
 
 
 # -- validate first, write atomically (issue 12) -----------------------------------------------

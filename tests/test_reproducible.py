@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from reprobox.engine import DockerEngine
+from reprobox.docker_engine import DockerEngine
 from reprobox.record import recorded_image_id
 
 pytestmark = pytest.mark.docker

@@ -1,0 +1,432 @@
+"""Docker Engine behind the `Engine` protocol: the only module that imports the docker SDK for
+the engine's API and reads Docker's JSON (the build stream aside: `build_log`).
+
+`DockerEngine` drives the engine through the SDK's low-level client, created on first use (and
+`docker` itself imported then, so importing this module stays cheap). What the engine answers
+becomes `ImageInfo` and `EngineInfo` here, and its refusals the errors a user can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shlex
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reprobox.build_log import BuildLog
+from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
+from reprobox.errors import (
+    ContainerTimeoutError,
+    EngineError,
+    GpuUnavailableError,
+    ImageNotFoundError,
+)
+
+if TYPE_CHECKING:
+    import docker
+
+__all__ = ["DockerEngine", "engine_info", "gpu_request_error", "image_info"]
+
+_DEFAULT_HOST = "unix:///var/run/docker.sock"
+_PING_TIMEOUT_S = 10
+#: `docker info`'s DriverStatus on an engine that keeps images in containerd's store.
+_CONTAINERD_SNAPSHOTTER = ("driver-type", "io.containerd.snapshotter.v1")
+_NO_ENGINE_HINT = (
+    "start a Docker Engine: on Debian or Ubuntu, as root, `make setup` installs docker.io and starts "
+    "dockerd; elsewhere install Docker Engine (https://docs.docker.com/engine/install/) and start it, "
+    "or point DOCKER_HOST at one that runs"
+)
+
+
+_TOOLKIT_HINT = (
+    "install the NVIDIA Container Toolkit, run `nvidia-ctk runtime configure --runtime=docker` "
+    "and restart dockerd (`reprobox doctor SPEC` checks the driver and the runtime)"
+)
+
+
+def gpu_request_error(host: str, said: str) -> GpuUnavailableError | None:
+    """The engine's refusal of a GPU request as the error a user can act on (None: not that)."""
+    if "could not select device driver" in said:
+        return GpuUnavailableError(
+            f"the Docker Engine at {host} cannot give containers a GPU: it has no NVIDIA "
+            f"runtime (it said: {said})",
+            hint=_TOOLKIT_HINT,
+        )
+    if "nvidia-container-cli" in said or "unsatisfied condition" in said:
+        hint = _TOOLKIT_HINT
+        if "unsatisfied condition" in said:
+            hint = "the driver is older than the image's NVIDIA_REQUIRE_CUDA allows: upgrade it"
+        return GpuUnavailableError(
+            f"the NVIDIA Container Toolkit on {host} refused to give the container a GPU: {said}",
+            hint=hint,
+        )
+    return None
+
+
+def _no_engine(host: str, cause: object) -> EngineError:
+    text = str(cause)
+    if "Permission denied" in text or "PermissionError" in text:
+        return EngineError(
+            f"the Docker Engine at {host} refused this user (permission denied)",
+            hint="run as root, or add this user to the `docker` group and log in again",
+        )
+    return EngineError(f"no Docker Engine answers at {host}", hint=_NO_ENGINE_HINT)
+
+
+def _check_socket(host: str) -> None:
+    """Knock on a unix socket first: clearer errors, and the SDK leaks the socket of a failed connect."""
+    if not host.startswith("unix://"):
+        return
+    path = host.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_PING_TIMEOUT_S)
+        try:
+            probe.connect(path)
+        except FileNotFoundError:
+            why = "no such socket"
+        except ConnectionRefusedError:
+            why = "the socket is there but nothing listens: is dockerd running?"
+        except PermissionError as err:
+            raise _no_engine(host, err) from None
+        except OSError as err:
+            why = err.strerror or str(err)
+        else:
+            return
+    raise EngineError(f"no Docker Engine answers at {host} ({why})", hint=_NO_ENGINE_HINT)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(str(item) for item in value or ())
+
+
+def image_info(raw: Mapping[str, Any]) -> ImageInfo:
+    """`docker inspect` of an image as the typed value the stages read."""
+    config = raw.get("Config") or {}
+    cmd = config.get("Cmd")
+    return ImageInfo(
+        id=str(raw.get("Id") or ""),
+        tags=_strings(raw.get("RepoTags")),
+        repo_digests=_strings(raw.get("RepoDigests")),
+        labels={str(k): str(v) for k, v in (config.get("Labels") or {}).items()},
+        env=_strings(config.get("Env")),
+        cmd=None if cmd is None else _strings(cmd),
+        diff_ids=_strings((raw.get("RootFS") or {}).get("Layers")),
+        created=str(raw.get("Created") or ""),
+        parent=str(raw.get("Parent") or ""),
+        architecture=str(raw.get("Architecture") or ""),
+        os=str(raw.get("Os") or ""),
+        size=int(raw.get("Size") or 0),
+    )
+
+
+def engine_info(host: str, version: Mapping[str, Any], info: Mapping[str, Any]) -> EngineInfo:
+    """`docker version` and `docker info` as the typed value the stages read."""
+    registry = info.get("RegistryConfig") or {}
+    indexes = registry.get("IndexConfigs") or {}
+    status = [tuple(pair) for pair in info.get("DriverStatus") or [] if len(pair) == 2]
+    return EngineInfo(
+        host=host,
+        server_version=str(version.get("Version", "")),
+        api_version=str(version.get("ApiVersion", "")),
+        os=str(version.get("Os", "")),
+        arch=str(version.get("Arch", "")),
+        storage_driver=str(info.get("Driver") or ""),
+        containerd_store=_CONTAINERD_SNAPSHOTTER in status,
+        runtimes=tuple(sorted(str(name) for name in info.get("Runtimes") or {})),
+        registry=RegistrySettings(
+            insecure_cidrs=_strings(registry.get("InsecureRegistryCIDRs")),
+            secure={
+                str(name): bool(index["Secure"])
+                for name, index in indexes.items()
+                if isinstance(index, Mapping) and "Secure" in index
+            },
+        ),
+        root_dir=str(info.get("DockerRootDir") or ""),
+    )
+
+
+class DockerEngine:
+    """The real engine: Docker's low-level API client, made on first use."""
+
+    def __init__(self, base_url: str | None = None, *, timeout_s: int = 900) -> None:
+        self._base_url = base_url
+        self._timeout_s = timeout_s
+        self._api: docker.APIClient | None = None
+
+    def close(self) -> None:
+        """Close the client's connections (a later call opens new ones)."""
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+
+    @property
+    def host(self) -> str:
+        """The address this engine talks to."""
+        return self._base_url or os.environ.get("DOCKER_HOST") or _DEFAULT_HOST
+
+    def _client(self) -> docker.APIClient:
+        if self._api is None:
+            import docker  # here, not at the top: ~0.2 s that only engine commands should pay
+
+            kwargs: dict[str, Any] = dict(docker.utils.kwargs_from_env())
+            if self._base_url is not None:
+                kwargs["base_url"] = self._base_url
+            _check_socket(self.host)
+            try:
+                api = docker.APIClient(version="auto", timeout=_PING_TIMEOUT_S, **kwargs)
+            except docker.errors.DockerException as err:
+                raise _no_engine(self.host, err) from err
+            api.timeout = self._timeout_s
+            self._api = api
+        return self._api
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        import docker.errors
+        import requests
+
+        try:
+            yield
+        except docker.errors.ImageNotFound as err:
+            raise ImageNotFoundError(
+                f"{doing}: no such image in the Docker Engine at {self.host}",
+                hint="check the name or ID with `docker images`",
+            ) from err
+        except docker.errors.APIError as err:
+            raise EngineError(f"{doing}: the Docker Engine said: {err.explanation or err}") from err
+        except requests.exceptions.ConnectionError as err:
+            raise _no_engine(self.host, err) from err
+
+    def ping(self) -> EngineInfo:
+        """Who answers at `host`, and its settings; EngineError (exit 3) when nobody does."""
+        api = self._client()
+        with self._errors("asking the engine for its version and settings"):
+            version = api.version()
+            info = api.info()
+        return engine_info(self.host, version, info)
+
+    def build(
+        self,
+        context_dir: Path,
+        *,
+        tag: str | None = None,
+        nocache: bool = False,
+        labels: Mapping[str, str] | None = None,
+        on_event: Callable[[BuildEvent], None] | None = None,
+    ) -> str:
+        """Build `context_dir` and return the image ID; `tag` is applied only once it succeeded."""
+        api = self._client()
+        log = BuildLog(on_event)
+        with self._build_errors(log):
+            stream = api.build(
+                path=str(context_dir),
+                nocache=nocache,
+                rm=True,
+                forcerm=True,
+                pull=False,
+                decode=True,
+                labels=dict(labels) if labels else None,
+                timeout=None,  # a quiet RUN step may take long; the stream has no heartbeat
+            )
+            for chunk in stream:
+                log.feed(chunk)
+        image_id = log.finish()
+        if tag is not None:
+            self.tag(image_id, tag)
+        return image_id
+
+    @contextlib.contextmanager
+    def _build_errors(self, log: BuildLog) -> Iterator[None]:
+        import docker.errors
+
+        with self._errors("building"):
+            try:
+                yield
+            except docker.errors.APIError as err:
+                # The classic builder answers a malformed Dockerfile or context with an HTTP error.
+                if err.is_client_error() or err.is_server_error():
+                    log.fail(str(err.explanation or err))
+                raise
+
+    def run(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float,
+        gpus: bool = False,
+    ) -> RunResult:
+        """Run `argv` in a fresh container without network, wait, collect, remove it."""
+        import docker.types
+        import requests
+
+        api = self._client()
+        doing = f"running `{shlex.join(argv)}` in {image}"
+        requests_ = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else None
+        with self._errors(doing), self._gpu_errors(gpus):
+            container = api.create_container(
+                image,
+                command=list(argv),
+                environment=dict(env or {}),
+                network_disabled=True,
+                host_config=api.create_host_config(device_requests=requests_),
+            )
+        cid = container["Id"]
+        try:
+            with self._errors(doing), self._gpu_errors(gpus):
+                api.start(cid)
+                try:
+                    status = api.wait(cid, timeout=math.ceil(timeout_s))
+                except (
+                    requests.exceptions.ReadTimeout,
+                    requests.exceptions.ConnectionError,
+                ) as err:
+                    raise ContainerTimeoutError(
+                        f"{doing}: still running after {timeout_s:g} s, stopped",
+                        hint="raise the time limit, or make the command do less",
+                    ) from err
+                stdout = api.logs(cid, stdout=True, stderr=False)
+                stderr = api.logs(cid, stdout=False, stderr=True)
+        finally:
+            with self._errors(f"removing the container of {doing}"):
+                api.remove_container(cid, force=True)
+        return RunResult(
+            exit_code=int(status["StatusCode"]),
+            stdout=stdout.decode("utf-8", errors="replace"),
+            stderr=stderr.decode("utf-8", errors="replace"),
+        )
+
+    @contextlib.contextmanager
+    def _gpu_errors(self, gpus: bool) -> Iterator[None]:
+        import docker.errors
+
+        try:
+            yield
+        except docker.errors.APIError as err:
+            found = gpu_request_error(self.host, str(err.explanation or err)) if gpus else None
+            if found is not None:
+                raise found from err
+            raise
+
+    def inspect_image(self, ref: str) -> ImageInfo:
+        """The engine's description of an image; ImageNotFoundError when there is none."""
+        api = self._client()
+        with self._errors(f"inspecting {ref}"):
+            raw: dict[str, Any] = api.inspect_image(ref)  # type: ignore[no-untyped-call]
+        return image_info(raw)
+
+    def image_exists(self, ref: str) -> bool:
+        """Whether the engine holds `ref` (a name, tag or ID)."""
+        try:
+            self.inspect_image(ref)
+        except ImageNotFoundError:
+            return False
+        return True
+
+    def tag(self, image_id: str, ref: str) -> None:
+        """Point `ref` (`repo[:tag]`) at `image_id`."""
+        import docker.utils
+
+        api = self._client()
+        repository, tag = docker.utils.parse_repository_tag(ref)
+        with self._errors(f"tagging {image_id} as {ref}"):
+            api.tag(image_id, repository, tag or "latest", force=True)
+
+    def save(self, refs: Sequence[str], dest: Path) -> None:
+        """Write `refs` into one `docker save` archive at `dest` (atomically).
+
+        The SDK's `get_image` takes one name; the engine's endpoint takes several (layers that
+        images share are then written once). The client is a requests Session, so its public
+        `get` asks the endpoint directly, and the SDK's own mapping turns an HTTP error into
+        its APIError (ImageNotFound for a missing name).
+        """
+        import docker.errors
+        import requests
+
+        api = self._client()
+        partial = dest.with_name(dest.name + ".partial")
+        url = f"{api.base_url}/v{api.api_version}/images/get"
+        with self._errors(f"saving {', '.join(refs)}"):
+            response = api.get(url, params={"names": list(refs)}, stream=True, timeout=api.timeout)
+            with response:
+                try:
+                    response.raise_for_status()
+                except requests.exceptions.HTTPError as err:
+                    docker.errors.create_api_error_from_http_exception(err)
+                with partial.open("wb") as out:
+                    for chunk in response.iter_content(chunk_size=1 << 20):
+                        out.write(chunk)
+        partial.replace(dest)
+
+    def load(self, archive: Path) -> list[str]:
+        """`docker load` an archive; the IDs of the images it held."""
+        api = self._client()
+        ids: list[str] = []
+        errors: list[str] = []
+        with self._errors(f"loading {archive}"), archive.open("rb") as data:
+            for chunk in api.load_image(data):  # type: ignore[no-untyped-call]
+                if "error" in chunk:
+                    errors.append(str(chunk["error"]))
+                for line in str(chunk.get("stream", "")).splitlines():
+                    if line.startswith("Loaded image ID: "):
+                        ids.append(line.removeprefix("Loaded image ID: ").strip())
+                    elif line.startswith("Loaded image: "):
+                        ref = line.removeprefix("Loaded image: ").strip()
+                        ids.append(self.inspect_image(ref).id)
+        if errors:
+            raise EngineError(f"loading {archive}: the Docker Engine said: {errors[0]}")
+        return sorted(set(ids))
+
+    def push(
+        self,
+        repository: str,
+        tag: str,
+        auth_config: Mapping[str, str] | None = None,
+        *,
+        on_status: Callable[[str], None] | None = None,
+    ) -> str:
+        """Push `repository:tag`; the registry's manifest digest. Credentials are never logged."""
+        api = self._client()
+        digest, error = "", ""
+        auth = dict(auth_config) if auth_config is not None else None
+        with self._errors(f"pushing {repository}:{tag}"):
+            for chunk in api.push(repository, tag=tag, auth_config=auth, stream=True, decode=True):
+                error = error or str(chunk.get("error", ""))
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and isinstance(aux.get("Digest"), str):
+                    digest = aux["Digest"]
+                if on_status is not None and "status" in chunk:
+                    on_status(" ".join(str(chunk[k]) for k in ("id", "status") if chunk.get(k)))
+        if error:
+            raise EngineError(
+                f"pushing {repository}:{tag}: the registry said: {error}",
+                hint="check the registry address and `docker login` to it",
+            )
+        if not digest:
+            raise EngineError(f"pushing {repository}:{tag}: the engine reported no digest")
+        return digest
+
+    def pull(self, ref: str, auth_config: Mapping[str, str] | None = None) -> str:
+        """Pull `ref` (`repo:tag` or `repo@digest`); the ID of the image it names."""
+        import docker.utils
+
+        api = self._client()
+        repository, tag = docker.utils.parse_repository_tag(ref)
+        auth = dict(auth_config) if auth_config is not None else None
+        error = ""
+        with self._errors(f"pulling {ref}"):
+            for chunk in api.pull(
+                repository, tag=tag or "latest", auth_config=auth, stream=True, decode=True
+            ):
+                error = error or str(chunk.get("error", ""))
+        if error:
+            raise EngineError(
+                f"pulling {ref}: the registry said: {error}",
+                hint="check the reference and `docker login` to its registry",
+            )
+        return self.inspect_image(ref).id
