@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 
 from reprobox import __version__
+from reprobox._files import CHUNK, atomic_path, place, sha256_hex
 from reprobox._lockfile import LockedWheel
 from reprobox._text import unsafe_character
 from reprobox.errors import BadInputError, IndexUnreachableError, LockError, MissingError
@@ -52,7 +53,6 @@ TransferProgress = Callable[[str, int, int | None], None]
 #: Where the lock records no size, a download stops here: twice the largest wheel a torch
 #: image needs today (nvidia-cudnn-cu12, about 0.7 GB; torch's CUDA builds, 0.9 to 2.5 GB).
 MAX_DOWNLOAD_BYTES = 8 << 30
-_CHUNK = 1 << 20
 _WORKERS = 4
 # (connect, read): a server that sends nothing for a minute is given up on.
 _TIMEOUT_S = (15.0, 60.0)
@@ -128,7 +128,7 @@ def _open(wheel: LockedWheel, limit: int) -> Iterator[tuple[Iterator[bytes], int
             size = os.fstat(handle.fileno()).st_size
             if size > limit:
                 raise _too_large(wheel, limit)
-            yield iter(lambda: handle.read(_CHUNK), b""), size
+            yield iter(lambda: handle.read(CHUNK), b""), size
         return
     if parts.scheme not in {"http", "https"}:
         raise LockError(f"cannot fetch {wheel.url}: only http, https and file URLs are supported")
@@ -147,20 +147,17 @@ def _open(wheel: LockedWheel, limit: int) -> Iterator[tuple[Iterator[bytes], int
         if total is not None and total > limit:
             raise _too_large(wheel, limit)
         # The bytes as sent (no gzip decoding): what the lock's sha256 is taken over.
-        yield response.raw.stream(_CHUNK, decode_content=False), total
+        yield response.raw.stream(CHUNK, decode_content=False), total
 
 
 def _sha256(path: Path, on_bytes: Callable[[int], None], stop: threading.Event) -> str:
-    digest = hashlib.sha256()
-    done = 0
+    def step(done: int) -> None:
+        if stop.is_set():
+            raise _StoppedError
+        on_bytes(done)
+
     with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            if stop.is_set():
-                raise _StoppedError
-            digest.update(chunk)
-            done += len(chunk)
-            on_bytes(done)
-    return digest.hexdigest()
+        return sha256_hex(handle, step)
 
 
 class WheelCache:
@@ -259,7 +256,7 @@ class WheelCache:
                 raise LockError(
                     f"the lock names a wheel file {wheel.filename!r} that is not a plain name"
                 )
-            _place(files[wheel.sha256], target)
+            place(files[wheel.sha256], target)
             placed.append(target)
         return tuple(placed)
 
@@ -304,30 +301,23 @@ class WheelCache:
         stop: threading.Event,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{wheel.sha256[:16]}.", suffix=".part", dir=path.parent
-        )
-        tmp = Path(name)
-        with self._lock:
-            self._partials.add(tmp)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                actual, size = _copy(wheel, out, label, report, stop)
-                out.flush()
-                os.fsync(out.fileno())
-            if actual != wheel.sha256:
-                raise LockError(
-                    f"{wheel.url} served a file whose sha256 is {actual} ({size} bytes), not the "
-                    f"{wheel.sha256} the lock pins for {wheel.filename}; it was not cached",
-                    hint="the index changed or the transfer was tampered with: check the index, "
-                    "and relock (`--relock`) only if you trust the new file",
-                )
-            tmp.chmod(0o444)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path, fsync=True) as tmp:
             with self._lock:
-                self._partials.discard(tmp)
+                self._partials.add(tmp)
+            try:
+                with tmp.open("wb") as out:
+                    actual, size = _copy(wheel, out, label, report, stop)
+                if actual != wheel.sha256:
+                    raise LockError(
+                        f"{wheel.url} served a file whose sha256 is {actual} ({size} bytes), not "
+                        f"the {wheel.sha256} the lock pins for {wheel.filename}; it was not cached",
+                        hint="the index changed or the transfer was tampered with: check the "
+                        "index, and relock (`--relock`) only if you trust the new file",
+                    )
+                tmp.chmod(0o444)
+            finally:
+                with self._lock:
+                    self._partials.discard(tmp)
 
 
 def _copy(

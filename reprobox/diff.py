@@ -9,7 +9,6 @@ contents hashed in chunks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -19,19 +18,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from reprobox._archive import (
-    MAX_CONFIG_BYTES,
-    MAX_LAYER_ENTRIES,
-    MAX_MANIFEST_BYTES,
-    index_members,
-    read_json,
-    read_member,
-)
+from reprobox._files import rfc3339, sha256_hex
 from reprobox._registry import check_image_ref
+from reprobox.archive import (
+    MAX_LAYER_ENTRIES,
+    clean_name,
+    index_members,
+    manifest_entries,
+    read_image,
+)
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError
 
@@ -47,7 +45,6 @@ __all__ = [
 Section = Literal["config", "layer", "file"]
 _SECTIONS: tuple[Section, ...] = ("config", "layer", "file")
 _PLACES = {"config": "the config", "layer": "layers", "file": "files"}
-_CHUNK = 1 << 20
 _MAX_ROWS = 30
 _MAX_CELL = 44
 _SKIP_CONFIG = "rootfs.diff_ids"  # reported layer by layer instead
@@ -185,32 +182,18 @@ def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
     try:
         with tarfile.open(archive) as tar:
             members = index_members(tar)
-            manifest = read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES)
-            found = []
-            for entry in manifest:
-                raw = read_member(tar, members, entry["Config"], MAX_CONFIG_BYTES)
-                entry_id = f"sha256:{hashlib.sha256(raw).hexdigest()}"
-                if image_id in (None, entry_id):
-                    config = json.loads(raw)
-                    found.append((entry_id, config, tuple(str(x) for x in entry["Layers"])))
-    except (
-        tarfile.TarError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        RecursionError,
-    ) as err:
+            images = [read_image(tar, members, e) for e in manifest_entries(tar, members)]
+    except (tarfile.TarError, ValueError) as err:
         raise BadInputError(f"{archive} is not a docker-archive ({err})") from err
+    found = [image for image in images if image_id in (None, image.image_id)]
     if len(found) != 1:
         raise BadInputError(
             f"{archive} holds {len(found)} images{'' if image_id is None else ' with ID ' + image_id}",
             hint="diff takes an archive of one image: `docker save IMAGE -o FILE.tar`",
         )
-    entry_id, config, layers = found[0]
-    diff_ids = tuple(str(d) for d in config.get("rootfs", {}).get("diff_ids", []))
-    side = ImageSide(ref, entry_id, len(layers))
-    return _Image(side, archive, config, layers, diff_ids)
+    image = found[0]
+    side = ImageSide(ref, image.image_id, len(image.layers))
+    return _Image(side, archive, image.config, image.layers, image.diff_ids)
 
 
 def _config_differences(a: Any, b: Any, path: str = "") -> Iterator[Difference]:
@@ -271,7 +254,7 @@ def _layer_entries(image: _Image, index: int) -> dict[str, _Entry]:
                     f"{image.archive}: layer {image.layers[index]} holds more than "
                     f"{MAX_LAYER_ENTRIES} entries; diff does not list them"
                 )
-            entries["/" + _clean(member.name)] = _entry(layer, member)
+            entries["/" + clean_name(member.name)] = _entry(layer, member)
         return entries
 
 
@@ -310,16 +293,7 @@ def _type(member: tarfile.TarInfo) -> str:
 
 
 def _sha256(data: IO[bytes] | None) -> str | None:
-    if data is None:
-        return None
-    digest = hashlib.sha256()
-    while chunk := data.read(_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _clean(name: str) -> str:
-    return name.removeprefix("./").strip("/")
+    return None if data is None else sha256_hex(data)
 
 
 def _file_differences(
@@ -346,7 +320,7 @@ def _show(field: str, value: object) -> str | None:
     if field == "mode" and isinstance(value, int):
         return f"{value:04o}"
     if field == "mtime" and isinstance(value, int):
-        return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return rfc3339(value)
     return str(value)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reprobox._files import CHUNK, atomic_path
 from reprobox.build_log import BuildLog
 from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
 from reprobox.errors import (
@@ -349,9 +350,8 @@ class DockerEngine:
         import requests
 
         api = self._client()
-        partial = dest.with_name(dest.name + ".partial")
         url = f"{api.base_url}/v{api.api_version}/images/get"
-        with self._errors(f"saving {', '.join(refs)}"):
+        with self._errors(f"saving {', '.join(refs)}"), atomic_path(dest) as partial:
             response = api.get(url, params={"names": list(refs)}, stream=True, timeout=api.timeout)
             with response:
                 try:
@@ -359,9 +359,8 @@ class DockerEngine:
                 except requests.exceptions.HTTPError as err:
                     docker.errors.create_api_error_from_http_exception(err)
                 with partial.open("wb") as out:
-                    for chunk in response.iter_content(chunk_size=1 << 20):
+                    for chunk in response.iter_content(chunk_size=CHUNK):
                         out.write(chunk)
-        partial.replace(dest)
 
     def load(self, archive: Path) -> list[str]:
         """`docker load` an archive; the IDs of the images it held."""

@@ -16,30 +16,31 @@ only this host makes bases.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
-from reprobox._archive import (
-    MAX_CONFIG_BYTES,
-    MAX_MANIFEST_BYTES,
-    index_members,
-    read_json,
-    read_member,
-)
+from reprobox._files import atomic_path
 from reprobox._registry import check_image_ref
 from reprobox._yaml import MAX_BYTES as MAX_SPEC_BYTES
+from reprobox.archive import (
+    ArchiveImage,
+    file_in_layers,
+    index_members,
+    layer_diff_id,
+    manifest_entries,
+    member_stream,
+    read_image,
+    read_member,
+)
 from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine, ImageInfo
@@ -56,8 +57,6 @@ SIDE_MEMBERS = {
 _LOCK_LABEL = "reprobox.lock-sha256"
 _SPEC_LABEL = "reprobox.spec-sha256"
 _SIDE_LIMITS = {"reprobox/spec.yaml": MAX_SPEC_BYTES, "reprobox/reprobox.lock": 16 << 20}
-_CHUNK = 1 << 20
-_MAX_IMAGES = 64
 # A tag as the engine writes it in RepoTags: name[:port]/path:tag, nothing else.
 _REPO_TAG = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
@@ -84,79 +83,18 @@ def _corrupt(archive: Path, why: str) -> ArchiveError:
     )
 
 
-class _Reader(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-def _sha256(stream: _Reader) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(_CHUNK):
-        digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
-def _stream(
-    tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], name: str, archive: Path
-) -> IO[bytes]:
-    member = members.get(name.removeprefix("./"))
-    stream = tar.extractfile(member) if member is not None and member.isreg() else None
-    if stream is None:
-        raise _corrupt(archive, f"the member {name[:200]!r} is missing")
-    return stream
-
-
-def _layer_digest(stream: IO[bytes]) -> str:
-    """The diff ID of a layer file: the sha256 of its uncompressed tar (streamed in chunks)."""
-    head = stream.read(2)
-    stream.seek(0)
-    if head == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=stream) as unzipped:
-            return _sha256(unzipped)
-    return _sha256(stream)
-
-
-def _entries(manifest: Any) -> list[dict[str, Any]]:
-    """manifest.json's entries, each checked for the shape `docker save` writes."""
-    if not isinstance(manifest, list) or not 1 <= len(manifest) <= _MAX_IMAGES:
-        raise ValueError(f"the manifest is not a list of 1 to {_MAX_IMAGES} images")
-    for entry in manifest:
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
-            raise TypeError("a manifest entry has no Config")
-        layers, tags = entry.get("Layers") or [], entry.get("RepoTags") or []
-        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-            raise ValueError("a manifest entry's Layers is not a list of names")
-        if not isinstance(tags, list) or not all(isinstance(x, str) for x in tags):
-            raise ValueError("a manifest entry's RepoTags is not a list of names")
-    return manifest
-
-
 def _verify_image(
-    tar: tarfile.TarFile,
-    members: Mapping[str, tarfile.TarInfo],
-    entry: Mapping[str, Any],
-    archive: Path,
-) -> dict[str, Any]:
+    tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], entry: Mapping[str, Any]
+) -> ArchiveImage:
     """One manifest entry: its config hashes to its ID, and each layer to the config's diff ID."""
-    raw = read_member(tar, dict(members), str(entry["Config"]), MAX_CONFIG_BYTES)
-    image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+    image = read_image(tar, members, entry)
     stem = Path(str(entry["Config"])).name.removesuffix(".json")
-    if stem not in image_id:
-        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} does not hash to its name")
-    try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not JSON") from None
-    if not isinstance(config, dict):
-        raise _corrupt(archive, f"the config {entry['Config'][:200]!r} is not a JSON object")
-    diff_ids = list((config.get("rootfs") or {}).get("diff_ids") or [])
-    layers = [str(layer) for layer in entry.get("Layers") or []]
-    if len(diff_ids) != len(layers):
-        raise _corrupt(archive, f"{len(layers)} layers for the {len(diff_ids)} its config lists")
-    for layer, expected in zip(layers, diff_ids, strict=True):
-        if _layer_digest(_stream(tar, members, layer, archive)) != expected:
-            raise _corrupt(archive, f"the layer {layer[:200]!r} does not hash to {expected!r}")
-    config["Id"] = image_id
-    return config
+    if stem not in image.image_id:
+        raise ValueError(f"the config {entry['Config'][:200]!r} does not hash to its name")
+    for layer, expected in zip(image.layers, image.diff_ids, strict=True):
+        if layer_diff_id(member_stream(tar, members, layer)) != expected:
+            raise ValueError(f"the layer {layer[:200]!r} does not hash to {expected!r}")
+    return image
 
 
 def verify_archive(archive: Path) -> ArchiveContents:
@@ -165,8 +103,7 @@ def verify_archive(archive: Path) -> ArchiveContents:
         with tarfile.open(archive, "r:*") as tar:
             try:
                 members = index_members(tar)
-                manifest = _entries(read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES))
-                configs = [_verify_image(tar, members, entry, archive) for entry in manifest]
+                images = [_verify_image(tar, members, e) for e in manifest_entries(tar, members)]
                 side = {
                     name: read_member(tar, members, name, _SIDE_LIMITS[name])
                     for name in SIDE_MEMBERS
@@ -178,48 +115,25 @@ def verify_archive(archive: Path) -> ArchiveContents:
         raise BadInputError(f"{archive}: no such file") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise _corrupt(archive, f"{type(err).__name__}: {err}") from None
-    tags = [str(tag) for entry in manifest for tag in entry.get("RepoTags") or []]
-    labels = (configs[0].get("config") or {}).get("Labels") or {}
+    tags = [tag for image in images for tag in image.tags]
+    labels = (images[0].config.get("config") or {}).get("Labels") or {}
     if not isinstance(labels, dict):
         raise _corrupt(archive, "the image's labels are not a mapping")
-    return ArchiveContents(tuple(c["Id"] for c in configs), tuple(tags), side, labels)
-
-
-def _file_in_layers(
-    tar: tarfile.TarFile, members: Mapping[str, tarfile.TarInfo], layers: list[str], path: str
-) -> bytes | None:
-    """`path` as the image sees it: from the topmost layer that holds it (or deletes it)."""
-    folder, _, name = path.rpartition("/")
-    whiteout = f"{folder}/.wh.{name}"
-    limit = _SIDE_LIMITS[next(k for k, v in SIDE_MEMBERS.items() if v == path)]
-    for layer in reversed(layers):
-        member = members.get(layer)
-        stream = tar.extractfile(member) if member is not None else None
-        if stream is None:
-            continue
-        with tarfile.open(fileobj=stream, mode="r:*") as inner:
-            for entry in inner:
-                clean = entry.name.removeprefix("./")
-                if clean == whiteout:
-                    return None
-                if clean == path and entry.isfile():
-                    if entry.size > limit:
-                        raise BadInputError(f"{path} in the image is larger than {limit} bytes")
-                    data = inner.extractfile(entry)
-                    return None if data is None else data.read(limit)
-    return None
+    return ArchiveContents(tuple(i.image_id for i in images), tuple(tags), side, labels)
 
 
 def _side_members(saved: Path) -> dict[str, bytes]:
     """The spec and lock, read out of the saved image's own layers."""
-    with tarfile.open(saved, "r:") as tar:
-        members = index_members(tar)
-        manifest = _entries(read_json(tar, members, "manifest.json", MAX_MANIFEST_BYTES))
-        layers = [str(layer) for layer in manifest[0].get("Layers") or []]
-        found = {
-            member: _file_in_layers(tar, members, layers, inside)
-            for member, inside in SIDE_MEMBERS.items()
-        }
+    try:
+        with tarfile.open(saved, "r:") as tar:
+            members = index_members(tar)
+            layers = manifest_entries(tar, members)[0].get("Layers") or []
+            found = {
+                member: file_in_layers(tar, members, layers, inside, _SIDE_LIMITS[member])
+                for member, inside in SIDE_MEMBERS.items()
+            }
+    except ValueError as err:
+        raise BadInputError(f"the image's spec and lock cannot be read: {err}") from None
     return {name: data for name, data in found.items() if data is not None}
 
 
@@ -229,19 +143,6 @@ def _append(saved: Path, members: Mapping[str, bytes]) -> None:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
-
-
-@contextmanager
-def _partial(dest: Path) -> Iterator[Path]:
-    """A sibling file that becomes `dest` only when the block finishes."""
-    partial = dest.with_name(f".{dest.name}.reprobox-partial")
-    try:
-        yield partial
-        with partial.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        partial.replace(dest)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _refs_to_save(info: ImageInfo, image: str) -> list[str]:
@@ -338,7 +239,10 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     refs = _refs_to_save(info, image)
     reporter = Reporter()
     try:
-        with reporter.stage(f"export {', '.join(refs)} to {output}"), _partial(output) as partial:
+        with (
+            reporter.stage(f"export {', '.join(refs)} to {output}"),
+            atomic_path(output, fsync=True) as partial,
+        ):
             engine.save(refs, partial)
             side = _side_members(partial)
             if _lock_matches(side, labels) is False:

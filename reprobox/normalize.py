@@ -25,8 +25,6 @@ bootstrapped base) or pinned by digest, and keeping them keeps them shared with 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
 import shutil
@@ -34,11 +32,20 @@ import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from reprobox.base import write_normalized_layer
+from reprobox._files import CHUNK, rfc3339
+from reprobox.archive import (
+    ArchiveImage,
+    add_image,
+    add_layer,
+    clean_name,
+    index_members,
+    manifest_entries,
+    read_image,
+    write_normalized_layer,
+)
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, EngineError
 
@@ -47,7 +54,6 @@ __all__ = [
     "normalize_config",
     "normalize_image",
     "relabel",
-    "rfc3339",
 ]
 
 # Below these, everything goes (their names are often random or cache keys); the roots stay.
@@ -61,7 +67,6 @@ _OPAQUE = ".wh..wh..opq"
 _HOST_FIELDS = ("container", "container_config", "docker_version")
 # In `config`: the build container's hostname and the ID of the previous step's image.
 _HOST_CONFIG_FIELDS = ("Hostname", "Image")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,6 @@ class NormalizedImage:
 class _Layer:
     diff_id: str
     removed: frozenset[str]
-
-
-def rfc3339(epoch: int) -> str:
-    """`epoch` as the UTC time the image config carries, e.g. 2023-06-10T00:00:00Z."""
-    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def normalize_image(
@@ -141,7 +141,7 @@ def relabel(
     with tempfile.TemporaryDirectory(prefix="relabel-", dir=workdir) as tmp:
         archive = Path(tmp) / "labels.tar"
         with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as dest:
-            new_id = _write_image(dest, blob, image.diff_ids, image.source_date_epoch)
+            new_id = add_image(dest, blob, image.diff_ids, image.source_date_epoch)
         loaded = engine.load(archive)
     if new_id not in loaded:
         raise EngineError(
@@ -199,38 +199,29 @@ def _rewrite(
         tarfile.open(saved) as archive,
         tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dest,
     ):
-        config, names = _manifest_entry(archive, saved)
+        image = _saved_image(archive, saved)
         rewriter = _Rewriter(archive, dest, saved.parent, epoch)
         layers = [
             rewriter.keep(name, base_ids[i]) if i < len(base_ids) else rewriter.normalize(name)
-            for i, name in enumerate(names)
+            for i, name in enumerate(image.layers)
         ]
         diff_ids = [layer.diff_id for layer in layers]
-        blob = normalize_config(config, diff_ids=diff_ids, source_date_epoch=epoch, labels=labels)
-        return _write_image(dest, blob, diff_ids, epoch), layers, blob
+        blob = normalize_config(
+            image.config, diff_ids=diff_ids, source_date_epoch=epoch, labels=labels
+        )
+        return add_image(dest, blob, diff_ids, epoch), layers, blob
 
 
-def _manifest_entry(archive: tarfile.TarFile, path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The config and the layer paths of the one image in a docker-archive."""
-    manifest = json.loads(_read(archive, "manifest.json", path))
-    if len(manifest) != 1:
-        raise BadInputError(f"{path} holds {len(manifest)} images; expected exactly one")
-    entry = manifest[0]
-    config: dict[str, Any] = json.loads(_read(archive, entry["Config"], path))
-    layers = [str(name) for name in entry["Layers"]]
-    if len(layers) != len(config["rootfs"]["diff_ids"]):
-        raise BadInputError(f"{path}: the manifest and the config disagree on the layer count")
-    return config, layers
-
-
-def _read(archive: tarfile.TarFile, name: str, path: Path) -> bytes:
+def _saved_image(archive: tarfile.TarFile, path: Path) -> ArchiveImage:
+    """The one image of a docker-archive the engine saved, read as any archive is."""
     try:
-        member = archive.extractfile(name)
-    except KeyError:
-        member = None
-    if member is None:
-        raise BadInputError(f"{path} is not a docker-archive: it has no {name}")
-    return member.read()
+        members = index_members(archive)
+        images = [read_image(archive, members, e) for e in manifest_entries(archive, members)]
+    except ValueError as err:
+        raise BadInputError(f"{path} is not a usable docker-archive: {err}") from None
+    if len(images) != 1:
+        raise BadInputError(f"{path} holds {len(images)} images; expected exactly one")
+    return images[0]
 
 
 class _Rewriter:
@@ -244,42 +235,41 @@ class _Rewriter:
 
     def keep(self, name: str, diff_id: str) -> _Layer:
         """Add a base layer byte for byte."""
-        with _open_member(self._archive, name) as data, tarfile.open(fileobj=data) as layer:
-            _hold(self._held, (_path(m.name) for m in layer.getmembers()), frozenset())
-        with _open_member(self._archive, name) as data:
-            _add_layer(self._dest, diff_id, data, self._epoch)
+        with self._open(name) as data, tarfile.open(fileobj=data) as layer:
+            _hold(self._held, (clean_name(m.name) for m in layer.getmembers()), frozenset())
+        with self._open(name) as data:
+            add_layer(self._dest, diff_id, data, self._epoch)
         return _Layer(diff_id, frozenset())
 
     def normalize(self, name: str) -> _Layer:
         """Add a layer rewritten by `write_normalized_layer`, less its debris."""
         raw, normal = self._work / "layer.tar", self._work / "layer.normal.tar"
-        with _open_member(self._archive, name) as data, raw.open("wb") as copy:
-            shutil.copyfileobj(data, copy, _CHUNK)
+        with self._open(name) as data, raw.open("wb") as copy:
+            shutil.copyfileobj(data, copy, CHUNK)
         with tarfile.open(raw) as layer:
             removed = _debris(layer, self._held)
-            _hold(self._held, (_path(m.name) for m in layer.getmembers()), removed)
+            _hold(self._held, (clean_name(m.name) for m in layer.getmembers()), removed)
         diff_id = write_normalized_layer(
             raw, normal, source_date_epoch=self._epoch, drop=removed.__contains__
         )
         raw.unlink()
         with normal.open("rb") as data:
-            _add_layer(self._dest, diff_id, data, self._epoch)
+            add_layer(self._dest, diff_id, data, self._epoch)
         normal.unlink()
         return _Layer(diff_id, removed)
 
-
-def _open_member(archive: tarfile.TarFile, name: str) -> IO[bytes]:
-    data = archive.extractfile(name)
-    if data is None:
-        raise BadInputError(f"the saved image's {name} is not a file")
-    return data
+    def _open(self, name: str) -> IO[bytes]:
+        data = self._archive.extractfile(name)
+        if data is None:
+            raise BadInputError(f"the saved image's {name} is not a file")
+        return data
 
 
 def _debris(layer: tarfile.TarFile, held: set[str]) -> frozenset[str]:
     """The entries of `layer` to drop, given what the layers below still hold."""
     dropped: set[str] = set()
     for member in layer.getmembers():
-        name = _path(member.name)
+        name = clean_name(member.name)
         if _is_debris(layer, member, held=held, dropped=dropped):
             dropped.add(name)
     return frozenset(dropped)
@@ -288,7 +278,7 @@ def _debris(layer: tarfile.TarFile, held: set[str]) -> frozenset[str]:
 def _is_debris(
     layer: tarfile.TarFile, member: tarfile.TarInfo, *, held: set[str], dropped: set[str]
 ) -> bool:
-    name = _path(member.name)
+    name = clean_name(member.name)
     path = PurePosixPath(name)
     if path.name.startswith(_WHITEOUT):
         return _stale_whiteout(path, held)
@@ -299,7 +289,7 @@ def _is_debris(
     if not name.endswith(".pyc"):
         return False
     if member.islnk():
-        return _path(member.linkname) in dropped
+        return clean_name(member.linkname) in dropped
     return member.isreg() and _timestamp_pyc(layer, member)
 
 
@@ -326,35 +316,3 @@ def _hold(held: set[str], names: Iterable[str], removed: frozenset[str]) -> None
         while path and path not in held:
             held.add(path)
             path = path.rpartition("/")[0]
-
-
-def _path(name: str) -> str:
-    """A member name as `write_normalized_layer` sees it: relative, no trailing slash."""
-    name = name.removeprefix("./").lstrip("/").rstrip("/")
-    return "" if name == "." else name
-
-
-def _add_layer(dest: tarfile.TarFile, diff_id: str, data: IO[bytes], epoch: int) -> None:
-    name = diff_id.removeprefix("sha256:") + "/layer.tar"
-    if name in dest.getnames():  # an image may hold one layer twice; the archive needs it once
-        return
-    size = data.seek(0, 2)
-    data.seek(0)
-    _add(dest, name, data, size, epoch)
-
-
-def _add(dest: tarfile.TarFile, name: str, data: IO[bytes], size: int, epoch: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, epoch, 0o644
-    dest.addfile(info, data)
-
-
-def _write_image(dest: tarfile.TarFile, config: bytes, diff_ids: Sequence[str], epoch: int) -> str:
-    """Add the config and manifest.json; the image ID the engine will give the image."""
-    config_hex = hashlib.sha256(config).hexdigest()
-    layers = [d.removeprefix("sha256:") + "/layer.tar" for d in diff_ids]
-    manifest = [{"Config": f"{config_hex}.json", "Layers": layers, "RepoTags": None}]
-    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    for name, data in ((f"{config_hex}.json", config), ("manifest.json", blob)):
-        _add(dest, name, io.BytesIO(data), len(data), epoch)
-    return f"sha256:{config_hex}"

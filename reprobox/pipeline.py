@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox._registry import check_image_ref
-from reprobox.base import bootstrap_base
+from reprobox.bootstrap import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,

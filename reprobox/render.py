@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ import jinja2
 import yaml
 
 from reprobox import __version__
+from reprobox._files import place, rfc3339
 from reprobox._lockfile import GROUPS, requirements_text
 from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
@@ -167,7 +167,7 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
 def _labels(
     spec: Spec, lock_sha256: str, base_ref: str, tag: str, epoch: int
 ) -> tuple[tuple[str, str], ...]:
-    created = datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = rfc3339(epoch)
     labels = {
         "org.opencontainers.image.title": spec.name,
         "org.opencontainers.image.version": tag.split(":", 1)[1],
@@ -256,11 +256,7 @@ def _place_wheels(ctx: Path, plan: Mapping[str, str], wheels: Mapping[str, Path]
     if wheels is None:
         return
     for relative, sha256 in plan.items():
-        source, target = wheels[sha256], ctx / relative
-        try:
-            target.hardlink_to(source)
-        except OSError:
-            shutil.copyfile(source, target)
+        place(wheels[sha256], ctx / relative)
 
 
 def _write_tree(

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-from reprobox.base import BaseImage, bootstrap_base
+from reprobox.bootstrap import BaseImage, bootstrap_base
 from reprobox.cache import default_cache_dir
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EngineError

@@ -18,7 +18,7 @@ from conftest import skip_or_fail
 from engine_admin import add_labels, remove_image
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
-from reprobox.base import BaseImage
+from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import ImageInfo
 from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, DigestMismatchError, EngineError

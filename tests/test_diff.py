@@ -21,7 +21,7 @@ from archives import (
 )
 from engine_admin import remove_image
 
-from reprobox.base import BaseImage
+from reprobox.bootstrap import BaseImage
 from reprobox.diff import ImageDiff, diff_images, diff_to_json, format_diff
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ReproboxError

@@ -16,7 +16,7 @@ import pytest
 from engine_admin import add_labels, remove_image
 from fakes import FakeEngine
 
-from reprobox.base import BaseImage
+from reprobox.bootstrap import BaseImage
 from reprobox.build_log import BuildLog
 from reprobox.docker_engine import DockerEngine, engine_info, image_info
 from reprobox.engine import BuildEvent, Engine, ImageInfo, RegistrySettings

@@ -1,7 +1,7 @@
 """`import` trusts no archive: bounded reads, only reprobox exports, no tag moved without --force,
 no base planted; `export -o` checked before any work. Unit tests with small real archives and the
 FakeEngine (which reads real archives); the base-planting case runs on the real engine in
-test_base.py.
+test_bootstrap.py.
 """
 
 from __future__ import annotations

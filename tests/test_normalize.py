@@ -27,11 +27,12 @@ from archives import (
 )
 from engine_admin import remove_image
 
-from reprobox.base import BaseImage
+from reprobox._files import rfc3339
+from reprobox.bootstrap import BaseImage
 from reprobox.diff import diff_images, format_diff
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ImageNotFoundError, ReproboxError
-from reprobox.normalize import NormalizedImage, normalize_config, normalize_image, rfc3339
+from reprobox.normalize import NormalizedImage, normalize_config, normalize_image
 
 SDE = 1_700_000_000  # 2023-11-14T22:13:20Z, earlier than BUILD_TIME
 

@@ -16,7 +16,7 @@ import pytest
 from engine_admin import remove_image
 
 from reprobox._lockfile import IndexSettings, Lock, LockedWheel, format_lock
-from reprobox.base import BaseImage
+from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.render import (

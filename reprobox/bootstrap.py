@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,10 +22,10 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
+from reprobox._files import rfc3339, write_text_atomic
+from reprobox.archive import add_image, add_layer, write_normalized_layer
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError, BuildError, EngineError
 
@@ -41,7 +40,6 @@ __all__ = [
     "bootstrap_base",
     "run_command",
     "write_base_archive",
-    "write_normalized_layer",
 ]
 
 #: Bump when the archive layout or the mmdebstrap options change: it is part of every base key.
@@ -249,7 +247,7 @@ def write_base_archive(
     )
     with tarfile.open(layer) as tar:
         installed = _installed(_member_bytes(tar, "var/lib/dpkg/status"))
-    created = datetime.fromtimestamp(source_date_epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = rfc3339(source_date_epoch)
     config = {
         "architecture": arch,
         "config": {
@@ -267,110 +265,12 @@ def write_base_archive(
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
     config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
-    config_hex = hashlib.sha256(config_bytes).hexdigest()
-    layer_name = diff_id.removeprefix("sha256:") + "/layer.tar"
-    manifest = [{"Config": f"{config_hex}.json", "RepoTags": [ref], "Layers": [layer_name]}]
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as archive:
         with layer.open("rb") as data:
-            _add(archive, layer_name, data, layer.stat().st_size, source_date_epoch)
-        _add(
-            archive,
-            f"{config_hex}.json",
-            io.BytesIO(config_bytes),
-            len(config_bytes),
-            source_date_epoch,
-        )
-        blob = json.dumps(manifest, separators=(",", ":")).encode()
-        _add(archive, "manifest.json", io.BytesIO(blob), len(blob), source_date_epoch)
+            add_layer(archive, diff_id, data, source_date_epoch)
+        image_id = add_image(archive, config_bytes, [diff_id], source_date_epoch, repo_tags=[ref])
     layer.unlink()
-    return f"sha256:{config_hex}", installed
-
-
-def write_normalized_layer(
-    src: Path,
-    dst: Path,
-    *,
-    source_date_epoch: int,
-    replace: Mapping[str, bytes] | None = None,
-    drop: Callable[[str], bool] | None = None,
-) -> str:
-    """Rewrite a layer tar reproducibly; its diff ID (sha256 of the uncompressed tar).
-
-    Entries are sorted by path, mtimes clamped to `source_date_epoch`, owners numeric with blank
-    names, and only xattrs kept of the PAX records. `replace` gives files new contents; `drop`
-    leaves entries out. Hard links are re-pointed so that each target precedes its links.
-    """
-    replace = replace or {}
-    with tarfile.open(src) as tar:
-        everything = {_clean(m.name): m for m in tar.getmembers()}
-        kept = sorted(n for n in everything if n and not (drop is not None and drop(n)))
-        first: dict[str, str] = {}  # hard-link group -> the kept name that carries the data
-        with dst.open("wb") as raw:
-            sink = _Sha256Writer(raw)
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:  # type: ignore[call-overload]
-                for name in kept:
-                    member = everything[name]
-                    info = _normalized_info(name, member, source_date_epoch)
-                    data: IO[bytes] | None = None
-                    if name in replace:
-                        info.type, info.mode, info.linkname = tarfile.REGTYPE, 0o644, ""
-                        info.size, data = len(replace[name]), io.BytesIO(replace[name])
-                    elif member.isreg() or member.islnk():
-                        group = _clean(member.linkname) if member.islnk() else name
-                        if group in first:
-                            info.type, info.linkname, info.size = tarfile.LNKTYPE, first[group], 0
-                        else:
-                            first[group] = name
-                            source = everything.get(group)
-                            if source is None or not source.isreg():
-                                raise BadInputError(
-                                    f"{src}: hard link {name} -> {group}: no such file"
-                                )
-                            info.type, info.linkname, info.size = tarfile.REGTYPE, "", source.size
-                            data = tar.extractfile(source)
-                    out.addfile(info, data)
-    return f"sha256:{sink.hexdigest()}"
-
-
-class _Sha256Writer:
-    """A write-only file that hashes what passes through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self._digest = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self._digest.update(data)
-        return self._raw.write(data)
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
-def _normalized_info(name: str, member: tarfile.TarInfo, epoch: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = member.type
-    info.mode = member.mode
-    info.uid, info.gid = member.uid, member.gid
-    info.uname = info.gname = ""
-    info.mtime = min(int(member.mtime), epoch)
-    info.linkname = member.linkname
-    info.devmajor, info.devminor = member.devmajor, member.devminor
-    info.pax_headers = {
-        k: v for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")
-    }
-    return info
-
-
-def _clean(name: str) -> str:
-    name = name.removeprefix("./").lstrip("/").rstrip("/")
-    return "" if name == "." else name
-
-
-def _add(archive: tarfile.TarFile, name: str, data: IO[bytes], size: int, epoch: int) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, epoch, 0o644
-    archive.addfile(info, data)
+    return image_id, installed
 
 
 def _member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
@@ -420,14 +320,7 @@ def _trust(cache_dir: Path, key: str, image_id: str) -> None:
             record = {}
         ids = [i for i in record.get(key) or [] if i != image_id] + [image_id]
         record[key] = ids[-_TRUSTED_PER_KEY:]
-        fd, tmp = tempfile.mkstemp(prefix=f".{_TRUSTED}.", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(record, out, sort_keys=True, indent=1)
-            Path(tmp).replace(cache_dir / _TRUSTED)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(cache_dir / _TRUSTED, json.dumps(record, sort_keys=True, indent=1))
 
 
 def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | None:

@@ -17,7 +17,8 @@ from conftest import base_cache_dir
 from engine_admin import find_images, remove_image
 from fakes import FakeEngine
 
-from reprobox.base import (
+from reprobox.archive import write_normalized_layer
+from reprobox.bootstrap import (
     ALWAYS_INCLUDED,
     DEFAULT_SOURCE_DATE_EPOCH,
     BaseImage,
@@ -26,7 +27,6 @@ from reprobox.base import (
     bootstrap_base,
     run_command,
     write_base_archive,
-    write_normalized_layer,
 )
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, BuildError, EngineError, ReproboxError
