@@ -19,7 +19,7 @@ from typing import Any
 
 from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.docker_engine import DockerEngine
-from reprobox.lock import read_lock
+from reprobox.lockfile import read_lockfile
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "images" / "demo-cpu.yaml"
@@ -58,7 +58,7 @@ def _mb(n: float) -> str:
 
 
 def _plain_context(folder: Path, spec: Path, base: str) -> Path:
-    lock = read_lock(spec.with_suffix(".lock"))
+    lock = read_lockfile(spec.with_suffix(".lock")).lock
     ctx = folder / "plain"
     (ctx / "wheels").mkdir(parents=True, exist_ok=True)
     for old in (ctx / "wheels").iterdir():

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from reprobox.cache import WheelCache
-from reprobox.lock import Lock, resolve
+from reprobox.lock import resolve
+from reprobox.locked import Lock
 from reprobox.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,31 +8,15 @@ aside for tools, and a comment header says where the file came from.
 
 from __future__ import annotations
 
-import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import tomli_w
 from packaging.pylock import Pylock, PylockValidationError
 
-from reprobox._lockfile import Lock, LockedWheel
+from reprobox.locked import Lock, LockedWheel
 
-__all__ = ["format_pylock", "pylock_path"]
-
-# PEP 751: `pylock.toml`, or `pylock.<name>.toml` where the name holds no dot.
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def pylock_path(lock_path: Path) -> Path:
-    """`pylock.<name>.toml` beside the lock: `demo.lock` -> `pylock.demo.toml`.
-
-    Dots and other characters outside letters, digits, `-` and `_` become `-`
-    (`cuda-12.4.lock` -> `pylock.cuda-12-4.toml`), since PEP 751 names hold no dot.
-    """
-    stem = lock_path.name.removesuffix(".lock") if lock_path.suffix == ".lock" else lock_path.name
-    name = _NAME_CHARS.sub("-", stem).strip("-") or "reprobox"
-    return lock_path.with_name(f"pylock.{name}.toml")
+__all__ = ["format_pylock"]
 
 
 def _environment(lock: Lock) -> str:

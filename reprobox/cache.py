@@ -32,9 +32,9 @@ import requests
 
 from reprobox import __version__
 from reprobox._files import CHUNK, atomic_path, place, sha256_hex
-from reprobox._lockfile import LockedWheel
 from reprobox._text import unsafe_character
 from reprobox.errors import BadInputError, IndexUnreachableError, LockError, MissingError
+from reprobox.locked import LockedWheel
 
 __all__ = [
     "MAX_DOWNLOAD_BYTES",

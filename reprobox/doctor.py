@@ -19,7 +19,8 @@ from reprobox.compat import driver_verdict
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine, EngineInfo
 from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
-from reprobox.lock import Lock, default_lock_path, read_lock
+from reprobox.locked import Lock
+from reprobox.lockfile import default_lock_path, read_lockfile
 from reprobox.spec import Spec, load_spec
 
 __all__ = ["Disk", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
@@ -148,7 +149,7 @@ def _lock_for(spec_path: Path | None) -> tuple[Lock | None, str]:
     if not path.exists():
         return None, f"no lock yet at {path}"
     try:
-        return read_lock(path), str(path)
+        return read_lockfile(path).lock, str(path)
     except ReproboxError as err:
         return None, f"{path} unreadable ({err.message})"
 

@@ -8,9 +8,7 @@ Dockerfile's layers, and reads and writes the lock file.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,15 +17,6 @@ from packaging.utils import canonicalize_name
 
 from reprobox import __version__
 from reprobox._diagnose import explain_no_match
-from reprobox._lockfile import (
-    GROUPS,
-    IndexSettings,
-    Lock,
-    LockedWheel,
-    format_lock,
-    parse_lock,
-    requirements_text,
-)
 from reprobox._pip import (
     PipConfig,
     Resolution,
@@ -39,35 +28,25 @@ from reprobox._pip import (
     resolve_with_pip,
     run_pip,
 )
-from reprobox._pylock import format_pylock, pylock_path
 from reprobox._sizes import wheel_sizes
 from reprobox._target import Target, manylinux_platforms, target_for
 from reprobox.compat import torch_release
 from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
+from reprobox.locked import IndexSettings, Lock, LockedWheel
+from reprobox.lockfile import LockFile, read_lockfile, write_lockfile, write_pylock
 from reprobox.spec import Index, Spec
 
 __all__ = [
-    "GROUPS",
     "PYTORCH_INDEX",
-    "IndexSettings",
     "Lock",
-    "LockedWheel",
     "Runner",
     "Sizer",
     "Target",
-    "default_lock_path",
     "ensure_lock",
-    "format_lock",
     "manylinux_platforms",
-    "parse_lock",
-    "pylock_path",
-    "read_lock",
-    "requirements_text",
     "resolve",
     "run_pip",
     "target_for",
-    "write_lock",
-    "write_pylock",
 ]
 
 #: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
@@ -405,57 +384,6 @@ def _cert(network: Sequence[str]) -> bool | str:
     return args[args.index("--cert") + 1] if "--cert" in args else True
 
 
-def default_lock_path(spec_path: Path) -> Path:
-    """The spec's path with `.lock` in place of `.yaml` / `.yml`."""
-    if spec_path.suffix in {".yaml", ".yml"}:
-        return spec_path.with_suffix(".lock")
-    return spec_path.with_name(spec_path.name + ".lock")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_lock(lock: Lock, path: Path) -> None:
-    """Write the lock file atomically."""
-    _write_atomic(path, format_lock(lock))
-
-
-def write_pylock(lock: Lock, lock_path: Path) -> Path:
-    """Write the lock's `pylock.<name>.toml` beside `lock_path` (when missing or different)."""
-    path = pylock_path(lock_path)
-    text = format_pylock(lock, lock_path.name)
-    try:
-        current = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        current = None
-    if current != text:
-        _write_atomic(path, text)
-    return path
-
-
-def read_lock(path: Path) -> Lock:
-    """Read a lock file written by `write_lock`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LockError(
-            f"{path}: no such lock file", hint="`reprobox lock SPEC` writes it"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LockError(f"{path}: cannot read the lock: {exc}") from exc
-    return parse_lock(text, str(path))
-
-
 def ensure_lock(
     spec: Spec,
     path: Path,
@@ -464,23 +392,22 @@ def ensure_lock(
     runner: Runner = run_pip,
     on_note: Callable[[str], None] | None = None,
     sizes: Sizer | None = None,
-) -> Lock:
+) -> LockFile:
     """The lock at `path` if it was made from this spec; resolve and write it when missing or asked.
 
     A lock made from another version of the spec is never rewritten silently: that is an error
-    unless `relock` is set. The lock's `pylock.toml` (see `pylock_path`) is written beside it
-    whenever it is missing or no longer follows the lock.
+    unless `relock` is set. The lock's `pylock.toml` (see `lockfile.pylock_path`) is written
+    beside it whenever it is missing or no longer follows the lock.
     """
     if path.exists() and not relock:
-        lock = read_lock(path)
-        if lock.spec_sha256 != spec.sha256:
+        locked = read_lockfile(path)
+        if locked.lock.spec_sha256 != spec.sha256:
             raise LockError(
                 f"the spec changed since {path} was written (the lock is for spec sha256 "
-                f"{lock.spec_sha256[:12]}, the spec is now {spec.sha256[:12]}); run with --relock",
+                f"{locked.lock.spec_sha256[:12]}, the spec is now {spec.sha256[:12]}); run with --relock",
                 hint="`--relock` resolves again and rewrites the lock; review its diff before you commit it",
             )
     else:
-        lock = resolve(spec, runner=runner, on_note=on_note, sizes=sizes)
-        write_lock(lock, path)
-    write_pylock(lock, path)
-    return lock
+        locked = write_lockfile(path, resolve(spec, runner=runner, on_note=on_note, sizes=sizes))
+    write_pylock(locked.lock, path)
+    return locked

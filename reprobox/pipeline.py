@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reprobox._files import write_text_atomic
 from reprobox._registry import check_image_ref
 from reprobox.bootstrap import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
@@ -30,14 +31,15 @@ from reprobox.compat import TRITON_BUILD_PACKAGES
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, DigestMismatchError, GpuUnavailableError
-from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
+from reprobox.lock import ensure_lock
+from reprobox.locked import Lock
+from reprobox.lockfile import LockFile, default_lock_path, pylock_path, record_image_id
 from reprobox.normalize import normalize_image, relabel
 from reprobox.progress import Reporter
-from reprobox.record import ReuseIndex, lock_body, record_image_id, recorded_image_id
 from reprobox.render import RenderedContext, check_output_dir, render_context
 from reprobox.spec import Spec, load_spec
 
-__all__ = ["build", "check", "lock", "render"]
+__all__ = ["ReuseIndex", "build", "check", "lock", "render"]
 
 CONTENT_LABEL = "reprobox.content-id"
 TRACE_LABEL = "reprobox.trace."
@@ -46,17 +48,20 @@ TRACE_LABEL = "reprobox.trace."
 @dataclass(frozen=True)
 class _Locked:
     spec: Spec
-    lock: Lock
+    file: LockFile
     path: Path
-    text: str
+
+    @property
+    def lock(self) -> Lock:
+        return self.file.lock
 
 
 def _locked(spec_path: Path, lock_path: Path | None, relock: bool, reporter: Reporter) -> _Locked:
     spec = load_spec(spec_path)
     path = lock_path or default_lock_path(spec_path)
     with reporter.stage(f"lock {path}"):
-        lock = ensure_lock(spec, path, relock=relock, on_note=reporter.note)
-    return _Locked(spec, lock, path, path.read_text(encoding="utf-8"))
+        locked = ensure_lock(spec, path, relock=relock, on_note=reporter.note)
+    return _Locked(spec, locked, path)
 
 
 def _fetch(locked: _Locked, refetch: bool, reporter: Reporter) -> dict[str, Path]:
@@ -161,15 +166,38 @@ def render(
         # Without an engine the bootstrapped base has no ID yet: name it; `build` uses the ID.
         base_ref = f"reprobox/base:{spec.base.suite}"
     with reporter.stage(f"render {out}"):
-        ctx = render_context(
-            spec, locked.lock, lock_body(locked.text), out, base_ref=base_ref, wheels=files
-        )
+        ctx = render_context(spec, locked.file, out, base_ref=base_ref, wheels=files)
     return {
         "context": str(ctx.path),
         "tag": ctx.tag,
         "lock": str(locked.path),
         "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock)",
     }
+
+
+class ReuseIndex:
+    """Raw build ID -> the normalised, checked and labelled image made from it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, built_id: str) -> Path:
+        return self.root / f"{built_id.removeprefix('sha256:')}.json"
+
+    def get(self, built_id: str) -> dict[str, str] | None:
+        """The record for `built_id`; None when absent or unreadable (it is only a cache)."""
+        try:
+            data = json.loads(self._path(built_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            return None
+        return data
+
+    def put(self, built_id: str, record: dict[str, str]) -> None:
+        """Remember what `built_id` became."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self._path(built_id), json.dumps(record, sort_keys=True))
 
 
 def _selfcheck_labels(spec: Spec) -> dict[str, str]:
@@ -205,10 +233,9 @@ def build(
     spec = locked.spec
     files = _fetch(locked, refetch, reporter)
     base_ref = _base_ref(spec, engine, reporter)
-    body = lock_body(locked.text)
     with _context_dir() as ctx_dir:
         ctx: RenderedContext = render_context(
-            spec, locked.lock, body, ctx_dir, base_ref=base_ref, wheels=files
+            spec, locked.file, ctx_dir, base_ref=base_ref, wheels=files
         )
         with reporter.stage("build"):
             built_id = engine.build(
@@ -260,7 +287,7 @@ def build(
     if not outcome.passed:
         report |= {"tags": [], "summary": outcome.summary}
         return report
-    report["reproducible"] = _compare_recorded(locked.path, outcome.content_id)
+    report["reproducible"] = _compare_recorded(locked.file, outcome.content_id)
     for ref in report["tags"]:
         engine.tag(outcome.image_id, ref)
     report["seconds"] = round(time.monotonic() - started, 1)
@@ -424,11 +451,11 @@ def _inference_lines(report: Mapping[str, Any]) -> str:
     return "".join(f"\n{line}" for line in inference.get("summary") or [])
 
 
-def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
+def _compare_recorded(locked: LockFile, content_id: str) -> dict[str, Any]:
     """Did this build give the image ID the lock recorded? Record it where none is."""
-    recorded = recorded_image_id(lock_path.read_text(encoding="utf-8"))
+    recorded, lock_path = locked.image_id, locked.path
     if recorded is None:
-        record_image_id(lock_path, content_id)
+        record_image_id(locked, content_id)
         return {
             "recorded": None,
             "matches": None,

@@ -13,21 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jinja2
 import yaml
 
 from reprobox import __version__
 from reprobox._files import place, rfc3339
-from reprobox._lockfile import GROUPS, requirements_text
 from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
 from reprobox.errors import BadInputError, MissingError, ReproboxError
+from reprobox.locked import GROUPS, Lock, requirements_text
+from reprobox.lockfile import LockFile
 from reprobox.spec import Spec, parse_spec
-
-if TYPE_CHECKING:
-    from reprobox.lock import Lock
 
 __all__ = [
     "RenderedContext",
@@ -301,8 +298,7 @@ def _write_tree(
 
 def render_context(
     spec: Spec,
-    lock: Lock,
-    lock_text: str,
+    locked: LockFile,
     out: Path,
     *,
     base_ref: str,
@@ -316,7 +312,7 @@ def render_context(
     memory first: on any error nothing is written.
     """
     check_output_dir(out)
-    lock_sha256 = hashlib.sha256(lock_text.encode()).hexdigest()
+    lock, lock_sha256 = locked.lock, locked.sha256
     epoch = source_date_epoch(lock)
     tag = default_tag(spec, lock_sha256)
     env = image_env(spec)
@@ -360,7 +356,7 @@ def render_context(
             f"image/{name}": templates.joinpath(f"image/{name}").read_text()
             for name in _IMAGE_FILES
         },
-        "image/reprobox.lock": lock_text,
+        "image/reprobox.lock": locked.body,
         "image/spec.yaml": _spec_text(spec),
     }
     script = spec.script_path

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from reprobox._pip import PipResult
-from reprobox.lock import Lock
 from reprobox.lock import ensure_lock as real_ensure_lock
 from reprobox.lock import resolve as real_resolve
+from reprobox.locked import Lock
+from reprobox.lockfile import LockFile
 from reprobox.spec import Spec
 
 __all__ = ["DATA", "FakeRunner", "ensure_lock", "recorded_sizes", "resolve"]
@@ -35,7 +36,7 @@ def resolve(spec: Spec, **kwargs: Any) -> Lock:
     return real_resolve(spec, **kwargs)
 
 
-def ensure_lock(spec: Spec, path: Path, **kwargs: Any) -> Lock:
+def ensure_lock(spec: Spec, path: Path, **kwargs: Any) -> LockFile:
     """The real `ensure_lock`, with `recorded_sizes` for a replayed pip run."""
     if "runner" in kwargs:
         kwargs.setdefault("sizes", recorded_sizes)

@@ -22,7 +22,7 @@ import pytest
 
 from reprobox.cache import WheelCache, default_cache_dir, fetch, materialize
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
-from reprobox.lock import LockedWheel
+from reprobox.locked import LockedWheel
 
 PIP_26_3 = LockedWheel(
     "pip",
@@ -205,7 +205,7 @@ _FETCHER = """
 import sys, time
 from pathlib import Path
 from reprobox.cache import WheelCache
-from reprobox.lock import LockedWheel
+from reprobox.locked import LockedWheel
 gate = Path(sys.argv[2])
 while not gate.exists():
     time.sleep(0.005)
@@ -420,7 +420,7 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
     """A real SIGINT to a real `reprobox render` while it downloads (or waits on a stalled server)."""
     from test_render import fake_lock
 
-    from reprobox._lockfile import format_lock
+    from reprobox.lockfile import format_lock
     from reprobox.spec import load_spec
 
     url, begun = endless

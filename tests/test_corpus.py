@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import pytest
 
 from reprobox.errors import LockError
-from reprobox.lock import Lock, resolve
+from reprobox.lock import resolve
+from reprobox.locked import Lock
 from reprobox.spec import Spec, parse_spec
 
 _IMAGE = "python:{python}-slim-bookworm@sha256:" + "5" * 64

@@ -14,7 +14,8 @@ from fakes import FakeEngine
 from reprobox.cache import WheelCache
 from reprobox.doctor import Disk, Gpu, Probes, doctor, probe_gpus
 from reprobox.engine import Engine, EngineInfo
-from reprobox.lock import IndexSettings, Lock, LockedWheel, default_lock_path, write_lock
+from reprobox.locked import IndexSettings, Lock, LockedWheel
+from reprobox.lockfile import default_lock_path, write_lockfile
 from reprobox.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ def _locked_spec(tmp_path: Path, sizes: list[int]) -> Path:
         torch_cuda=None,
         torch_cudnn=None,
     )
-    write_lock(lock, default_lock_path(spec_path))
+    write_lockfile(default_lock_path(spec_path), lock)
     return spec_path
 
 

@@ -25,7 +25,6 @@ from engine_admin import remove_image
 from test_render import fake_lock
 
 from reprobox import cli
-from reprobox._lockfile import format_lock
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import (
     EXIT_BAD_INPUT,
@@ -35,6 +34,7 @@ from reprobox.errors import (
     EXIT_OK,
     ReproboxError,
 )
+from reprobox.lockfile import format_lock
 from reprobox.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_render import BASE_ID, _wheel
 
-from reprobox._lockfile import IndexSettings, Lock, format_lock
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
+from reprobox.locked import IndexSettings, Lock
+from reprobox.lockfile import LockFile, format_lock
 from reprobox.render import image_env, render_context
 from reprobox.spec import Spec, parse_spec
 
@@ -222,7 +223,7 @@ def _reference(with_apt: bool) -> list[dict[str, Any]]:
     spec = parse_spec(json.dumps(data))
     with tempfile.TemporaryDirectory() as tmp:
         lock = _lock(spec)
-        render_context(spec, lock, format_lock(lock), Path(tmp) / "ctx", base_ref=BASE_ID)
+        render_context(spec, LockFile.of(lock), Path(tmp) / "ctx", base_ref=BASE_ID)
         return _instructions(Path(tmp) / "ctx")
 
 
@@ -258,7 +259,7 @@ def _library_run(text: str) -> str:
             spec = parse_spec(text, Path("fuzz.yaml"))
             lock = _lock(spec)
             base_ref = spec.base.image or BASE_ID
-            ctx = render_context(spec, lock, format_lock(lock), out, base_ref=base_ref)
+            ctx = render_context(spec, LockFile.of(lock), out, base_ref=base_ref)
         except ReproboxError as err:
             code, message = err.exit_code, err.render()
         else:

@@ -17,7 +17,7 @@ from cli import reprobox
 
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.init_from import spec_from_project
-from reprobox.lock import read_lock
+from reprobox.lockfile import read_lockfile
 from reprobox.spec import Spec, parse_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -352,7 +352,7 @@ def test_network_uv_lock_and_its_pylock_become_the_same_spec_and_it_locks(tmp_pa
     # ... and the spec locks, with the versions uv chose.
     locked = reprobox("lock", spec_path)
     assert locked.code == 0, locked.stderr
-    lock = read_lock(tmp_path / "spec.lock")
+    lock = read_lockfile(tmp_path / "spec.lock").lock
     numpy = next(p for p in spec.packages if p.startswith("numpy=="))
     assert lock.wheel("numpy") is not None
     assert f"numpy=={lock.wheel('numpy').version}" == numpy  # type: ignore[union-attr]

@@ -24,19 +24,15 @@ from replay import FakeRunner, ensure_lock, resolve
 
 from reprobox._pip import PipConfig, read_pip_config, run_pip
 from reprobox._pylock import format_pylock
+from reprobox._target import manylinux_platforms, target_for
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
-from reprobox.lock import (
-    IndexSettings,
-    Lock,
-    LockedWheel,
+from reprobox.locked import IndexSettings, Lock, LockedWheel, requirements_text
+from reprobox.lockfile import (
     default_lock_path,
     format_lock,
-    manylinux_platforms,
     parse_lock,
-    read_lock,
-    requirements_text,
-    target_for,
-    write_lock,
+    read_lockfile,
+    write_lockfile,
 )
 from reprobox.spec import Spec, load_spec, parse_spec
 
@@ -485,10 +481,10 @@ def test_an_assumed_glibc_is_said_so_and_read_back() -> None:
 
 def test_lock_file_round_trips_and_is_deterministic(tmp_path: Path) -> None:
     first, second = tmp_path / "a.lock", tmp_path / "b.lock"
-    write_lock(_cpu_lock(), first)
-    write_lock(_cpu_lock(), second)
+    write_lockfile(first, _cpu_lock())
+    write_lockfile(second, _cpu_lock())
     assert first.read_bytes() == second.read_bytes()
-    assert read_lock(first) == _cpu_lock()
+    assert read_lockfile(first).lock == _cpu_lock()
 
 
 def test_lock_file_records_sizes_where_known_and_reads_locks_without_them() -> None:
@@ -563,8 +559,8 @@ def test_pip_reads_the_lock_file_options_and_hashes(tmp_path: Path) -> None:
     folder.mkdir()
     digest = sha256(_tiny_wheel(folder).read_bytes()).hexdigest()
     good, bad = tmp_path / "good.lock", tmp_path / "bad.lock"
-    write_lock(_probe_lock(folder, digest), good)
-    write_lock(_probe_lock(folder, "f" * 64), bad)
+    write_lockfile(good, _probe_lock(folder, digest))
+    write_lockfile(bad, _probe_lock(folder, "f" * 64))
     accepted = _pip_reads(good)
     assert accepted.returncode == 0, accepted.stderr
     assert "Would install reprobox-probe-1.0" in accepted.stdout
@@ -644,13 +640,13 @@ def test_relock_rewrites_the_lock_for_the_changed_spec(tmp_path: Path) -> None:
     ensure_lock(load_spec(spec_path), path, runner=FakeRunner.recorded("cpu"))
     spec_path.write_text(spec_path.read_text().replace("seed: 0", "seed: 1"))
     spec = load_spec(spec_path)
-    lock = ensure_lock(spec, path, relock=True, runner=FakeRunner.recorded("cpu"))
-    assert lock.spec_sha256 == read_lock(path).spec_sha256 == spec.sha256
+    locked = ensure_lock(spec, path, relock=True, runner=FakeRunner.recorded("cpu"))
+    assert locked.lock.spec_sha256 == read_lockfile(path).lock.spec_sha256 == spec.sha256
 
 
 def test_reading_a_missing_lock_says_how_to_make_it(tmp_path: Path) -> None:
     with pytest.raises(LockError, match="no such lock file"):
-        read_lock(tmp_path / "none.lock")
+        read_lockfile(tmp_path / "none.lock")
 
 
 # --- the real resolver (PyPI and the machine's pip configuration) ----------------------------
@@ -678,12 +674,12 @@ def test_network_cuda_example_pins_cudnn_9_1_0_70_with_its_hash() -> None:
 @pytest.mark.network
 def test_network_cpu_example_locks_the_cpu_torch_byte_identically(tmp_path: Path) -> None:
     first, second = tmp_path / "1.lock", tmp_path / "2.lock"
-    write_lock(resolve(load_spec(CPU_SPEC)), first)
-    write_lock(resolve(load_spec(CPU_SPEC)), second)
+    write_lockfile(first, resolve(load_spec(CPU_SPEC)))
+    write_lockfile(second, resolve(load_spec(CPU_SPEC)))
     assert first.read_bytes() == second.read_bytes()
-    pylocks = [format_pylock(read_lock(path), "demo-cpu.lock") for path in (first, second)]
+    pylocks = [format_pylock(read_lockfile(path).lock, "demo-cpu.lock") for path in (first, second)]
     assert pylocks[0] == pylocks[1]
-    lock = read_lock(first)
+    lock = read_lockfile(first).lock
     torch = lock.wheel("torch")
     assert torch is not None
     assert torch.requirement == "torch==2.13.0+cpu"

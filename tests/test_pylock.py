@@ -20,9 +20,11 @@ from packaging.markers import Environment, default_environment
 from packaging.pylock import Package, Pylock, PylockSelectError, is_valid_pylock_path
 from replay import FakeRunner, ensure_lock, resolve
 
-from reprobox._pylock import format_pylock, pylock_path
-from reprobox.lock import IndexSettings, Lock, LockedWheel, manylinux_platforms, write_pylock
+from reprobox._pylock import format_pylock
+from reprobox._target import manylinux_platforms
 from reprobox.lock import resolve as real_resolve
+from reprobox.locked import IndexSettings, Lock, LockedWheel
+from reprobox.lockfile import pylock_path, write_pylock
 from reprobox.spec import load_spec
 
 CPU_SPEC = Path(__file__).resolve().parent.parent / "images" / "demo-cpu.yaml"
@@ -102,7 +104,7 @@ def test_ensure_lock_writes_the_pylock_beside_the_lock_and_restores_it(tmp_path:
     spec_path = tmp_path / "demo-cpu.yaml"
     spec_path.write_bytes(CPU_SPEC.read_bytes())
     lock_path = tmp_path / "demo-cpu.lock"
-    lock = ensure_lock(load_spec(spec_path), lock_path, runner=FakeRunner.recorded("cpu"))
+    lock = ensure_lock(load_spec(spec_path), lock_path, runner=FakeRunner.recorded("cpu")).lock
     pylock = tmp_path / "pylock.demo-cpu.toml"
     assert pylock.read_text(encoding="utf-8") == format_pylock(lock, "demo-cpu.lock")
     pylock.unlink()

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from engine_admin import remove_image
 
-from reprobox._lockfile import IndexSettings, Lock, LockedWheel, format_lock
 from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
+from reprobox.locked import IndexSettings, Lock, LockedWheel
+from reprobox.lockfile import LockFile, format_lock
 from reprobox.render import (
     _environment,
     _write_tree,
@@ -82,7 +83,7 @@ def fake_lock(spec: Spec) -> Lock:
 
 def _render(spec: Spec, out: Path) -> str:
     lock = fake_lock(spec)
-    render_context(spec, lock, format_lock(lock), out, base_ref=spec.base.image or BASE_ID)
+    render_context(spec, LockFile.of(lock), out, base_ref=spec.base.image or BASE_ID)
     return (out / "Dockerfile").read_text()
 
 
@@ -253,8 +254,8 @@ def test_a_small_pin_change_leaves_the_torch_stage_and_its_dates_alone(tmp_path:
     spec_a = parse_spec(demo)
     spec_b = parse_spec(demo.replace("numpy==2.4.6", "numpy==2.4.5"))
     lock_a, lock_b = fake_lock(spec_a), fake_lock(spec_b)
-    ctx_a = render_context(spec_a, lock_a, format_lock(lock_a), tmp_path / "a", base_ref=BASE_ID)
-    ctx_b = render_context(spec_b, lock_b, format_lock(lock_b), tmp_path / "b", base_ref=BASE_ID)
+    ctx_a = render_context(spec_a, LockFile.of(lock_a), tmp_path / "a", base_ref=BASE_ID)
+    ctx_b = render_context(spec_b, LockFile.of(lock_b), tmp_path / "b", base_ref=BASE_ID)
     assert ctx_a.lock_sha256 != ctx_b.lock_sha256
     # Same instructions and same inputs for the torch stage: the engine's cache holds, and the
     # normalised torch layer (mtimes clamped to the epoch) stays byte for byte the same.
@@ -267,7 +268,7 @@ def test_a_small_pin_change_leaves_the_torch_stage_and_its_dates_alone(tmp_path:
     assert ctx_a.source_date_epoch == ctx_b.source_date_epoch
     # The control: a change inside torch's closure moves the epoch.
     heavier = replace(lock_a, wheels=(*lock_a.wheels, _wheel("sympy", "1.14.0", "torch")))
-    ctx_c = render_context(spec_a, heavier, format_lock(heavier), tmp_path / "c", base_ref=BASE_ID)
+    ctx_c = render_context(spec_a, LockFile.of(heavier), tmp_path / "c", base_ref=BASE_ID)
     assert ctx_c.source_date_epoch != ctx_a.source_date_epoch
 
 
@@ -392,10 +393,10 @@ def test_a_rejected_render_writes_nothing(tmp_path: Path) -> None:
     evil = LockedWheel("evil", "1", "../../evil.whl", "https://x/evil.whl", "0" * 64, "rest")
     bad = replace(lock, wheels=(*lock.wheels, evil))
     with pytest.raises(ReproboxError, match="not a plain wheel name"):
-        render_context(spec, bad, format_lock(bad), tmp_path / "out" / "ctx", base_ref=BASE_ID)
+        render_context(spec, LockFile.of(bad), tmp_path / "out" / "ctx", base_ref=BASE_ID)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ReproboxError, match="refusing to render"):
-        render_context(spec, lock, format_lock(lock), tmp_path / "ctx", base_ref="x\nRUN id")
+        render_context(spec, LockFile.of(lock), tmp_path / "ctx", base_ref="x\nRUN id")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -429,7 +430,7 @@ def test_two_renders_racing_into_one_new_folder_one_wins(tmp_path: Path) -> None
     def one(_: int) -> str:
         barrier.wait()
         try:
-            render_context(spec, lock, format_lock(lock), target, base_ref=BASE_ID)
+            render_context(spec, LockFile.of(lock), target, base_ref=BASE_ID)
         except ReproboxError as err:
             return f"refused {err.exit_code}"
         return "wrote"
@@ -461,7 +462,7 @@ def test_a_lock_entry_that_is_not_plain_is_refused_before_writing(
     evil = replace(_wheel("evil", "1", "rest"), **change)
     bad = replace(lock, wheels=(*lock.wheels, evil))
     with pytest.raises(ReproboxError, match="not a plain") as caught:
-        render_context(spec, bad, format_lock(lock), tmp_path / "ctx", base_ref=BASE_ID)
+        render_context(spec, LockFile(bad, format_lock(lock)), tmp_path / "ctx", base_ref=BASE_ID)
     assert "relock" in caught.value.render()
     assert caught.value.exit_code == EXIT_BAD_INPUT
     assert list(tmp_path.iterdir()) == []

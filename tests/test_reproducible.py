@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from reprobox.docker_engine import DockerEngine
-from reprobox.record import recorded_image_id
+from reprobox.lockfile import read_lockfile
 
 pytestmark = pytest.mark.docker
 
@@ -55,7 +55,7 @@ def test_two_no_cache_builds_give_one_image_id(
     assert first["image_id"] == second["image_id"]
     assert first["selfcheck"]["passed"] is True, "the self-check runs on the normalised image"
     assert second["selfcheck"]["passed"] is True
-    assert recorded_image_id(spec.with_suffix(".lock").read_text()) == first["content_id"]
+    assert read_lockfile(spec.with_suffix(".lock")).image_id == first["content_id"]
     assert first["reproducible"]["matches"] is None
     assert second["reproducible"]["matches"] is True
 

@@ -1,28 +1,39 @@
-"""The lock as values, and as a requirements file that pip and uv read with --require-hashes."""
+"""The lock file, its one owner: its text (a requirements file that pip and uv read with
+--require-hashes), reading and writing it, its pylock.toml sibling, and the image ID a build
+records in it. The lock itself, as values, is `reprobox.locked.Lock`.
+
+The recorded image ID sits on one header line that the lock's hash does not cover (the body is
+the text without it), so recording it changes neither the lock's identity nor the image.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from reprobox._files import write_text_atomic
+from reprobox._pylock import format_pylock
 from reprobox.errors import LockError
+from reprobox.locked import GROUPS, IndexSettings, Lock, LockedWheel
 
 __all__ = [
     "FORMAT",
-    "GROUPS",
-    "IndexSettings",
-    "Lock",
-    "LockedWheel",
+    "LockFile",
+    "default_lock_path",
     "format_lock",
     "parse_lock",
-    "requirements_text",
+    "parse_lockfile",
+    "pylock_path",
+    "read_lockfile",
+    "record_image_id",
+    "write_lockfile",
+    "write_pylock",
 ]
 
 #: The lock format this module writes and reads.
 FORMAT = "1"
-#: Install groups, in install order: the installer, torch and its closure, everything else.
-GROUPS = ("installer", "torch", "rest")
 
 _ENTRY = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]*)==(?P<version>\S+) \\$")
 _HASH = re.compile(r"^\s+--hash=sha256:(?P<hex>[0-9a-f]{64})$")
@@ -31,69 +42,11 @@ _NOTE = re.compile(r"^\s+# (?P<key>group|file|url|size): (?P<value>\S+)$")
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*\.whl$")
 _ASSUMED = " (assumed: the glibc of a base.image is not known)"
 _HEADER = re.compile(r"^# (?P<key>[a-z0-9-]+): (?P<value>.*)$")
-
-
-@dataclass(frozen=True)
-class LockedWheel:
-    """One wheel of the image: what to install, where it came from, and its sha256."""
-
-    name: str
-    version: str
-    filename: str
-    url: str
-    sha256: str
-    group: str
-    #: The file's size in bytes, where the lock recorded it (a download stops there).
-    size: int | None = None
-
-    @property
-    def requirement(self) -> str:
-        """`name==version`, as pip reads it."""
-        return f"{self.name}=={self.version}"
-
-
-@dataclass(frozen=True)
-class IndexSettings:
-    """The indexes and link locations pip searched (credentials removed); no index URLs = --no-index."""
-
-    index_urls: tuple[str, ...]
-    find_links: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Lock:
-    """Every wheel of an image, resolved for its platform, and the facts the resolution used."""
-
-    spec_sha256: str
-    python: str
-    arch: str
-    glibc: str
-    platforms: tuple[str, ...]
-    index: IndexSettings
-    resolver: str
-    installer: str
-    reprobox_version: str
-    wheels: tuple[LockedWheel, ...]
-    torch_cuda: str | None
-    torch_cudnn: str | None
-    #: True where the base's glibc is not known (a `base.image`) and `glibc` is an assumption.
-    glibc_assumed: bool = False
-
-    def group(self, name: str) -> tuple[LockedWheel, ...]:
-        """The wheels of one install group ('installer', 'torch' or 'rest')."""
-        return tuple(w for w in self.wheels if w.group == name)
-
-    def wheel(self, name: str) -> LockedWheel | None:
-        """The locked wheel of a project (canonical name), if any."""
-        return next((w for w in self.wheels if w.name == name), None)
-
-
-def requirements_text(wheels: Iterable[LockedWheel]) -> str:
-    """A `--require-hashes` requirements file for some wheels (e.g. one group), sorted."""
-    return "".join(
-        f"{w.requirement} \\\n    --hash=sha256:{w.sha256}\n"
-        for w in sorted(wheels, key=lambda w: w.name)
-    )
+_IMAGE_LINE = re.compile(r"^# image-id: (?P<id>sha256:[0-9a-f]{64})\n", re.MULTILINE)
+# The recorded image ID goes right after this header line.
+_AFTER = re.compile(r"^# reprobox: .*\n", re.MULTILINE)
+# PEP 751: `pylock.toml`, or `pylock.<name>.toml` where the name holds no dot.
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def _options(index: IndexSettings) -> list[str]:
@@ -236,3 +189,100 @@ def parse_lock(text: str, where: str = "<lock>") -> Lock:
         torch_cudnn=optional("torch-cudnn"),
         glibc_assumed=one("glibc").endswith(_ASSUMED),
     )
+
+
+# --- the file on disk --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockFile:
+    """A lock file as read (or written): the parsed lock, its body, and the recorded image ID.
+
+    `body` is the file's text without its image-id line: what the image carries and what
+    `sha256` (the image's `reprobox.lock-sha256` label) is taken over.
+    """
+
+    lock: Lock
+    body: str
+    image_id: str | None = None
+    path: Path | None = None
+
+    @classmethod
+    def of(cls, lock: Lock) -> LockFile:
+        """The lock file `lock` would be, not on disk (a render or a test of it)."""
+        return cls(lock, format_lock(lock))
+
+    @property
+    def sha256(self) -> str:
+        """The lock's identity: the sha256 of its body."""
+        return hashlib.sha256(self.body.encode()).hexdigest()
+
+
+def default_lock_path(spec_path: Path) -> Path:
+    """The spec's path with `.lock` in place of `.yaml` / `.yml`."""
+    if spec_path.suffix in {".yaml", ".yml"}:
+        return spec_path.with_suffix(".lock")
+    return spec_path.with_name(spec_path.name + ".lock")
+
+
+def parse_lockfile(text: str, path: Path | None = None) -> LockFile:
+    """A lock file's whole text (its image-id line too) as a LockFile."""
+    match = _IMAGE_LINE.search(text)
+    body = _IMAGE_LINE.sub("", text)
+    where = str(path) if path is not None else "<lock>"
+    return LockFile(parse_lock(body, where), body, None if match is None else match["id"], path)
+
+
+def read_lockfile(path: Path) -> LockFile:
+    """Read and parse the lock file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LockError(
+            f"{path}: no such lock file", hint="`reprobox lock SPEC` writes it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LockError(f"{path}: cannot read the lock: {exc}") from exc
+    return parse_lockfile(text, path)
+
+
+def write_lockfile(path: Path, lock: Lock) -> LockFile:
+    """Write `lock` to `path` atomically (no image ID recorded yet)."""
+    written = replace(LockFile.of(lock), path=path)
+    write_text_atomic(path, written.body)
+    return written
+
+
+def record_image_id(lockfile: LockFile, image_id: str) -> LockFile:
+    """Write `image_id` into the lock's header, where it records none yet; the lock as it is now."""
+    if lockfile.image_id is not None or lockfile.path is None:
+        return lockfile
+    body = lockfile.body
+    anchor = _AFTER.search(body)
+    position = anchor.end() if anchor else 0
+    write_text_atomic(lockfile.path, f"{body[:position]}# image-id: {image_id}\n{body[position:]}")
+    return replace(lockfile, image_id=image_id)
+
+
+def pylock_path(lock_path: Path) -> Path:
+    """`pylock.<name>.toml` beside the lock: `demo.lock` -> `pylock.demo.toml`.
+
+    Dots and other characters outside letters, digits, `-` and `_` become `-`
+    (`cuda-12.4.lock` -> `pylock.cuda-12-4.toml`), since PEP 751 names hold no dot.
+    """
+    stem = lock_path.name.removesuffix(".lock") if lock_path.suffix == ".lock" else lock_path.name
+    name = _NAME_CHARS.sub("-", stem).strip("-") or "reprobox"
+    return lock_path.with_name(f"pylock.{name}.toml")
+
+
+def write_pylock(lock: Lock, lock_path: Path) -> Path:
+    """Write the lock's `pylock.<name>.toml` beside `lock_path` (when missing or different)."""
+    path = pylock_path(lock_path)
+    text = format_pylock(lock, lock_path.name)
+    try:
+        current = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        write_text_atomic(path, text)
+    return path
