@@ -28,6 +28,7 @@ from reprobox._files import rfc3339, write_text_atomic
 from reprobox.archive import add_image, add_layer, write_normalized_layer
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError, BuildError, EngineError
+from reprobox.labels import BASE_PREFIX, OCI_CREATED
 
 __all__ = [
     "ALWAYS_INCLUDED",
@@ -50,7 +51,6 @@ DEFAULT_SOURCE_DATE_EPOCH = 1686355200
 #: What every reprobox image needs from its base: python3 and the venv module.
 ALWAYS_INCLUDED = ("python3", "python3-venv")
 
-_LABEL = "reprobox.base."
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV = [f"PATH={_PATH}", "LANG=C.UTF-8"]
 _CMD = ["/bin/bash"]
@@ -173,11 +173,11 @@ def bootstrap_base(
         raise EngineError(f"the engine runs on {arch!r}: reprobox cannot bootstrap Debian for it")
     command = ["mmdebstrap", *_options(arch, wanted), suite]
     labels = {
-        f"{_LABEL}format": str(BASE_FORMAT),
-        f"{_LABEL}key": key,
-        f"{_LABEL}mirror": mirror,
-        f"{_LABEL}packages": ",".join(wanted),
-        f"{_LABEL}suite": suite,
+        f"{BASE_PREFIX}format": str(BASE_FORMAT),
+        f"{BASE_PREFIX}key": key,
+        f"{BASE_PREFIX}mirror": mirror,
+        f"{BASE_PREFIX}packages": ",".join(wanted),
+        f"{BASE_PREFIX}suite": suite,
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="base-", dir=cache_dir) as work:
@@ -255,8 +255,8 @@ def write_base_archive(
             "Env": _ENV,
             "Labels": {
                 **labels,
-                f"{_LABEL}installed": ",".join(installed),
-                "org.opencontainers.image.created": created,
+                f"{BASE_PREFIX}installed": ",".join(installed),
+                OCI_CREATED: created,
             },
         },
         "created": created,
@@ -334,15 +334,15 @@ def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | No
             continue
         info = engine.inspect_image(image_id)
         labels = info.labels
-        if info.id == image_id and _is_base(info) and labels.get(f"{_LABEL}key") == key:
+        if info.id == image_id and _is_base(info) and labels.get(f"{BASE_PREFIX}key") == key:
             engine.tag(image_id, ref)  # the tag keeps `docker image prune` off it
             return BaseImage(
                 image_id=image_id,
                 ref=ref,
-                suite=labels[f"{_LABEL}suite"],
-                packages=tuple(p for p in labels[f"{_LABEL}packages"].split(",") if p),
+                suite=labels[f"{BASE_PREFIX}suite"],
+                packages=tuple(p for p in labels[f"{BASE_PREFIX}packages"].split(",") if p),
                 key=key,
-                installed=tuple(labels[f"{_LABEL}installed"].split(",")),
+                installed=tuple(labels[f"{BASE_PREFIX}installed"].split(",")),
                 reused=True,
             )
     return None
@@ -356,12 +356,14 @@ def _is_base(info: ImageInfo) -> bool:
     parent can, since the builder stamps the clock and records the parent on what it makes.
     """
     labels = info.labels
-    ours = {f"{_LABEL}{n}" for n in ("format", "installed", "key", "mirror", "packages", "suite")}
+    ours = {
+        f"{BASE_PREFIX}{n}" for n in ("format", "installed", "key", "mirror", "packages", "suite")
+    }
     return (
         not info.parent
-        and info.created == labels.get("org.opencontainers.image.created")
+        and info.created == labels.get(OCI_CREATED)
         and len(info.diff_ids) == 1
-        and set(labels) == {*ours, "org.opencontainers.image.created"}
+        and set(labels) == {*ours, OCI_CREATED}
         and info.env == tuple(_ENV)
         and info.cmd == tuple(_CMD)
     )

@@ -3,41 +3,28 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from reprobox._text import unsafe_character
+from reprobox.compare import Verdict
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, CheckError, GpuUnavailableError
+from reprobox.labels import SELFCHECK_ARGV, recorded_fingerprints
 from reprobox.spec import Spec
 
 __all__ = [
-    "CUDA_LABEL",
-    "FINGERPRINT_LABEL",
-    "SELFCHECK_LABEL",
     "SelfCheckResult",
-    "Verdict",
     "compare_with_recorded",
     "device_argv",
-    "fingerprint_label",
     "gpu_probe_argv",
-    "image_uses_cuda",
     "parse_selfcheck_label",
-    "recorded_fingerprints",
     "run_selfcheck",
     "selfcheck_argv",
 ]
 
-FINGERPRINT_LABEL = "reprobox.fingerprint."
-SELFCHECK_LABEL = "reprobox.selfcheck.argv"
-#: "cpu" or the CUDA version the image's torch was built for; set at render time.
-CUDA_LABEL = "reprobox.cuda"
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
-_DEVICE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-_CUDA_VALUE = re.compile(r"cpu|[0-9]{1,2}\.[0-9]{1,2}")
 _EXIT_DEVICE_MISSING = 3  # the self-check's own exit status for --device cuda without a GPU
 _GPU_HINT = (
     "run it on a host with an NVIDIA GPU, its driver and the NVIDIA Container Toolkit "
@@ -54,15 +41,6 @@ class SelfCheckResult:
     device_class: str
     first_difference: Mapping[str, Any] | None
     report: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The self-check compared with the fingerprint the image recorded for this device class."""
-
-    matches: bool | None  # None: nothing recorded for this device class yet
-    recorded: str | None
-    message: str
 
 
 def selfcheck_argv(spec: Spec) -> list[str]:
@@ -92,18 +70,6 @@ def _inference_argv(spec: Spec) -> list[str]:
     if selfcheck.inference_moe:
         flags.append("--inference-moe")
     return flags
-
-
-def image_uses_cuda(labels: Mapping[str, str], image: str) -> bool:
-    """Whether `image` is a CUDA image, by its own `reprobox.cuda` label (validated)."""
-    value = labels.get(CUDA_LABEL)
-    if value is None or not _CUDA_VALUE.fullmatch(value):
-        shown = "missing" if value is None else repr(value[:40])
-        raise BadInputError(
-            f"{image}: its {CUDA_LABEL} label is {shown}, not 'cpu' or a CUDA version such as '12.4'",
-            hint="rebuild it with this reprobox (`reprobox build SPEC`)",
-        )
-    return value != "cpu"
 
 
 def device_argv(argv: list[str], *, cuda: bool) -> list[str]:
@@ -146,31 +112,11 @@ def parse_selfcheck_label(image: str, raw: str) -> list[str]:
     )
     if not well_formed:
         raise BadInputError(
-            f"{image}: its {SELFCHECK_LABEL} label is not the self-check command reprobox records "
+            f"{image}: its {SELFCHECK_ARGV} label is not the self-check command reprobox records "
             f"(a JSON list of strings starting with python {_PROGRAM}): {raw[:120]!r}",
             hint="the image was changed after reprobox built it; build it again, or ask its author",
         )
     return list(argv)
-
-
-def fingerprint_label(device_class: str) -> str:
-    """The label key under which an image records its fingerprint for one device class."""
-    if not _DEVICE_CLASS.fullmatch(device_class):
-        raise CheckError(f"the self-check reported an unusable device class {device_class!r}")
-    return FINGERPRINT_LABEL + device_class
-
-
-def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
-    """Device class -> fingerprint, from an image's labels; malformed ones (an image is someone
-    else's input: a label may hold anything, terminal escapes included) are left out."""
-    return {
-        k.removeprefix(FINGERPRINT_LABEL): v
-        for k, v in labels.items()
-        if k.startswith(FINGERPRINT_LABEL)
-        and _DEVICE_CLASS.fullmatch(k.removeprefix(FINGERPRINT_LABEL))
-        and isinstance(v, str)
-        and _FINGERPRINT.fullmatch(v)
-    }
 
 
 def run_selfcheck(
@@ -226,22 +172,6 @@ def run_selfcheck(
 
 
 def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) -> Verdict:
-    """Does this run reproduce what the image recorded for the same device class?"""
+    """Does this run reproduce the fingerprint the image recorded for the same device class?"""
     recorded = recorded_fingerprints(labels).get(result.device_class)
-    if recorded is None:
-        known = ", ".join(sorted(recorded_fingerprints(labels))) or "none"
-        return Verdict(
-            None,
-            None,
-            f"the image holds no fingerprint for device class {result.device_class} yet "
-            f"(it has: {known}); this run's fingerprint is {result.fingerprint}",
-        )
-    if recorded == result.fingerprint:
-        return Verdict(
-            True, recorded, f"fingerprint {recorded} reproduced on {result.device_class}"
-        )
-    return Verdict(
-        False,
-        recorded,
-        f"fingerprint {result.fingerprint} differs from the {recorded} recorded for {result.device_class}",
-    )
+    return Verdict(here=result.fingerprint, recorded=recorded)

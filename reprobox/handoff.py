@@ -41,10 +41,10 @@ from reprobox.archive import (
     read_image,
     read_member,
 )
-from reprobox.check import SELFCHECK_LABEL, recorded_fingerprints
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import ArchiveError, BadInputError, MissingError
+from reprobox.labels import LOCK_SHA256, SELFCHECK_ARGV, SPEC_SHA256, recorded_fingerprints
 from reprobox.progress import Reporter
 
 __all__ = ["SIDE_MEMBERS", "ArchiveContents", "export_image", "import_image", "verify_archive"]
@@ -54,8 +54,6 @@ SIDE_MEMBERS = {
     "reprobox/spec.yaml": "opt/reprobox/spec.yaml",
     "reprobox/reprobox.lock": "opt/reprobox/reprobox.lock",
 }
-_LOCK_LABEL = "reprobox.lock-sha256"
-_SPEC_LABEL = "reprobox.spec-sha256"
 _SIDE_LIMITS = {"reprobox/spec.yaml": MAX_SPEC_BYTES, "reprobox/reprobox.lock": 16 << 20}
 # A tag as the engine writes it in RepoTags: name[:port]/path:tag, nothing else.
 _REPO_TAG = re.compile(
@@ -156,9 +154,9 @@ def _refs_to_save(info: ImageInfo, image: str) -> list[str]:
 
 def _lock_matches(side: Mapping[str, bytes], labels: Mapping[str, str]) -> bool | None:
     lock = side.get("reprobox/reprobox.lock")
-    if lock is None or _LOCK_LABEL not in labels:
+    if lock is None or LOCK_SHA256 not in labels:
         return None
-    return hashlib.sha256(lock).hexdigest() == labels[_LOCK_LABEL]
+    return hashlib.sha256(lock).hexdigest() == labels[LOCK_SHA256]
 
 
 def _not_an_export(contents: ArchiveContents) -> str | None:
@@ -166,8 +164,8 @@ def _not_an_export(contents: ArchiveContents) -> str | None:
     if len(contents.image_ids) != 1:
         return f"it holds {len(contents.image_ids)} images; an export holds one"
     for member, label in (
-        ("reprobox/spec.yaml", _SPEC_LABEL),
-        ("reprobox/reprobox.lock", _LOCK_LABEL),
+        ("reprobox/spec.yaml", SPEC_SHA256),
+        ("reprobox/reprobox.lock", LOCK_SHA256),
     ):
         data = contents.side.get(member)
         if data is None:
@@ -231,9 +229,9 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
     engine = engine or DockerEngine()
     info = engine.inspect_image(image)
     labels = info.labels
-    if SELFCHECK_LABEL not in labels:
+    if SELFCHECK_ARGV not in labels:
         raise BadInputError(
-            f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)",
+            f"{image} is not a reprobox image (it has no {SELFCHECK_ARGV} label)",
             hint="export images that `reprobox build` made; `docker save` writes any other image",
         )
     refs = _refs_to_save(info, image)
@@ -247,7 +245,7 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
             side = _side_members(partial)
             if _lock_matches(side, labels) is False:
                 raise BadInputError(
-                    f"the lock inside {image} does not match its {_LOCK_LABEL} label"
+                    f"the lock inside {image} does not match its {LOCK_SHA256} label"
                 )
             _append(partial, side)
     except IsADirectoryError:
@@ -287,7 +285,7 @@ def import_image(
     with reporter.stage(f"verify {archive} (every layer against its digest)"):
         contents = verify_archive(archive)
     if _lock_matches(contents.side, contents.labels) is False:
-        raise _corrupt(archive, f"its reprobox.lock does not match the image's {_LOCK_LABEL}")
+        raise _corrupt(archive, f"its reprobox.lock does not match the image's {LOCK_SHA256}")
     why = _not_an_export(contents)
     if why is not None and not allow_foreign:
         raise BadInputError(

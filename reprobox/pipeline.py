@@ -16,21 +16,28 @@ from reprobox._registry import check_image_ref
 from reprobox.bootstrap import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
-    SELFCHECK_LABEL,
+    SelfCheckResult,
     compare_with_recorded,
     device_argv,
-    fingerprint_label,
     gpu_probe_argv,
-    image_uses_cuda,
     parse_selfcheck_label,
-    recorded_fingerprints,
     run_selfcheck,
     selfcheck_argv,
 )
+from reprobox.compare import Verdict, first_trace_difference
 from reprobox.compat import TRITON_BUILD_PACKAGES
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, DigestMismatchError, GpuUnavailableError
+from reprobox.labels import (
+    CONTENT_ID,
+    SELFCHECK_ARGV,
+    fingerprint_label,
+    image_uses_cuda,
+    recorded_fingerprints,
+    recorded_trace,
+    trace_label,
+)
 from reprobox.lock import ensure_lock
 from reprobox.locked import Lock
 from reprobox.lockfile import LockFile, default_lock_path, pylock_path, record_image_id
@@ -40,9 +47,6 @@ from reprobox.render import RenderedContext, check_output_dir, render_context
 from reprobox.spec import Spec, load_spec
 
 __all__ = ["ReuseIndex", "build", "check", "lock", "render"]
-
-CONTENT_LABEL = "reprobox.content-id"
-TRACE_LABEL = "reprobox.trace."
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class ReuseIndex:
 
 
 def _selfcheck_labels(spec: Spec) -> dict[str, str]:
-    return {SELFCHECK_LABEL: json.dumps(selfcheck_argv(spec))}
+    return {SELFCHECK_ARGV: json.dumps(selfcheck_argv(spec))}
 
 
 def _reusable(engine: Engine, index: ReuseIndex, built_id: str) -> dict[str, str] | None:
@@ -347,7 +351,7 @@ def _prove(
             base_image=base_ref,
         )
     content_id = normalized.image_id
-    labels = {CONTENT_LABEL: content_id}
+    labels = {CONTENT_ID: content_id}
     cuda = image_uses_cuda(engine.inspect_image(content_id).labels, content_id)
     if not check:
         image_id = relabel(engine, normalized, labels, workdir=workdir)
@@ -386,7 +390,7 @@ def _prove(
     trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
     labels |= {
         fingerprint_label(result.device_class): result.fingerprint,
-        TRACE_LABEL + result.device_class: trace,
+        trace_label(result.device_class): trace,
     }
     image_id = relabel(engine, normalized, labels, workdir=workdir)
     return _Outcome(
@@ -453,28 +457,43 @@ def _inference_lines(report: Mapping[str, Any]) -> str:
 
 def _compare_recorded(locked: LockFile, content_id: str) -> dict[str, Any]:
     """Did this build give the image ID the lock recorded? Record it where none is."""
-    recorded, lock_path = locked.image_id, locked.path
-    if recorded is None:
+    verdict = Verdict(here=content_id, recorded=locked.image_id)
+    if verdict.recorded is None:
         record_image_id(locked, content_id)
-        return {
-            "recorded": None,
-            "matches": None,
-            "message": f"image ID {content_id} recorded in {lock_path}",
-        }
-    if recorded == content_id:
-        return {
-            "recorded": recorded,
-            "matches": True,
-            "message": f"image ID {content_id} matches the one {lock_path} records",
-        }
     return {
-        "recorded": recorded,
-        "matches": False,
-        "message": (
-            f"image ID {content_id} differs from the {recorded} that {lock_path} records; "
-            f"`reprobox diff {recorded} {content_id}` shows why (if both are in this engine)"
-        ),
+        "recorded": verdict.recorded,
+        "matches": verdict.matches,
+        "message": _image_id_message(verdict, locked.path),
     }
+
+
+def _image_id_message(verdict: Verdict, lock_path: Path | None) -> str:
+    content_id, recorded = verdict.here, verdict.recorded
+    if verdict.matches is None:
+        return f"image ID {content_id} recorded in {lock_path}"
+    if verdict.matches:
+        return f"image ID {content_id} matches the one {lock_path} records"
+    return (
+        f"image ID {content_id} differs from the {recorded} that {lock_path} records; "
+        f"`reprobox diff {recorded} {content_id}` shows why (if both are in this engine)"
+    )
+
+
+def _fingerprint_message(
+    result: SelfCheckResult, verdict: Verdict, labels: Mapping[str, str]
+) -> str:
+    if verdict.matches is None:
+        known = ", ".join(sorted(recorded_fingerprints(labels))) or "none"
+        return (
+            f"the image holds no fingerprint for device class {result.device_class} yet "
+            f"(it has: {known}); this run's fingerprint is {result.fingerprint}"
+        )
+    if verdict.matches:
+        return f"fingerprint {verdict.recorded} reproduced on {result.device_class}"
+    return (
+        f"fingerprint {result.fingerprint} differs from the {verdict.recorded} recorded for "
+        f"{result.device_class}"
+    )
 
 
 def check(image: str) -> dict[str, Any]:
@@ -487,24 +506,26 @@ def check(image: str) -> dict[str, Any]:
             f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
         )
     labels = engine.inspect_image(image).labels
-    raw_argv = labels.get(SELFCHECK_LABEL)
+    raw_argv = labels.get(SELFCHECK_ARGV)
     if raw_argv is None:
-        raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
+        raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_ARGV} label)")
+    recorded_argv = parse_selfcheck_label(image, raw_argv)
     cuda = image_uses_cuda(labels, image)
-    argv = device_argv(parse_selfcheck_label(image, raw_argv), cuda=cuda)
+    argv = device_argv(recorded_argv, cuda=cuda)
     with reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
         result = run_selfcheck(engine, image, argv, gpus=cuda)
     verdict = compare_with_recorded(result, labels)
     passed = result.passed and verdict.matches is not False
     difference = result.first_difference
     if verdict.matches is False:
-        recorded_trace = labels.get(TRACE_LABEL + result.device_class)
-        difference = _first_step_difference(recorded_trace, result.report)
+        recorded = recorded_trace(labels, result.device_class)
+        runs = result.report.get("runs") or [{}]
+        difference = None if recorded is None else first_trace_difference(recorded, runs[0])
     lines = [
         "self-check passed: the two runs here match bit for bit"
         if result.passed
         else f"self-check FAILED: {_why_failed(result.report)}",
-        verdict.message,
+        _fingerprint_message(result, verdict, labels),
     ]
     if verdict.matches is False and difference is not None:
         lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
@@ -519,27 +540,3 @@ def check(image: str) -> dict[str, Any]:
         "selfcheck": result.report,
         "summary": "\n".join(lines) + _inference_lines(result.report),
     }
-
-
-def _first_step_difference(
-    recorded_trace: str | None, report: dict[str, Any] | Any
-) -> dict[str, Any] | None:
-    if recorded_trace is None:
-        return None
-    try:
-        recorded = json.loads(recorded_trace)
-    except (ValueError, RecursionError):
-        return None  # a damaged trace label: the fingerprints still tell the verdict
-    if not isinstance(recorded, dict) or not isinstance(report, dict):
-        return None
-    runs = report.get("runs") or [{}]
-    now = runs[0]
-    recorded_losses = recorded.get("losses")
-    recorded_losses = recorded_losses if isinstance(recorded_losses, list) else []
-    for step, (a, b) in enumerate(zip(recorded_losses, now.get("losses", []), strict=False)):
-        if a != b:
-            return {"step": step, "recorded": a, "here": b}
-    for key, what in (("state_sha256", "final state"), ("inference_sha256", "inference")):
-        if recorded.get(key) != now.get(key):
-            return {"step": what, "recorded": recorded.get(key), "here": now.get(key)}
-    return None

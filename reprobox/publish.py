@@ -23,7 +23,6 @@ from reprobox._registry import (
     parse_target,
     registry_auth,
 )
-from reprobox.check import image_uses_cuda, recorded_fingerprints
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import Engine, EngineInfo
 from reprobox.errors import (
@@ -35,6 +34,7 @@ from reprobox.errors import (
     PushInterruptedError,
     RegistryAuthError,
 )
+from reprobox.labels import CUDA, image_uses_cuda, recorded_fingerprints
 from reprobox.progress import Reporter
 
 __all__ = [
@@ -271,11 +271,7 @@ def publish(
 
 
 def _kind(labels: Mapping[str, str]) -> str:
-    return (
-        "a CUDA image (cuda-*)"
-        if labels.get("reprobox.cuda", "cpu") != "cpu"
-        else "a CPU image (cpu-*)"
-    )
+    return "a CUDA image (cuda-*)" if labels.get(CUDA, "cpu") != "cpu" else "a CPU image (cpu-*)"
 
 
 def _proof(labels: Mapping[str, str], image_id: str) -> dict[str, str]:

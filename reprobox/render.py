@@ -18,6 +18,7 @@ import jinja2
 import yaml
 
 from reprobox import __version__
+from reprobox import labels as label
 from reprobox._files import place, rfc3339
 from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
@@ -166,20 +167,20 @@ def _labels(
 ) -> tuple[tuple[str, str], ...]:
     created = rfc3339(epoch)
     labels = {
-        "org.opencontainers.image.title": spec.name,
-        "org.opencontainers.image.version": tag.split(":", 1)[1],
-        "org.opencontainers.image.created": created,
-        "org.opencontainers.image.description": f"reprobox image: torch {spec.torch.version} ({spec.torch.cuda})",
-        "reprobox.version": __version__,
-        "reprobox.spec-sha256": spec.sha256,
-        "reprobox.lock-sha256": lock_sha256,
-        "reprobox.base": base_ref,
-        "reprobox.torch": spec.torch.version,
-        "reprobox.cuda": spec.torch.cuda,
-        "reprobox.seed": str(spec.determinism.seed),
+        label.OCI_TITLE: spec.name,
+        label.OCI_VERSION: tag.split(":", 1)[1],
+        label.OCI_CREATED: created,
+        label.OCI_DESCRIPTION: f"reprobox image: torch {spec.torch.version} ({spec.torch.cuda})",
+        label.VERSION: __version__,
+        label.SPEC_SHA256: spec.sha256,
+        label.LOCK_SHA256: lock_sha256,
+        label.BASE: base_ref,
+        label.TORCH: spec.torch.version,
+        label.CUDA: spec.torch.cuda,
+        label.SEED: str(spec.determinism.seed),
     }
     if spec.source_url is not None:
-        labels["org.opencontainers.image.source"] = spec.source_url
+        labels[label.OCI_SOURCE] = spec.source_url
     return tuple(sorted(labels.items()))
 
 

@@ -141,7 +141,10 @@ def test_check_names_the_first_step_that_differs_from_the_record(
         assert result.code == 1, result.stderr
         report = result.json()
         assert report["matches_recorded"] is False
-        assert report["first_difference"]["step"] == 3
+        # The self-check's numbering: step 4 is the fourth loss (the one changed above).
+        assert report["first_difference"]["step"] == 4
+        assert report["first_difference"]["what"] == "loss"
+        assert report["first_difference"]["a"] == float.hex(1.0)
         text = reprobox("check", tampered)
         assert "differs from the 0000" in text.stdout
         assert "first difference from the recorded run" in text.stdout

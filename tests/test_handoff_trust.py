@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from fakes import FakeEngine
 
-from reprobox.check import recorded_fingerprints
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.handoff import export_image, import_image, verify_archive
+from reprobox.labels import recorded_fingerprints
 
 SPEC = b"version: 1\nname: demo\n"
 LOCK = b"# reprobox-lock: 1\n"

@@ -331,17 +331,18 @@ def test_a_failure_says_why_even_when_the_runs_agree() -> None:
 
 
 def test_check_names_inference_when_only_its_evidence_differs_from_the_record() -> None:
-    from reprobox import pipeline
+    from reprobox.compare import first_trace_difference
 
     recorded = {"losses": ["0x1p+0"], "state_sha256": "s", "inference_sha256": "old"}
-    here = {"runs": [{"losses": ["0x1p+0"], "state_sha256": "s", "inference_sha256": "new"}]}
-    assert pipeline._first_step_difference(json.dumps(recorded), here) == {
-        "step": "inference",
-        "recorded": "old",
-        "here": "new",
+    here = {"losses": ["0x1p+0"], "state_sha256": "s", "inference_sha256": "new"}
+    assert first_trace_difference(recorded, here) == {
+        "step": None,
+        "what": "inference",
+        "a": "old",
+        "b": "new",
     }
-    here["runs"][0]["inference_sha256"] = "old"
-    assert pipeline._first_step_difference(json.dumps(recorded), here) is None
+    here["inference_sha256"] = "old"
+    assert first_trace_difference(recorded, here) is None
 
 
 def test_a_run_to_run_difference_in_inference_becomes_the_first_difference() -> None:
