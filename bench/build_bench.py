@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.cache import WheelCache
+from reprobox.context import default_cache_dir
 from reprobox.docker_engine import DockerEngine
 from reprobox.lockfile import read_lockfile
 

@@ -4,7 +4,7 @@
 one layer normalised (sorted entries, clamped mtimes, numeric owners, no host files), a config with
 fixed times, then `docker load`. The image ID is then a function of the suite, the package versions
 and the architecture alone, and a base already in the engine is reused: only one this host made,
-recorded by image ID (in `trusted-bases.json` beside the scratch space) when it was loaded. Labels
+recorded by image ID (in `<cache>/bases/trusted-bases.json`) when it was loaded. Labels
 alone prove nothing: anyone can `docker load` an image that carries them.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from reprobox._files import rfc3339, write_text_atomic
 from reprobox.archive import add_image, add_layer, write_normalized_layer
+from reprobox.context import Context
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError, BuildError, EngineError
 from reprobox.labels import BASE_PREFIX, OCI_CREATED
@@ -145,33 +146,30 @@ def run_command(argv: Sequence[str], env: Mapping[str, str], on_line: Callable[[
 
 
 def bootstrap_base(
+    ctx: Context,
     suite: str,
     packages: Sequence[str],
-    engine: Engine,
     *,
-    cache_dir: Path,
-    on_line: Callable[[str], None],
     mirror: str = DEFAULT_MIRROR,
     source_date_epoch: int = DEFAULT_SOURCE_DATE_EPOCH,
     runner: Runner = run_command,
 ) -> BaseImage:
     """The base for `suite` (e.g. "bookworm") plus `packages`, reused when the engine has it.
 
-    `cache_dir` is scratch space for the root filesystem and the archive (about twice the base's
-    size while it runs, emptied afterwards); it also keeps the record of the bases made here,
-    the only ones reused.
+    The cache's `bases` folder is scratch space for the root filesystem and the archive (about
+    twice the base's size while it runs, emptied afterwards); it also keeps the record of the
+    bases made here, the only ones reused.
     """
     _validate(suite, packages)
     wanted = tuple(sorted(set(packages)))
-    arch = engine.ping().arch
+    arch = ctx.engine_info().arch
     key = base_key(suite, wanted, arch, mirror=mirror, source_date_epoch=source_date_epoch)
     ref = f"reprobox/base:{suite}-{key[:12]}"
-    found = _find(engine, key, ref, cache_dir)
+    found = _find(ctx.engine, key, ref, ctx.cache.bases)
     if found is not None:
         return found
     if arch not in _DPKG_ARCH:
         raise EngineError(f"the engine runs on {arch!r}: reprobox cannot bootstrap Debian for it")
-    command = ["mmdebstrap", *_options(arch, wanted), suite]
     labels = {
         f"{BASE_PREFIX}format": str(BASE_FORMAT),
         f"{BASE_PREFIX}key": key,
@@ -179,8 +177,34 @@ def bootstrap_base(
         f"{BASE_PREFIX}packages": ",".join(wanted),
         f"{BASE_PREFIX}suite": suite,
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="base-", dir=cache_dir) as work:
+    command = ["mmdebstrap", *_options(arch, wanted), suite]
+    image_id, installed = _make(
+        ctx,
+        command,
+        mirror=mirror,
+        labels=labels,
+        ref=ref,
+        source_date_epoch=source_date_epoch,
+        runner=runner,
+    )
+    _trust(ctx.cache.bases, key, image_id)
+    return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
+
+
+def _make(
+    ctx: Context,
+    command: list[str],
+    *,
+    mirror: str,
+    labels: Mapping[str, str],
+    ref: str,
+    source_date_epoch: int,
+    runner: Runner,
+) -> tuple[str, tuple[str, ...]]:
+    """Run mmdebstrap, write its root filesystem as an image archive, and load it."""
+    on_line = ctx.reporter.detail
+    ctx.cache.bases.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="base-", dir=ctx.cache.bases) as work:
         rootfs, archive = Path(work) / "rootfs.tar", Path(work) / "image.tar"
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
 
@@ -191,7 +215,7 @@ def bootstrap_base(
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
         if runner([*command, str(rootfs), mirror], env, line) != 0:
             raise BuildError(
-                f"mmdebstrap could not make the {suite} base",
+                f"mmdebstrap could not make the {command[-1]} base",
                 step=" ".join([*command, "OUT.tar", mirror]),
                 log_tail="\n".join(tail),
                 hint=f"check the package names and that {mirror} answers",
@@ -200,18 +224,17 @@ def bootstrap_base(
         image_id, installed = write_base_archive(
             rootfs,
             archive,
-            arch=arch,
+            arch=ctx.engine_info().arch,
             labels=labels,
             ref=ref,
             source_date_epoch=source_date_epoch,
             created_by=" ".join([*command, mirror]),
         )
         on_line(f"loading {ref} into the engine")
-        loaded = engine.load(archive)
+        loaded = ctx.engine.load(archive)
     if image_id not in loaded:
         raise EngineError(f"the engine loaded {loaded} for {ref}, expected {image_id}")
-    _trust(cache_dir, key, image_id)
-    return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
+    return image_id, installed
 
 
 def _options(arch: str, packages: Sequence[str]) -> list[str]:

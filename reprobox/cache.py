@@ -33,17 +33,17 @@ import requests
 from reprobox import __version__
 from reprobox._files import CHUNK, atomic_path, place, sha256_hex
 from reprobox._text import unsafe_character
-from reprobox.errors import BadInputError, IndexUnreachableError, LockError, MissingError
-from reprobox.locked import LockedWheel
+from reprobox.context import Context, usable_cache_dir
+from reprobox.errors import IndexUnreachableError, LockError
+from reprobox.locked import Lock, LockedWheel
 
 __all__ = [
     "MAX_DOWNLOAD_BYTES",
     "TransferProgress",
     "WheelCache",
-    "default_cache_dir",
     "fetch",
+    "fetch_locked",
     "materialize",
-    "usable_cache_dir",
 ]
 
 #: Called as bytes move: (label of the file, bytes done, total bytes or None). May be called
@@ -62,39 +62,6 @@ _GRACE_S = 2.0
 
 class _StoppedError(Exception):
     """A worker saw the stop event (Ctrl-C, or another worker failed) between two chunks."""
-
-
-def default_cache_dir() -> Path:
-    """$REPROBOX_CACHE_DIR, else $XDG_CACHE_HOME/reprobox, else ~/.cache/reprobox."""
-    explicit = os.environ.get("REPROBOX_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "reprobox"
-
-
-def usable_cache_dir(root: Path | None = None) -> Path:
-    """The cache folder, made if missing and proven writable; exit 2 if it names a file, 3 if
-    it cannot be made or written (read-only, no permission, disk full)."""
-    root = root if root is not None else default_cache_dir()
-    hint = "set REPROBOX_CACHE_DIR to a writable folder (default ~/.cache/reprobox)"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise BadInputError(f"the cache folder {root} is not a folder", hint=hint) from None
-    except OSError as exc:
-        raise MissingError(
-            f"cannot make the cache folder {root}: {exc.strerror or exc}", hint=hint
-        ) from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
-        os.close(fd)
-        Path(probe).unlink()
-    except OSError as exc:
-        raise MissingError(
-            f"cannot write to the cache folder {root}: {exc.strerror or exc}", hint=hint
-        ) from None
-    return root
 
 
 def _verify_setting() -> str | bool:
@@ -163,8 +130,8 @@ def _sha256(path: Path, on_bytes: Callable[[int], None], stop: threading.Event) 
 class WheelCache:
     """A content-addressed store of wheel files under `root`."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else default_cache_dir()
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self._lock = threading.Lock()
         self._partials: set[Path] = set()
 
@@ -382,7 +349,7 @@ def _place(source: Path, target: Path) -> None:
 def fetch(
     wheels: Sequence[LockedWheel],
     *,
-    root: Path | None = None,
+    root: Path,
     progress: TransferProgress | None = None,
     refetch: bool = False,
 ) -> Mapping[str, Path]:
@@ -394,9 +361,16 @@ def materialize(
     wheels: Sequence[LockedWheel],
     dest_dir: Path,
     *,
-    root: Path | None = None,
+    root: Path,
     progress: TransferProgress | None = None,
     refetch: bool = False,
 ) -> tuple[Path, ...]:
     """`WheelCache(root).materialize(...)`: verified wheels in `dest_dir` under their file names."""
     return WheelCache(root).materialize(wheels, dest_dir, progress=progress, refetch=refetch)
+
+
+def fetch_locked(ctx: Context, lock: Lock, *, refetch: bool = False) -> dict[str, Path]:
+    """The fetch stage: every wheel of `lock` in the context's cache, verified, `{sha256: path}`."""
+    cache = WheelCache(ctx.cache.root)
+    with ctx.reporter.stage(f"fetch and verify {len(lock.wheels)} wheels into {cache.root}"):
+        return cache.fetch(lock.wheels, progress=ctx.reporter.transfer, refetch=refetch)

@@ -7,15 +7,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reprobox._registry import check_image_ref
 from reprobox._text import unsafe_character
-from reprobox.compare import Verdict
+from reprobox.compare import Verdict, first_trace_difference
+from reprobox.context import Context
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, CheckError, GpuUnavailableError
-from reprobox.labels import SELFCHECK_ARGV, recorded_fingerprints
+from reprobox.labels import SELFCHECK_ARGV, image_uses_cuda, recorded_fingerprints, recorded_trace
 from reprobox.spec import Spec
 
 __all__ = [
+    "CheckResult",
     "SelfCheckResult",
+    "check_image",
     "compare_with_recorded",
     "device_argv",
     "gpu_probe_argv",
@@ -175,3 +179,49 @@ def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) ->
     """Does this run reproduce the fingerprint the image recorded for the same device class?"""
     recorded = recorded_fingerprints(labels).get(result.device_class)
     return Verdict(here=result.fingerprint, recorded=recorded)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """`reprobox check IMAGE`: the self-check here, and how it compares with the image's record."""
+
+    image: str
+    selfcheck: SelfCheckResult
+    #: This run's fingerprint against the one the image records for this device class.
+    verdict: Verdict
+    #: Every fingerprint the image records (device class -> fingerprint).
+    fingerprints: Mapping[str, str]
+    #: The first difference between the two runs here or, where the fingerprint differs
+    #: from the record, between this run and the recorded one.
+    first_difference: Mapping[str, Any] | None
+
+    @property
+    def passed(self) -> bool:
+        """The runs here agree, and do not contradict the recorded fingerprint."""
+        return self.selfcheck.passed and self.verdict.matches is not False
+
+
+def check_image(ctx: Context, image: str) -> CheckResult:
+    """The check stage: rerun the self-check in `image` here, compare with what it recorded."""
+    check_image_ref(image)
+    ctx.note_engine()
+    if not ctx.engine.image_exists(image):
+        raise BadInputError(
+            f"no image {image!r} in the engine", hint="build it, `reprobox import` it, or pull it"
+        )
+    labels = ctx.engine.inspect_image(image).labels
+    raw_argv = labels.get(SELFCHECK_ARGV)
+    if raw_argv is None:
+        raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_ARGV} label)")
+    recorded_argv = parse_selfcheck_label(image, raw_argv)
+    cuda = image_uses_cuda(labels, image)
+    argv = device_argv(recorded_argv, cuda=cuda)
+    with ctx.reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
+        result = run_selfcheck(ctx.engine, image, argv, gpus=cuda)
+    verdict = compare_with_recorded(result, labels)
+    difference = result.first_difference
+    if verdict.matches is False:
+        recorded = recorded_trace(labels, result.device_class)
+        runs = result.report.get("runs") or [{}]
+        difference = None if recorded is None else first_trace_difference(recorded, runs[0])
+    return CheckResult(image, result, verdict, recorded_fingerprints(labels), difference)

@@ -1,4 +1,4 @@
-"""argv -> one call into the library -> an exit code. Nothing else lives here."""
+"""argv -> one context and one call into the library -> text or JSON -> an exit code."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from reprobox import __version__
-from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, ReproboxError
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_OK, ReproboxError
 
 __all__ = ["entrypoint", "main"]
 
-Command = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:
+    from reprobox.context import Context
+    from reprobox.engine import Engine
+
+Command = Callable[[argparse.Namespace, "Context"], int]
 
 
-def _cmd_init(args: argparse.Namespace) -> int:
+def _cmd_init(args: argparse.Namespace, ctx: Context) -> int:
     if args.from_file is None:
         from reprobox.render import starter_spec
 
@@ -44,17 +48,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_lock(args: argparse.Namespace) -> int:
-    from reprobox.pipeline import lock
+def _cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.lock import lock_spec
 
-    report = lock(Path(args.spec), output=_opt_path(args.output), relock=args.relock)
-    return _emit(args, report, report["summary"])
+    result = lock_spec(ctx, Path(args.spec), output=_opt_path(args.output), relock=args.relock)
+    return _emit(args, result)
 
 
-def _cmd_render(args: argparse.Namespace) -> int:
-    from reprobox.pipeline import render
+def _cmd_render(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.render import render_spec
 
-    report = render(
+    result = render_spec(
+        ctx,
         Path(args.spec),
         Path(args.output),
         lock_path=_opt_path(args.lock),
@@ -62,14 +67,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
         wheels=not args.no_wheels,
         refetch=args.refetch,
     )
-    return _emit(args, report, report["summary"])
+    return _emit(args, result)
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from reprobox.pipeline import build
+def _cmd_build(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.build import BuildOptions, build
 
-    report = build(
-        Path(args.spec),
+    options = BuildOptions(
         lock_path=_opt_path(args.lock),
         tag=args.tag,
         relock=args.relock,
@@ -77,71 +81,76 @@ def _cmd_build(args: argparse.Namespace) -> int:
         check=not args.no_check,
         refetch=args.refetch,
     )
-    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+    result = build(ctx, Path(args.spec), options)
+    return _emit(args, result, EXIT_OK if result.passed else EXIT_CHECK_FAILED)
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from reprobox.pipeline import check
+def _cmd_check(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.check import check_image
 
-    report = check(args.image)
-    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
-
-
-def _cmd_diff(args: argparse.Namespace) -> int:
-    from reprobox.diff import diff_images, diff_to_json, format_diff
-    from reprobox.docker_engine import DockerEngine
-
-    diff = diff_images(args.image_a, args.image_b, engine=DockerEngine())
-    report = diff_to_json(diff) | {"summary": format_diff(diff)}
-    return _emit(args, report, report["summary"], 0 if diff.identical else EXIT_CHECK_FAILED)
+    result = check_image(ctx, args.image)
+    return _emit(args, result, EXIT_OK if result.passed else EXIT_CHECK_FAILED)
 
 
-def _cmd_publish(args: argparse.Namespace) -> int:
+def _cmd_diff(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.diff import diff_images
+
+    diff = diff_images(args.image_a, args.image_b, engine=ctx.engine)
+    return _emit(args, diff, EXIT_OK if diff.identical else EXIT_CHECK_FAILED)
+
+
+def _cmd_publish(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.build import BuildOptions
     from reprobox.publish import publish
 
-    report = publish(
+    result = publish(
+        ctx,
         Path(args.spec),
         args.to,
         tags=args.tag,
-        lock_path=_opt_path(args.lock),
-        relock=args.relock,
-        refetch=args.refetch,
+        options=BuildOptions(
+            lock_path=_opt_path(args.lock), relock=args.relock, refetch=args.refetch
+        ),
         allow_unverified=args.allow_unverified,
     )
-    return _emit(args, report, report["summary"], report["exit_code"])
+    return _emit(args, result, result.exit_code)
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from reprobox.handoff import export_image
+def _cmd_export(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.export_import import export_image
 
-    report = export_image(args.image, Path(args.output))
-    return _emit(args, report, report["summary"])
-
-
-def _cmd_import(args: argparse.Namespace) -> int:
-    from reprobox.handoff import import_image
-
-    report = import_image(Path(args.archive), allow_foreign=args.allow_foreign, force=args.force)
-    return _emit(args, report, report["summary"])
+    return _emit(args, export_image(ctx, args.image, Path(args.output)))
 
 
-def _cmd_doctor(args: argparse.Namespace) -> int:
+def _cmd_import(args: argparse.Namespace, ctx: Context) -> int:
+    from reprobox.export_import import import_image
+
+    result = import_image(
+        ctx, Path(args.archive), allow_foreign=args.allow_foreign, force=args.force
+    )
+    return _emit(args, result)
+
+
+def _cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     from reprobox.doctor import doctor
 
-    report = doctor(_opt_path(args.spec))
-    return _emit(args, report, report["summary"], report["exit_code"])
+    result = doctor(ctx, _opt_path(args.spec))
+    return _emit(args, result, result.exit_code)
 
 
 def _opt_path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def _emit(args: argparse.Namespace, report: dict[str, Any], summary: str, code: int = 0) -> int:
+def _emit(args: argparse.Namespace, result: object, code: int = EXIT_OK) -> int:
+    """Print `result` as text, or as JSON with --json; return the command's exit code."""
+    from reprobox.cli_format import report, text
+
     if args.json:
-        json.dump(report, sys.stdout, indent=2, sort_keys=True)
+        json.dump(report(result), sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(summary.rstrip("\n") + "\n")
+        sys.stdout.write(text(result).rstrip("\n") + "\n")
     return code
 
 
@@ -297,8 +306,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run reprobox with `argv`; the one place where errors become exit codes."""
+def main(argv: Sequence[str] | None = None, *, engine: Engine | None = None) -> int:
+    """Run reprobox with `argv`; the one place where errors become exit codes.
+
+    `engine` is the engine the commands use (tests pass a fake one); by default the Docker
+    Engine at DOCKER_HOST, connected to only when a command needs it.
+    """
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -306,7 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     func: Command = args.func
     try:
-        return func(args)
+        from reprobox.context import Context
+
+        return func(args, Context.for_command(engine))
     except ReproboxError as exc:
         if args.debug:
             traceback.print_exc()

@@ -13,11 +13,10 @@ import json
 import re
 import tarfile
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -33,20 +32,11 @@ from reprobox.archive import (
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError
 
-__all__ = [
-    "Difference",
-    "ImageDiff",
-    "ImageSide",
-    "diff_images",
-    "diff_to_json",
-    "format_diff",
-]
+__all__ = ["SECTIONS", "Difference", "ImageDiff", "ImageSide", "diff_images"]
 
 Section = Literal["config", "layer", "file"]
-_SECTIONS: tuple[Section, ...] = ("config", "layer", "file")
-_PLACES = {"config": "the config", "layer": "layers", "file": "files"}
-_MAX_ROWS = 30
-_MAX_CELL = 44
+#: The sections of a diff, in the order its rows are sorted.
+SECTIONS: tuple[Section, ...] = ("config", "layer", "file")
 _SKIP_CONFIG = "rootfs.diff_ids"  # reported layer by layer instead
 _MISSING = object()  # a config field that one side lacks (JSON null is None)
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -156,7 +146,7 @@ def _order(row: Difference) -> tuple[int, int, str, int, str]:
     field_rank = _ENTRY_FIELDS.index(row.field) if row.field in _ENTRY_FIELDS else -1
     # Numbers in paths sort as numbers: Env[2] before Env[10].
     path = _INDEX.sub(lambda m: f"[{int(m[1]):09d}]", row.path)
-    return (_SECTIONS.index(row.section), row.layer or 0, path, field_rank, row.field)
+    return (SECTIONS.index(row.section), row.layer or 0, path, field_rank, row.field)
 
 
 def _inspect(refs: Sequence[str], engine: Engine | None) -> dict[str, ImageInfo]:
@@ -322,65 +312,3 @@ def _show(field: str, value: object) -> str | None:
     if field == "mtime" and isinstance(value, int):
         return rfc3339(value)
     return str(value)
-
-
-def format_diff(diff: ImageDiff, *, max_rows: int = _MAX_ROWS) -> str:
-    """A short table of the differences: a summary line, then at most `max_rows` rows."""
-    lines = [f"a: {_side(diff.a)}", f"b: {_side(diff.b)}"]
-    if diff.identical:
-        return "\n".join([*lines, "identical"])
-    lines.append(_summary(diff.differences))
-    rows = [("WHERE", "FIELD", "A", "B")]
-    rows += [(_where(d), d.field, _cell(d.a), _cell(d.b)) for d in diff.differences[:max_rows]]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines += [
-        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]) for r in rows
-    ]
-    left_out = len(diff.differences) - max_rows
-    if left_out > 0:
-        lines.append(f"... {left_out} more not shown (--json lists them all)")
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _side(side: ImageSide) -> str:
-    name = (
-        ""
-        if side.ref in (side.image_id, side.image_id.removeprefix("sha256:"))
-        else f" ({side.ref})"
-    )
-    return f"{side.image_id}{name}, {side.layers} layers"
-
-
-def _summary(differences: Sequence[Difference]) -> str:
-    """E.g. `13 differences: 6 in the config, 2 in layers, 5 in files (4 mtime, 1 sha256)`."""
-    counts = Counter(d.section for d in differences)
-    by_field = Counter(d.field for d in differences if d.section == "file")
-    parts = [f"{counts[s]} in {_PLACES[s]}" for s in _SECTIONS if counts[s]]
-    fields_ = ", ".join(
-        f"{n} {f}" for f, n in sorted(by_field.items(), key=lambda x: (-x[1], x[0]))
-    )
-    return f"{len(differences)} differences: {', '.join(parts)}" + (
-        f" ({fields_})" if fields_ else ""
-    )
-
-
-def _where(row: Difference) -> str:
-    if row.section == "config":
-        return f"config {row.path}"
-    return f"layer {row.layer}" + (f" {row.path}" if row.path else "")
-
-
-def _cell(value: str | None) -> str:
-    if value is None:
-        return "-"
-    return value if len(value) <= _MAX_CELL else value[: _MAX_CELL - 3] + "..."
-
-
-def diff_to_json(diff: ImageDiff) -> dict[str, Any]:
-    """The `--json` form: both images, `identical`, and every difference in full."""
-    return {
-        "a": asdict(diff.a),
-        "b": asdict(diff.b),
-        "identical": diff.identical,
-        "differences": [asdict(d) for d in diff.differences],
-    }

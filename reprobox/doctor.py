@@ -12,18 +12,18 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from reprobox.cache import WheelCache, default_cache_dir
+from reprobox.cache import WheelCache
 from reprobox.compat import driver_verdict
-from reprobox.docker_engine import DockerEngine
-from reprobox.engine import Engine, EngineInfo
+from reprobox.context import Context
+from reprobox.engine import EngineInfo
 from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
 from reprobox.locked import Lock
 from reprobox.lockfile import default_lock_path, read_lockfile
 from reprobox.spec import Spec, load_spec
 
-__all__ = ["Disk", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
+__all__ = ["Disk", "DoctorResult", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -111,18 +111,16 @@ def _disk(path: Path) -> Disk:
 
 @dataclass(frozen=True)
 class Probes:
-    """How doctor looks at the host; tests replace any of them."""
+    """How doctor looks at the host beyond the engine; tests replace any of them."""
 
-    engine: Callable[[], Engine] = DockerEngine
     which: Callable[[str], str | None] = shutil.which
     disk: Callable[[Path], Disk] = _disk
     gpus: Callable[[], tuple[list[Gpu], str]] = field(default=probe_gpus)
-    cache_dir: Callable[[], Path] = default_cache_dir
 
 
-def _engine_lines(probes: Probes) -> tuple[list[Line], EngineInfo | None]:
+def _engine_lines(ctx: Context) -> tuple[list[Line], EngineInfo | None]:
     try:
-        who = probes.engine().ping()
+        who = ctx.engine_info()
     except EngineError as err:
         return [Line("engine", "fail", err.message, err.hint)], None
     detail = f"Docker Engine {who.server_version} (API {who.api_version}, {who.arch}) at {who.host}"
@@ -174,10 +172,10 @@ def _needs(spec: Spec | None, lock: Lock | None, lock_note: str, cache_root: Pat
     return _Need(_INSTALL_FACTOR * known, 0.0, why)
 
 
-def _disk_lines(probes: Probes, info: EngineInfo | None, need: _Need) -> list[Line]:
+def _disk_lines(probes: Probes, ctx: Context, info: EngineInfo | None, need: _Need) -> list[Line]:
     """One line per filesystem: what it must hold (engine storage, wheel cache) against its free space."""
     places: list[tuple[str, Disk, float]] = [
-        ("wheel cache", probes.disk(probes.cache_dir()), need.cache)
+        ("wheel cache", probes.disk(ctx.cache.root), need.cache)
     ]
     lines = []
     if info is not None and info.root_dir and info.host.startswith("unix://"):
@@ -270,36 +268,33 @@ def _runtime_line(probes: Probes, info: EngineInfo | None, *, needed: bool) -> L
     )
 
 
-def doctor(spec_path: Path | None = None, *, probes: Probes | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DoctorResult:
+    """`reprobox doctor [SPEC]`: one line per fact about this host."""
+
+    spec: Path | None
+    lines: tuple[Line, ...]
+
+    @property
+    def passed(self) -> bool:
+        """No line failed."""
+        return not any(line.status == "fail" for line in self.lines)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when the host lacks what the spec needs."""
+        return 0 if self.passed else EXIT_MISSING
+
+
+def doctor(
+    ctx: Context, spec_path: Path | None = None, *, probes: Probes | None = None
+) -> DoctorResult:
     """`reprobox doctor [SPEC]`: what this host has, against what the spec needs."""
     probes = probes or Probes()
     spec = load_spec(spec_path) if spec_path is not None else None
-    lines, info = _engine_lines(probes)
+    lines, info = _engine_lines(ctx)
     lock, lock_note = _lock_for(spec_path)
-    lines += _disk_lines(probes, info, _needs(spec, lock, lock_note, probes.cache_dir()))
+    lines += _disk_lines(probes, ctx, info, _needs(spec, lock, lock_note, ctx.cache.root))
     lines.append(_tool_line(probes, spec))
     lines += _gpu_lines(probes, spec, info)
-    failed = [line for line in lines if line.status == "fail"]
-    return {
-        "spec": None if spec_path is None else str(spec_path),
-        "passed": not failed,
-        "exit_code": EXIT_MISSING if failed else 0,
-        "lines": [line.__dict__ for line in lines],
-        "summary": _render(lines, spec_path),
-    }
-
-
-def _render(lines: Sequence[Line], spec_path: Path | None) -> str:
-    out = []
-    for line in lines:
-        out.append(f"{line.status.upper():<5} {line.name:<10} {line.detail}")
-        if line.hint and line.status != "ok":
-            out.append(f"{'':<16} -> {line.hint}")
-    failed = sum(line.status == "fail" for line in lines)
-    against = f" for {spec_path}" if spec_path is not None else ""
-    out.append(
-        f"{failed} problem(s){against}: fix the FAIL lines above"
-        if failed
-        else f"this host can build{against or ' CPU specs'}"
-    )
-    return "\n".join(out)
+    return DoctorResult(spec_path, tuple(lines))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -29,24 +30,29 @@ from reprobox._pip import (
     run_pip,
 )
 from reprobox._sizes import wheel_sizes
-from reprobox._target import Target, manylinux_platforms, target_for
+from reprobox._target import Target, target_for
 from reprobox.compat import torch_release
+from reprobox.context import Context
 from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
 from reprobox.locked import IndexSettings, Lock, LockedWheel
-from reprobox.lockfile import LockFile, read_lockfile, write_lockfile, write_pylock
-from reprobox.spec import Index, Spec
+from reprobox.lockfile import (
+    LockFile,
+    default_lock_path,
+    pylock_path,
+    read_lockfile,
+    write_lockfile,
+    write_pylock,
+)
+from reprobox.spec import Index, Spec, load_spec
 
 __all__ = [
     "PYTORCH_INDEX",
-    "Lock",
-    "Runner",
+    "LockResult",
     "Sizer",
-    "Target",
     "ensure_lock",
-    "manylinux_platforms",
+    "lock_spec",
+    "locked_spec",
     "resolve",
-    "run_pip",
-    "target_for",
 ]
 
 #: PyTorch's own wheel index; one sub-index per build variant (`/cpu`, `/cu118`, ...).
@@ -411,3 +417,30 @@ def ensure_lock(
         locked = write_lockfile(path, resolve(spec, runner=runner, on_note=on_note, sizes=sizes))
     write_pylock(locked.lock, path)
     return locked
+
+
+@dataclass(frozen=True)
+class LockResult:
+    """`reprobox lock`: where the lock and its pylock.toml are, and what they pin."""
+
+    lock: Path
+    pylock: Path
+    spec_sha256: str
+    wheels: int
+
+
+def locked_spec(
+    ctx: Context, spec_path: Path, lock_path: Path | None, *, relock: bool
+) -> tuple[Spec, LockFile]:
+    """The spec at `spec_path`, and its lock (`lock_path`, by default beside the spec)."""
+    spec = load_spec(spec_path)
+    path = lock_path or default_lock_path(spec_path)
+    with ctx.reporter.stage(f"lock {path}"):
+        return spec, ensure_lock(spec, path, relock=relock, on_note=ctx.reporter.note)
+
+
+def lock_spec(ctx: Context, spec_path: Path, *, output: Path | None, relock: bool) -> LockResult:
+    """The lock stage: resolve and write the lock, or confirm the one there is current."""
+    spec, locked = locked_spec(ctx, spec_path, output, relock=relock)
+    path = output or default_lock_path(spec_path)
+    return LockResult(path, pylock_path(path), spec.sha256, len(locked.lock.wheels))

@@ -11,9 +11,8 @@ import base64
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
 
 from reprobox._registry import (
     RegistryClient,
@@ -23,22 +22,22 @@ from reprobox._registry import (
     parse_target,
     registry_auth,
 )
-from reprobox.docker_engine import DockerEngine
-from reprobox.engine import Engine, EngineInfo
+from reprobox.build import BuildOptions, BuildResult
+from reprobox.build import build as build_image
+from reprobox.context import Context
 from reprobox.errors import (
     EXIT_CHECK_FAILED,
     EXIT_MISSING,
     EngineError,
     GpuUnavailableError,
-    ImageNotFoundError,
     PushInterruptedError,
     RegistryAuthError,
 )
 from reprobox.labels import CUDA, image_uses_cuda, recorded_fingerprints
-from reprobox.progress import Reporter
 
 __all__ = [
     "Builder",
+    "PublishResult",
     "Published",
     "publish",
     "push_image",
@@ -54,20 +53,8 @@ _NETWORK = re.compile(
 )
 
 
-class Builder(Protocol):
-    """`reprobox.pipeline.build`'s shape, so tests can pass a fake one."""
-
-    def __call__(
-        self,
-        spec_path: Path,
-        *,
-        lock_path: Path | None,
-        tag: str | None,
-        relock: bool,
-        nocache: bool,
-        check: bool,
-        refetch: bool,
-    ) -> dict[str, Any]: ...
+#: The build stage, as publish calls it; tests pass a fake one.
+Builder = Callable[[Context, Path, BuildOptions], BuildResult]
 
 
 @dataclass(frozen=True)
@@ -141,16 +128,15 @@ def _push_error(err: EngineError, target: Target, auth: Mapping[str, str] | None
 
 
 def push_image(
-    engine: Engine,
+    ctx: Context,
     client: RegistryClient,
     image_id: str,
     tags: Sequence[str],
     *,
     auth: Mapping[str, str] | None,
-    reporter: Reporter,
 ) -> Published:
     """Tag `image_id` in the target repository, push every tag, and check the registry's digest."""
-    target = client.target
+    target, engine, reporter = client.target, ctx.engine, ctx.reporter
     tally = _LayerTally(reporter.detail)
     digests = set()
     for tag in tags:
@@ -158,8 +144,6 @@ def push_image(
         with reporter.stage(f"push {target.ref(tag)}"):
             try:
                 digests.add(engine.push(target.name, tag, auth, on_status=tally))
-            except ImageNotFoundError:
-                raise
             except EngineError as err:
                 raise _push_error(err, target, auth) from None
     if len(digests) != 1:
@@ -177,97 +161,79 @@ def push_image(
     return Published(target, image_id, digest, tuple(tags), tally.pushed, tally.reused)
 
 
-def _client(info: EngineInfo, target: Target, auth: Mapping[str, str] | None) -> RegistryClient:
-    return RegistryClient(target, auth, insecure=is_insecure(target.registry, info.registry))
+@dataclass(frozen=True)
+class PublishResult:
+    """`reprobox publish`: what was pushed, or why nothing was.
 
+    `built` is the build it published (None when the build could not prove the image at all);
+    `published` is None when nothing was pushed: the self-check failed (`exit_code` 1) or no
+    self-check could prove the image here and `--allow-unverified` was not given.
+    """
 
-def _default_builder() -> Builder:
-    from reprobox.pipeline import build
+    target: Target
+    exit_code: int
+    built: BuildResult | None
+    published: Published | None = None
+    #: Why the image is not proven (None: it is); pushed anyway only with --allow-unverified.
+    unverified: str | None = None
+    #: The image's fingerprints of its own kind (cuda-* or cpu-*).
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+    seconds: float | None = None
 
-    return build
+    @property
+    def passed(self) -> bool:
+        """Whether it was pushed."""
+        return self.published is not None
 
 
 def publish(
+    ctx: Context,
     spec_path: Path,
     to: str,
     *,
     tags: Sequence[str] = (),
-    lock_path: Path | None = None,
-    relock: bool = False,
-    refetch: bool = False,
-    engine: Engine | None = None,
-    builder: Builder | None = None,
+    options: BuildOptions | None = None,
+    build: Builder = build_image,
     credentials: Callable[[str], dict[str, str] | None] = registry_auth,
     allow_unverified: bool = False,
-) -> dict[str, Any]:
-    """`reprobox publish`: build, gate on the self-check, push, verify the digest; a report.
+) -> PublishResult:
+    """`reprobox publish`: build, gate on the self-check, push, verify the digest.
 
     The gate: the image must carry a fingerprint for its kind (a cuda-* one for a CUDA image,
     a cpu-* one for a CPU image). Where the self-check cannot run at all (a CUDA image on a
-    host without a GPU), `allow_unverified` pushes the image anyway, unproven, and the report
+    host without a GPU), `allow_unverified` pushes the image anyway, unproven, and the result
     says so; a self-check that ran and failed always stops the push.
     """
     started = time.monotonic()
     target = parse_target(to)
     extra = [check_tag(tag) for tag in tags]
-    reporter = Reporter()
-    engine = engine or DockerEngine()
-    info = engine.ping()
+    info = ctx.engine_info()
     auth = credentials(target.registry)
-    client = _client(info, target, auth)
-    with reporter.stage(f"check the registry {target.registry} and the credentials for it"):
+    client = RegistryClient(target, auth, insecure=is_insecure(target.registry, info.registry))
+    with ctx.reporter.stage(f"check the registry {target.registry} and the credentials for it"):
         client.check_access()
-    build = builder or _default_builder()
-    options: dict[str, Any] = {
-        "lock_path": lock_path,
-        "tag": None,
-        "relock": relock,
-        "nocache": False,
-        "refetch": refetch,
-    }
     unverified: str | None = None
+    # Published as the build tags it by default, from the layer cache.
+    options = replace(options or BuildOptions(), tag=None, nocache=False)
     try:
-        built = build(spec_path, check=True, **options)
+        built = build(ctx, spec_path, replace(options, check=True))
     except GpuUnavailableError as err:
         if not allow_unverified:
-            return _unproven(target, None, err.render())
+            return PublishResult(target, EXIT_MISSING, None, unverified=err.render())
         unverified = err.message
-        built = build(spec_path, check=False, **options)
-    if not built["passed"]:
-        return _gated(target, built)
-    labels = engine.inspect_image(built["image_id"]).labels
-    proof = _proof(labels, built["image_id"])
+        built = build(ctx, spec_path, replace(options, check=False))
+    if not built.passed:
+        return PublishResult(target, EXIT_CHECK_FAILED, built)
+    labels = ctx.engine.inspect_image(built.image_id).labels
+    proof = _proof(labels, built.image_id)
     if not proof:
-        unverified = unverified or f"{built['image_id']} carries no fingerprint for {_kind(labels)}"
+        unverified = unverified or f"{built.image_id} carries no fingerprint for {_kind(labels)}"
         if not allow_unverified:
-            return _unproven(target, built["image_id"], unverified)
-    content_tag = str(built["tags"][0]).rsplit(":", 1)[1]
-    wanted = list(dict.fromkeys([content_tag, *extra]))
-    done = push_image(engine, client, built["image_id"], wanted, auth=auth, reporter=reporter)
+            return PublishResult(target, EXIT_CHECK_FAILED, built, unverified=unverified)
+    wanted = list(dict.fromkeys([built.content_tag, *extra]))
+    done = push_image(ctx, client, built.image_id, wanted, auth=auth)
     seconds = round(time.monotonic() - started, 1)
-    refs = [target.ref(tag) for tag in done.tags]
-    warning = (
-        ""
-        if unverified is None
-        else f"\nUNVERIFIED (--allow-unverified): no self-check proves this image: {unverified}"
-    )
-    return {
-        "passed": True,
-        "exit_code": 0,
-        "verified": unverified is None,
-        "unverified_reason": unverified,
-        "fingerprints": proof,
-        "reference": done.reference,
-        "digest": done.digest,
-        "tags": refs,
-        "image_id": done.image_id,
-        "selfcheck": built["selfcheck"],
-        "layers": {"pushed": done.layers_pushed, "reused": done.layers_reused},
-        "seconds": seconds,
-        "summary": f"published {done.reference}\ntags: {', '.join(refs)} "
-        f"({done.layers_pushed} layers pushed, {done.layers_reused} already there; {seconds} s)"
-        + warning,
-    }
+    return PublishResult(target, 0, built, done, unverified, proof, seconds)
 
 
 def _kind(labels: Mapping[str, str]) -> str:
@@ -278,41 +244,3 @@ def _proof(labels: Mapping[str, str], image_id: str) -> dict[str, str]:
     """The image's fingerprints for its own kind: cuda-* for a CUDA image, cpu-* for a CPU one."""
     prefix = "cuda-" if image_uses_cuda(labels, image_id) else "cpu-"
     return {k: v for k, v in sorted(recorded_fingerprints(labels).items()) if k.startswith(prefix)}
-
-
-def _unproven(target: Target, image_id: str | None, why: str) -> dict[str, Any]:
-    """The report when no self-check proves the image and the user did not allow that."""
-    code = EXIT_MISSING if image_id is None else EXIT_CHECK_FAILED
-    return {
-        "passed": False,
-        "exit_code": code,
-        "verified": False,
-        "unverified_reason": why,
-        "fingerprints": {},
-        "reference": None,
-        "digest": None,
-        "tags": [],
-        "image_id": image_id,
-        "selfcheck": None,
-        "summary": f"{why}\nnothing was pushed to {target.name}: an image is published only "
-        "with the proof of its self-check; `--allow-unverified` publishes it unproven (the "
-        "report then says so)",
-    }
-
-
-def _gated(target: Target, built: Mapping[str, Any]) -> dict[str, Any]:
-    """The report when the self-check failed: nothing was tagged in the target, nothing pushed."""
-    return {
-        "passed": False,
-        "exit_code": EXIT_CHECK_FAILED,
-        "verified": False,
-        "unverified_reason": None,
-        "fingerprints": {},
-        "reference": None,
-        "digest": None,
-        "tags": [],
-        "image_id": built.get("image_id"),
-        "selfcheck": built.get("selfcheck"),
-        "summary": f"{built.get('summary', 'the self-check failed')}\n"
-        f"nothing was pushed to {target.name}: the self-check gates publishing",
-    }

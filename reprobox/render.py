@@ -6,7 +6,6 @@ import errno
 import hashlib
 import os
 import re
-import shlex
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -20,23 +19,24 @@ import yaml
 from reprobox import __version__
 from reprobox import labels as label
 from reprobox._files import place, rfc3339
-from reprobox._text import unsafe_character
+from reprobox.cache import fetch_locked
 from reprobox.compat import nvidia_require_cuda
+from reprobox.context import Context
+from reprobox.dockerfile import dockerfile_key, dockerfile_quote, from_reference, shell_word
 from reprobox.errors import BadInputError, MissingError, ReproboxError
+from reprobox.lock import locked_spec
 from reprobox.locked import GROUPS, Lock, requirements_text
-from reprobox.lockfile import LockFile
+from reprobox.lockfile import LockFile, default_lock_path
 from reprobox.spec import Spec, parse_spec
 
 __all__ = [
+    "RenderResult",
     "RenderedContext",
     "check_output_dir",
-    "default_tag",
-    "dockerfile_key",
-    "dockerfile_quote",
-    "from_reference",
+    "content_tag",
     "image_env",
     "render_context",
-    "shell_word",
+    "render_spec",
     "source_date_epoch",
     "starter_spec",
 ]
@@ -48,13 +48,6 @@ _IMAGE_FILES = (
     "reprobox_generation.py",
     "reprobox_decoder.py",
 )
-# What FROM may name: an image ID, a reference pinned by digest, a stage or a plain name:tag.
-_FROM = re.compile(
-    r"sha256:[0-9a-f]{64}"
-    r"|[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
-)
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
 _WHEEL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}\.whl")
 _PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}==[A-Za-z0-9.+!_-]{1,128}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -66,56 +59,18 @@ class RenderedContext:
 
     path: Path
     base_ref: str
-    tag: str
+    #: The image's name (the spec's) and its content tag (from the spec's and lock's hashes).
+    name: str
+    content_tag: str
     labels: tuple[tuple[str, str], ...]
     env: tuple[tuple[str, str], ...]
     lock_sha256: str
     source_date_epoch: int
 
-
-def _inert(text: str, where: str) -> None:
-    bad = unsafe_character(text)
-    if bad is not None:
-        # The spec and lock readers refuse these already; this is the second wall, not the first.
-        raise BadInputError(
-            f"refusing to render {text[:80]!r} into the Dockerfile's {where}: it holds {bad}",
-            hint="this value should have been refused when it was read; please report it",
-        )
-
-
-def dockerfile_quote(value: object) -> str:
-    """Quote a value for ENV/LABEL so the builder reads it back literally and it adds nothing."""
-    text = str(value)
-    _inert(text, "ENV/LABEL value")
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-    return f'"{escaped}"'
-
-
-def dockerfile_key(value: object) -> str:
-    """An ENV or LABEL key, which the Dockerfile cannot quote: refused unless it is a plain word."""
-    text = str(value)
-    _inert(text, "ENV/LABEL key")
-    if _KEY.fullmatch(text) is None:
-        raise BadInputError(f"refusing to render {text!r} as an ENV or LABEL key")
-    return text
-
-
-def shell_word(value: object) -> str:
-    """One word of a RUN line's shell command, quoted so the shell reads it as one literal word."""
-    text = str(value)
-    _inert(text, "RUN line")
-    if not text or text.startswith("-"):
-        raise BadInputError(f"refusing to render {text!r} as an argument of a RUN line")
-    return shlex.quote(text)
-
-
-def from_reference(value: object) -> str:
-    """What FROM names, which the Dockerfile cannot quote: an image ID, a pinned reference, a stage."""
-    text = str(value)
-    _inert(text, "FROM line")
-    if _FROM.fullmatch(text) is None:
-        raise BadInputError(f"refusing to render {text!r} into a FROM line")
-    return text
+    @property
+    def tag(self) -> str:
+        """`name:content-tag`, the tag a build gets by default."""
+        return f"{self.name}:{self.content_tag}"
 
 
 def source_date_epoch(lock: Lock) -> int:
@@ -131,10 +86,9 @@ def source_date_epoch(lock: Lock) -> int:
     return 1_577_836_800 + int(digest[:8], 16) % 1_826 * 86_400
 
 
-def default_tag(spec: Spec, lock_sha256: str) -> str:
-    """`name:<12 hex>` from the spec's and the lock's hashes."""
-    digest = hashlib.sha256(f"{spec.sha256}\n{lock_sha256}".encode()).hexdigest()
-    return f"{spec.name}:{digest[:12]}"
+def content_tag(spec: Spec, lock_sha256: str) -> str:
+    """12 hex digits from the spec's and the lock's hashes: the image's default tag."""
+    return hashlib.sha256(f"{spec.sha256}\n{lock_sha256}".encode()).hexdigest()[:12]
 
 
 def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
@@ -165,10 +119,11 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
 def _labels(
     spec: Spec, lock_sha256: str, base_ref: str, tag: str, epoch: int
 ) -> tuple[tuple[str, str], ...]:
+    """The image's labels, `tag` being its content tag."""
     created = rfc3339(epoch)
     labels = {
         label.OCI_TITLE: spec.name,
-        label.OCI_VERSION: tag.split(":", 1)[1],
+        label.OCI_VERSION: tag,
         label.OCI_CREATED: created,
         label.OCI_DESCRIPTION: f"reprobox image: torch {spec.torch.version} ({spec.torch.cuda})",
         label.VERSION: __version__,
@@ -315,7 +270,7 @@ def render_context(
     check_output_dir(out)
     lock, lock_sha256 = locked.lock, locked.sha256
     epoch = source_date_epoch(lock)
-    tag = default_tag(spec, lock_sha256)
+    tag = content_tag(spec, lock_sha256)
     env = image_env(spec)
     labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
     plan = _wheel_plan(lock)
@@ -370,7 +325,39 @@ def render_context(
             )
         files[f"image/user/{script.name}"] = spec.script_text
     _write_tree(out, files, plan, wheels)
-    return RenderedContext(out, base_ref, tag, labels, env, lock_sha256, epoch)
+    return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch)
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    """`reprobox render`: where the context was written, its default tag, the lock it used."""
+
+    context: Path
+    tag: str
+    lock: Path
+
+
+def render_spec(
+    ctx: Context,
+    spec_path: Path,
+    out: Path,
+    *,
+    lock_path: Path | None,
+    relock: bool,
+    wheels: bool,
+    refetch: bool,
+) -> RenderResult:
+    """The render stage on its own: the build context in `out`, without building."""
+    check_output_dir(out)  # before the lock is written: bad input changes nothing on disk
+    if wheels:
+        ctx.cache.usable()
+    spec, locked = locked_spec(ctx, spec_path, lock_path, relock=relock)
+    files = fetch_locked(ctx, locked.lock, refetch=refetch) if wheels else None
+    # Without an engine the bootstrapped base has no ID yet: name it; `build` uses the ID.
+    base_ref = spec.base.image or f"reprobox/base:{spec.base.suite}"
+    with ctx.reporter.stage(f"render {out}"):
+        rendered = render_context(spec, locked, out, base_ref=base_ref, wheels=files)
+    return RenderResult(rendered.path, rendered.tag, lock_path or default_lock_path(spec_path))
 
 
 def starter_spec(*, torch: str = "2.13.0", cuda: str = "cpu", name: str = "my-env") -> str:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
 from reprobox.bootstrap import BaseImage, bootstrap_base
-from reprobox.cache import default_cache_dir
+from reprobox.context import Context
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EngineError
 
@@ -48,11 +47,11 @@ def docker_engine() -> Iterator[DockerEngine]:
     engine.close()
 
 
-def base_cache_dir() -> Path:
-    """Where `reprobox build` keeps base scratch space and its record of the bases this host made:
-    the session's base shares it, so builds in the tests reuse that base and the next session
-    finds it again (only recorded bases are reused)."""
-    return default_cache_dir() / "bases"
+def command_context(engine: DockerEngine) -> Context:
+    """The context a `reprobox` command gets (its cache, so its record of the bases this host
+    made): the session's base shares it, so builds in the tests reuse that base and the next
+    session finds it again (only recorded bases are reused)."""
+    return Context.for_command(engine)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +61,4 @@ def debian_base(docker_engine: DockerEngine) -> BaseImage:
         skip_or_fail(
             "mmdebstrap is not installed: run `make setup` (or `apt-get install mmdebstrap`)"
         )
-    return bootstrap_base(
-        TEST_SUITE, (), docker_engine, cache_dir=base_cache_dir(), on_line=lambda _: None
-    )
+    return bootstrap_base(command_context(docker_engine), TEST_SUITE, ())

@@ -2,7 +2,9 @@
 
 Import it as `from fakes import FakeEngine` (pytest puts tests/ on sys.path). Images are docker
 config dicts whose ID is the sha256 of their JSON, as in the real engine; builds replay the
-Dockerfile through the real `BuildLog`, so step events and BuildErrors look like the real ones.
+Dockerfile through the real `BuildLog`, so step events and BuildErrors look like the real ones,
+and give each RUN/COPY/ADD step a small real layer tar, so a built image can be saved,
+normalised and loaded back as a real one is. LABEL and ENV lines reach the image's config.
 """
 
 from __future__ import annotations
@@ -18,12 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprobox.build_log import BuildLog
-from reprobox.docker_engine import gpu_request_error
-from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
-from reprobox.errors import EngineError, ImageNotFoundError
+from dockerfile_parse import DockerfileParser
 
-__all__ = ["FakeEngine", "FakeRun", "config_id"]
+from reprobox.build_log import BuildLog
+from reprobox.context import CacheLayout, Context
+from reprobox.docker_engine import gpu_request_error
+from reprobox.engine import (
+    BuildEvent,
+    Engine,
+    EngineInfo,
+    ImageInfo,
+    RegistrySettings,
+    RunResult,
+)
+from reprobox.errors import EngineError, ImageNotFoundError
+from reprobox.progress import Reporter
+
+__all__ = ["FakeEngine", "FakeRun", "config_id", "context"]
 
 RunHandler = Callable[[str, Sequence[str], Mapping[str, str]], RunResult]
 
@@ -75,6 +88,8 @@ class FakeEngine:
         self.fail_on = dict(fail_on or {})
         self.run_handler = run_handler
         self.images: dict[str, _Image] = {}
+        #: Layer tars by diff ID: those builds made and archives brought.
+        self.layers: dict[str, bytes] = {}
         self.calls: list[tuple[str, str]] = []
         self.pushed: dict[str, str] = {}
         self.runs: list[FakeRun] = []
@@ -147,10 +162,15 @@ class FakeEngine:
                     log.feed({"error": f"The command '{step}' returned a non-zero code: 1"})
                     log.finish()  # raises the BuildError, as the real stream ends here
             if step.split()[0].upper() in {"RUN", "COPY", "ADD"}:
-                layers.append(_bytes_id(f"{layers}{step}".encode()))
+                data = _step_layer(number, f"{layers}{step}")
+                self.layers[_bytes_id(data)] = data
+                layers.append(_bytes_id(data))
         config["rootfs"] = {"type": "layers", "diff_ids": layers}
         settings = config.setdefault("config", {})
-        settings["Labels"] = {**(settings.get("Labels") or {}), **(labels or {})}
+        parsed = DockerfileParser(fileobj=io.StringIO((context_dir / "Dockerfile").read_text()))
+        if parsed.envs:
+            settings["Env"] = [f"{k}={v}" for k, v in parsed.envs.items()]
+        settings["Labels"] = {**(settings.get("Labels") or {}), **parsed.labels, **(labels or {})}
         config["context"] = _tree_digest(context_dir)
         log.feed({"aux": {"ID": self.add_image(config)}})
         image_id = log.finish()
@@ -245,10 +265,12 @@ class FakeEngine:
             del self.images[image.id]
 
     def save(self, refs: Sequence[str], dest: Path) -> None:
-        """A docker-archive of manifest and configs (no layer data: the fake has none)."""
+        """A docker-archive of manifest, configs and the layers the fake holds (no layer at all
+        for an image one of whose layers it lacks: a config made up by a test)."""
         self._call("save", " ".join(refs))
         manifest = []
         with tarfile.open(dest, "w") as archive:
+            written: set[str] = set()
             for ref in refs:
                 image = self._resolve(ref)
                 name = image.id.removeprefix("sha256:") + ".json"
@@ -257,18 +279,30 @@ class FakeEngine:
                     name,
                     json.dumps(image.config, sort_keys=True, separators=(",", ":")).encode(),
                 )
+                diff_ids = list(image.config.get("rootfs", {}).get("diff_ids", []))
+                held = all(d in self.layers for d in diff_ids)
+                names = [d.removeprefix("sha256:") + "/layer.tar" for d in diff_ids] if held else []
+                for diff_id, member in zip(diff_ids if held else [], names, strict=True):
+                    if member not in written:
+                        _add_bytes(archive, member, self.layers[diff_id])
+                        written.add(member)
                 manifest.append(
-                    {"Config": name, "RepoTags": sorted(image.tags) or None, "Layers": []}
+                    {"Config": name, "RepoTags": sorted(image.tags) or None, "Layers": names}
                 )
             _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
 
     def load(self, archive: Path) -> list[str]:
-        """Read a docker-archive's manifest and configs; real archives too (layers are skipped)."""
+        """Read a docker-archive's manifest, configs and layers; real archives too."""
         self._call("load", str(archive))
         ids = []
         with tarfile.open(archive) as tar:
+            names = set(tar.getnames())
             for entry in json.loads(_member(tar, "manifest.json")):
                 raw = _member(tar, entry["Config"])
+                for layer in entry.get("Layers") or []:
+                    if layer in names:
+                        data = _member(tar, layer)
+                        self.layers.setdefault(_bytes_id(data), data)
                 tags = entry.get("RepoTags") or []
                 ids.append(self.add_image(json.loads(raw), *tags, image_id=_bytes_id(raw)))
         return sorted(set(ids))
@@ -296,6 +330,22 @@ class FakeEngine:
         if _full_ref(ref) not in self.pushed and not self.image_exists(ref):
             raise EngineError(f"pulling {ref}: the registry said: manifest unknown")
         return self._resolve(ref).id
+
+
+def context(engine: Engine, cache_root: Path) -> Context:
+    """A stage's context: `engine`, a cache under `cache_root`, progress on stderr."""
+    return Context(engine, CacheLayout(cache_root), Reporter())
+
+
+def _step_layer(number: int, text: str) -> bytes:
+    """A layer tar as a build step leaves it: one file, the step's trace, at a build-time mtime."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = text.encode()
+        info = tarfile.TarInfo(f"fake-build/step-{number}")
+        info.size, info.mtime, info.uname = len(data), 1_800_000_000, "builder"
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def _bytes_id(data: bytes) -> str:

@@ -2,7 +2,7 @@
 with the user's Docker credentials, and its digest checked: against the real Debian registry on
 127.0.0.1 (htpasswd auth) and the real Docker Engine.
 
-The docker test drives the build's base step (`_base_ref`) and a classic-builder build FROM the
+The docker test drives the build's base step (`base_image.base_for`) and a classic-builder build FROM the
 pulled reference; a whole `reprobox build` from it (torch installed, normalised) passed when this
 was written but took 320 s on the 2-core machine, past this test's share of the CI budget.
 """
@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_or_fail
+from conftest import command_context, skip_or_fail
 from engine_admin import add_labels, remove_image
+from fakes import context
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
+from reprobox.base_image import _pull_base, base_for
 from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import ImageInfo
 from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, DigestMismatchError, EngineError
-from reprobox.pipeline import _base_ref, _pull_base
-from reprobox.progress import Reporter
 from reprobox.spec import load_spec
 
 _SPEC = """\
@@ -53,17 +53,17 @@ class _Answering:
         return ImageInfo("sha256:" + "1" * 64, repo_digests=tuple(self.digests))
 
 
-def test_a_pulled_base_whose_digest_differs_is_refused() -> None:
+def test_a_pulled_base_whose_digest_differs_is_refused(tmp_path: Path) -> None:
     ref = "registry.example:5000/team/base:1@sha256:" + "a" * 64
     engine = _Answering(["registry.example:5000/team/base@sha256:" + "b" * 64])
     with pytest.raises(DigestMismatchError) as err:
-        _pull_base(ref, engine, Reporter())  # type: ignore[arg-type]
+        _pull_base(context(engine, tmp_path), ref)  # type: ignore[arg-type]
     assert err.value.exit_code == EXIT_CHECK_FAILED
     assert "not sha256:" + "a" * 64 in err.value.message
     # The tag is dropped: the digest alone decides what is pulled.
     assert engine.pulled == ["registry.example:5000/team/base@sha256:" + "a" * 64]
     fine = _Answering(["registry.example:5000/team/base@sha256:" + "a" * 64])
-    _pull_base(ref, fine, Reporter())  # type: ignore[arg-type]
+    _pull_base(context(fine, tmp_path), ref)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_a_digest_pinned_base_is_pulled_with_credentials_and_built_from(
         # Without credentials the registry refuses, and reprobox says which image (exit 3).
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
         with pytest.raises(EngineError) as err:
-            _base_ref(spec, docker_engine, Reporter())
+            base_for(command_context(docker_engine), spec)
         assert err.value.exit_code == EXIT_MISSING
         assert f"pulling {repository}@{digest}" in err.value.message
         assert not docker_engine.image_exists(ref)
@@ -115,7 +115,7 @@ def test_a_digest_pinned_base_is_pulled_with_credentials_and_built_from(
             tmp_path / "docker", registry.address, registry.user, registry.password
         )
         monkeypatch.setenv("DOCKER_CONFIG", str(config))
-        assert _base_ref(spec, docker_engine, Reporter()) == ref
+        assert base_for(command_context(docker_engine), spec) == ref
         pulled = docker_engine.inspect_image(ref)
         assert pulled.id == own
         assert f"{repository}@{digest}" in pulled.repo_digests

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import base_cache_dir
+from conftest import command_context
 from engine_admin import find_images, remove_image
-from fakes import FakeEngine
+from fakes import FakeEngine, context
 
 from reprobox.archive import write_normalized_layer
 from reprobox.bootstrap import (
@@ -240,14 +240,8 @@ class FakeMmdebstrap:
 def _bootstrap(
     engine: FakeEngine, tmp_path: Path, runner: Runner, packages: Sequence[str] = ()
 ) -> BaseImage:
-    return bootstrap_base(
-        "bookworm",
-        packages,
-        engine,
-        cache_dir=tmp_path / "cache",
-        on_line=lambda _: None,
-        runner=runner,
-    )
+    """A bootstrap into a cache under tmp_path/cache: its bases folder is tmp_path/cache/bases."""
+    return bootstrap_base(context(engine, tmp_path / "cache"), "bookworm", packages, runner=runner)
 
 
 def test_bootstrap_runs_mmdebstrap_once_then_reuses_the_base(tmp_path: Path) -> None:
@@ -266,7 +260,7 @@ def test_bootstrap_runs_mmdebstrap_once_then_reuses_the_base(tmp_path: Path) -> 
     assert "--dpkgopt=path-exclude=/usr/share/doc/*" in argv  # slim, as Debian's own images
     assert env == {"SOURCE_DATE_EPOCH": str(EPOCH)}
     # Scratch emptied; only the record of the bases made here stays.
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "cache" / "bases").iterdir()) == [
         ".trusted-bases.json.lock",
         "trusted-bases.json",
     ]
@@ -323,9 +317,7 @@ def test_an_image_that_only_carries_the_labels_is_not_taken_for_the_base(tmp_pat
     engine.remove_image(base.ref)
     assert engine.find_images({"reprobox.base.key": base.key}) == [planted]
     other_host = tmp_path / "other-cache"  # a cache that never recorded a base
-    made = bootstrap_base(
-        SUITE, (), engine, cache_dir=other_host, on_line=lambda _: None, runner=runner
-    )
+    made = bootstrap_base(context(engine, other_host), SUITE, (), runner=runner)
     assert not made.reused
     assert made.image_id == base.image_id != planted
     assert len(runner.calls) == 2
@@ -335,7 +327,9 @@ def test_an_image_that_only_carries_the_labels_is_not_taken_for_the_base(tmp_pat
 def test_a_damaged_record_trusts_nothing(tmp_path: Path, record: str) -> None:
     engine, runner = FakeEngine(), FakeMmdebstrap()
     base = _bootstrap(engine, tmp_path, runner)
-    (tmp_path / "cache" / "trusted-bases.json").write_text(record.replace("KEY", base.key))
+    (tmp_path / "cache" / "bases" / "trusted-bases.json").write_text(
+        record.replace("KEY", base.key)
+    )
     again = _bootstrap(engine, tmp_path, runner)
     assert not again.reused
     assert len(runner.calls) == 2
@@ -379,9 +373,7 @@ def test_bad_names_are_bad_input_and_touch_nothing(
 ) -> None:
     engine, runner = FakeEngine(), FakeMmdebstrap()
     with pytest.raises(ReproboxError) as caught:
-        bootstrap_base(
-            suite, packages, engine, cache_dir=tmp_path / "c", on_line=print, runner=runner
-        )
+        bootstrap_base(context(engine, tmp_path / "c"), suite, packages, runner=runner)
     assert caught.value.exit_code == EXIT_BAD_INPUT
     assert runner.calls == []
     assert engine.calls == []
@@ -428,14 +420,7 @@ def test_a_second_bootstrap_reuses_the_base_quickly(
         pytest.fail(f"mmdebstrap ran again: {argv}")
 
     started = time.monotonic()
-    again = bootstrap_base(
-        SUITE,
-        (),
-        docker_engine,
-        cache_dir=base_cache_dir(),
-        on_line=lambda _: None,
-        runner=must_not_run,
-    )
+    again = bootstrap_base(command_context(docker_engine), SUITE, (), runner=must_not_run)
     assert time.monotonic() - started < 5
     assert again.reused
     assert again.image_id == debian_base.image_id
@@ -480,14 +465,10 @@ def test_an_imported_image_with_base_labels_is_not_reused(
             return 1
 
         with pytest.raises(BuildError):
-            bootstrap_base(
-                SUITE, (), docker_engine, cache_dir=tmp_path / "c", on_line=print, runner=refuse
-            )
+            bootstrap_base(context(docker_engine, tmp_path / "c"), SUITE, (), runner=refuse)
         assert len(ran) == 1, "the planted image was taken for the base"
         # The control: where this host recorded the real base, it is reused, not the planted one.
-        reused = bootstrap_base(
-            SUITE, (), docker_engine, cache_dir=base_cache_dir(), on_line=print, runner=refuse
-        )
+        reused = bootstrap_base(command_context(docker_engine), SUITE, (), runner=refuse)
         assert reused.reused
         assert reused.image_id == debian_base.image_id != planted
     finally:
@@ -510,14 +491,7 @@ def test_two_mmdebstrap_runs_give_the_same_image_id(
 
     def fresh() -> BaseImage:
         engine = FakeEngine(arch=docker_engine.ping().arch)
-        return bootstrap_base(
-            SUITE,
-            (),
-            engine,
-            cache_dir=tmp_path / "cache",
-            on_line=lambda _: None,
-            runner=keep_rootfs,
-        )
+        return bootstrap_base(context(engine, tmp_path / "cache"), SUITE, (), runner=keep_rootfs)
 
     first = fresh()
     if first.installed == debian_base.installed:

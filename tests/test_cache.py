@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from reprobox.cache import WheelCache, default_cache_dir, fetch, materialize
+from reprobox.cache import WheelCache, fetch, materialize
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
 from reprobox.locked import LockedWheel
 
@@ -297,19 +297,6 @@ def test_materialize_refuses_a_file_name_that_is_a_path(tmp_path: Path) -> None:
     with pytest.raises(LockError, match="not a plain name"):
         materialize([evil], tmp_path / "ctx", root=tmp_path / "cache")
     assert not (tmp_path / "evil.whl").exists()
-
-
-def test_cache_root_comes_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "elsewhere"))
-    assert default_cache_dir() == tmp_path / "elsewhere"
-    assert WheelCache().root == tmp_path / "elsewhere"
-    monkeypatch.delenv("REPROBOX_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "reprobox"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert default_cache_dir() == Path.home() / ".cache" / "reprobox"
 
 
 @pytest.mark.network

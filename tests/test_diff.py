@@ -22,7 +22,8 @@ from archives import (
 from engine_admin import remove_image
 
 from reprobox.bootstrap import BaseImage
-from reprobox.diff import ImageDiff, diff_images, diff_to_json, format_diff
+from reprobox.cli_format import format_diff, report
+from reprobox.diff import ImageDiff, diff_images
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ReproboxError
 
@@ -35,6 +36,13 @@ APP = (
 )
 
 Row = tuple[str, int | None, str, str, str | None, str | None]
+
+
+def _json(diff: ImageDiff) -> dict[str, Any]:
+    """`reprobox diff --json`'s report, less its text summary."""
+    form = report(diff)
+    assert form.pop("summary") == format_diff(diff)
+    return form
 
 
 def archive(tmp_path: Path, name: str, layers: list[bytes], **config: Any) -> Path:
@@ -133,7 +141,7 @@ def test_format_diff_caps_the_rows_and_says_how_many_are_left(tmp_path: Path) ->
 def test_json_form_lists_everything(tmp_path: Path) -> None:
     a = archive(tmp_path, "a", [BASE])
     b = archive(tmp_path, "b", [layer(Entry("etc/os-release", b"ubuntu"))])
-    form = json.loads(json.dumps(diff_to_json(diff_images(str(a), str(b)))))
+    form = json.loads(json.dumps(_json(diff_images(str(a), str(b)))))
     assert form["identical"] is False
     assert form["a"]["ref"] == str(a)
     assert form["a"]["layers"] == 1
@@ -145,7 +153,7 @@ def test_json_form_lists_everything(tmp_path: Path) -> None:
         "a": "dir",
         "b": None,
     } in form["differences"]
-    same = diff_to_json(diff_images(str(a), str(a)))
+    same = _json(diff_images(str(a), str(a)))
     assert (same["identical"], same["differences"]) == (True, [])
 
 

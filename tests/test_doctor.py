@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeEngine
+from fakes import FakeEngine, context
 
 from reprobox.cache import WheelCache
+from reprobox.cli_format import report
+from reprobox.context import Context
 from reprobox.doctor import Disk, Gpu, Probes, doctor, probe_gpus
-from reprobox.engine import Engine, EngineInfo
+from reprobox.engine import EngineInfo
 from reprobox.locked import IndexSettings, Lock, LockedWheel
 from reprobox.lockfile import default_lock_path, write_lockfile
 from reprobox.spec import load_spec
@@ -32,6 +34,14 @@ class LocalFakeEngine(FakeEngine):
         return replace(super().ping(), host="unix:///var/run/docker.sock")
 
 
+@dataclass(frozen=True)
+class _Host:
+    """A faked host: the context doctor is given (engine, cache) and its other probes."""
+
+    ctx: Context
+    probes: Probes
+
+
 def _probes(
     tmp_path: Path,
     *,
@@ -39,19 +49,18 @@ def _probes(
     gpus: list[Gpu] | None = None,
     free: float = 100e9,
     tools: tuple[str, ...] = ("mmdebstrap",),
-) -> Probes:
-    fake = engine or LocalFakeEngine()
-
-    def make_engine() -> Engine:
-        return fake
-
-    return Probes(
-        engine=make_engine,
+) -> _Host:
+    probes = Probes(
         which=lambda name: f"/usr/bin/{name}" if name in tools else None,
         disk=lambda path: Disk(path, int(free), 1),
         gpus=lambda: (list(gpus or []), "nvidia-smi" if gpus else "no nvidia-smi on PATH"),
-        cache_dir=lambda: tmp_path / "cache",
     )
+    return _Host(context(engine or LocalFakeEngine(), tmp_path / "cache"), probes)
+
+
+def _doctor(spec: Path | None, host: _Host) -> dict[str, Any]:
+    """`reprobox doctor --json`'s report on the faked host."""
+    return report(doctor(host.ctx, spec, probes=host.probes))
 
 
 def _line(report: dict[str, Any], name: str) -> dict[str, Any]:
@@ -68,14 +77,14 @@ def _gpu_engine() -> FakeEngine:
 
 
 def test_a_cpu_spec_on_a_host_without_gpu_passes(tmp_path: Path) -> None:
-    report = doctor(CPU_SPEC, probes=_probes(tmp_path))
+    report = _doctor(CPU_SPEC, _probes(tmp_path))
     assert report["exit_code"] == 0, report["summary"]
     assert "CPU specs only" in _line(report, "gpu")["detail"]
     assert "Docker Engine 20.10.24" in _line(report, "engine")["detail"]
 
 
 def test_a_cuda_spec_without_gpu_fails_and_says_what_to_do(tmp_path: Path) -> None:
-    report = doctor(CUDA_SPEC, probes=_probes(tmp_path))
+    report = _doctor(CUDA_SPEC, _probes(tmp_path))
     assert report["exit_code"] == 3
     gpu = _line(report, "gpu")
     assert gpu["status"] == "fail"
@@ -86,7 +95,7 @@ def test_a_cuda_spec_without_gpu_fails_and_says_what_to_do(tmp_path: Path) -> No
 
 def test_a_gpu_host_with_a_recent_driver_passes_a_cuda_spec(tmp_path: Path) -> None:
     # Every driver verdict, against the image's NVIDIA_REQUIRE_CUDA: tests/test_gpu.py.
-    report = doctor(CUDA_SPEC, probes=_probes(tmp_path, engine=_gpu_engine(), gpus=[H100]))
+    report = _doctor(CUDA_SPEC, _probes(tmp_path, engine=_gpu_engine(), gpus=[H100]))
     assert report["exit_code"] == 0, report["summary"]
     assert _line(report, "driver")["status"] == "ok"
     assert "550.54.15" in _line(report, "driver")["detail"]
@@ -95,17 +104,17 @@ def test_a_gpu_host_with_a_recent_driver_passes_a_cuda_spec(tmp_path: Path) -> N
 
 
 def test_a_gpu_the_engine_cannot_hand_to_containers_fails_a_cuda_spec(tmp_path: Path) -> None:
-    report = doctor(CUDA_SPEC, probes=_probes(tmp_path, gpus=[H100]))
+    report = _doctor(CUDA_SPEC, _probes(tmp_path, gpus=[H100]))
     runtime = _line(report, "runtime")
     assert runtime["status"] == "fail"
     assert "nvidia-ctk runtime configure" in runtime["hint"]
     assert report["exit_code"] == 3
     hooked = _probes(tmp_path, gpus=[H100], tools=("mmdebstrap", "nvidia-container-runtime-hook"))
-    assert doctor(CUDA_SPEC, probes=hooked)["exit_code"] == 0
+    assert _doctor(CUDA_SPEC, hooked)["exit_code"] == 0
 
 
 def test_no_engine_is_exit_3_with_the_engine_hint(tmp_path: Path) -> None:
-    report = doctor(CPU_SPEC, probes=_probes(tmp_path, engine=FakeEngine(alive=False)))
+    report = _doctor(CPU_SPEC, _probes(tmp_path, engine=FakeEngine(alive=False)))
     engine = _line(report, "engine")
     assert engine["status"] == "fail"
     assert engine["hint"]
@@ -113,11 +122,11 @@ def test_no_engine_is_exit_3_with_the_engine_hint(tmp_path: Path) -> None:
 
 
 def test_bootstrap_needs_mmdebstrap_only_when_the_spec_bootstraps(tmp_path: Path) -> None:
-    report = doctor(CPU_SPEC, probes=_probes(tmp_path, tools=()))
+    report = _doctor(CPU_SPEC, _probes(tmp_path, tools=()))
     assert _line(report, "mmdebstrap")["status"] == "fail"
     assert "apt-get install mmdebstrap" in _line(report, "mmdebstrap")["hint"]
     assert report["exit_code"] == 3
-    assert doctor(None, probes=_probes(tmp_path, tools=()))["exit_code"] == 0  # only a warning
+    assert _doctor(None, _probes(tmp_path, tools=()))["exit_code"] == 0  # only a warning
 
 
 def _locked_spec(tmp_path: Path, sizes: list[int]) -> Path:
@@ -157,23 +166,23 @@ def _locked_spec(tmp_path: Path, sizes: list[int]) -> Path:
 
 def test_disk_need_is_three_times_the_locked_wheels_and_short_disk_fails(tmp_path: Path) -> None:
     spec_path = _locked_spec(tmp_path, [1_000_000_000, 500_000_000])
-    roomy = doctor(spec_path, probes=_probes(tmp_path, free=10e9))
+    roomy = _doctor(spec_path, _probes(tmp_path, free=10e9))
     disk = _line(roomy, "disk")
     assert disk["status"] == "ok"
     assert "about 4.5 GB needed" in disk["detail"]
     assert "3 x 1.5 GB of locked wheels" in disk["detail"]
-    short = doctor(spec_path, probes=_probes(tmp_path, free=2e9))
+    short = _doctor(spec_path, _probes(tmp_path, free=2e9))
     assert _line(short, "disk")["status"] == "fail"
     assert "free 2.5 GB" in _line(short, "disk")["hint"]
     assert short["exit_code"] == 3
 
 
 def test_without_a_lock_the_fixed_estimate_is_named(tmp_path: Path) -> None:
-    report = doctor(None, probes=_probes(tmp_path))
+    report = _doctor(None, _probes(tmp_path))
     disk = _line(report, "disk")
     assert "engine storage /var/lib/docker and wheel cache" in disk["detail"]
     assert "a fixed cpu estimate: no spec given" in disk["detail"]
-    remote = doctor(None, probes=_probes(tmp_path, engine=FakeEngine()))
+    remote = _doctor(None, _probes(tmp_path, engine=FakeEngine()))
     assert "is remote: its disk is not measured" in remote["summary"]
 
 

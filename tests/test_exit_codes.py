@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import inspect
 import itertools
+import json
 import os
 import pkgutil
 import shutil
@@ -15,23 +16,27 @@ import socket
 import socketserver
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from archives import Entry, layer, raw_config, write_archive
 from cli import Cli, reprobox
 from engine_admin import remove_image
+from fakes import FakeEngine
 from test_render import fake_lock
+from test_stages import engine_with_base, project
 
 from reprobox import cli
 from reprobox.docker_engine import DockerEngine
+from reprobox.engine import RunResult
 from reprobox.errors import (
     EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
     EXIT_INTERNAL,
     EXIT_MISSING,
     EXIT_OK,
+    ContainerTimeoutError,
     ReproboxError,
 )
 from reprobox.lockfile import format_lock
@@ -212,6 +217,23 @@ def test_2_check_of_an_image_whose_selfcheck_label_is_not_json(
         remove_image(docker_engine, image, force=True)
 
 
+def test_2_a_build_step_that_fails_on_what_the_spec_asks_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recipe and the wheels are reprobox's own: a RUN step fails on the spec's input."""
+    spec_path = project(tmp_path / "p")
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+    said = "ERROR: numpy-2.4.6 is not a supported wheel on this platform"
+    engine = engine_with_base(fail_on={"--requirements /reprobox-build/rest.txt": said})
+    assert cli.main(["build", str(spec_path)], engine=engine) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "reprobox: error: docker build failed at step" in err
+    assert "  step: RUN " in err
+    assert f"  | {said}" in err
+    assert "Traceback" not in err
+    assert engine.runs == [], "nothing ran after the failed step"
+
+
 # -- 3: the environment lacks something -----------------------------------------------------------
 
 
@@ -292,13 +314,33 @@ def test_3_a_registry_that_answers_garbage(docker_engine: DockerEngine, tmp_path
     assert "does not speak HTTP" in done.stderr
 
 
+def test_3_a_container_past_its_time_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    """The engine stopped the self-check's container (tests/test_engine.py shows the real one
+    doing so): nothing was compared, so not a failed check."""
+    argv = ["python", "/opt/reprobox/reprobox_selfcheck.py", "--steps", "4"]
+    labels = {"reprobox.selfcheck.argv": json.dumps(argv), "reprobox.cuda": "cpu"}
+
+    def hang(image: str, argv: Sequence[str], env: Mapping[str, str]) -> RunResult:
+        raise ContainerTimeoutError(
+            f"running `{' '.join(argv)}` in {image}: still running after 3600 s, stopped",
+            hint="raise the time limit, or make the command do less",
+        )
+
+    engine = FakeEngine(run_handler=hang)
+    engine.add_image({"config": {"Labels": labels}}, "img:1")
+    assert cli.main(["check", "img:1"], engine=engine) == EXIT_MISSING
+    err = capsys.readouterr().err
+    assert "still running after 3600 s, stopped" in err
+    assert "Traceback" not in err
+
+
 # -- 4: a bug in reprobox -----------------------------------------------------------------------
 
 
 def test_4_any_other_exception_is_an_internal_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def broken(args: object) -> int:
+    def broken(args: object, ctx: object) -> int:
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli, "_cmd_init", broken)

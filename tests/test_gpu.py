@@ -16,14 +16,15 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from fakes import FakeEngine
+from fakes import FakeEngine, context
 from hooked_venv import HOOK, SELFCHECK, clean_env, make_venv
 
-from reprobox import cli, pipeline
+from reprobox import cli
 from reprobox.check import device_argv, run_selfcheck
+from reprobox.cli_format import report
 from reprobox.compat import nvidia_require_cuda
 from reprobox.doctor import Disk, Gpu, Probes, doctor
-from reprobox.engine import Engine, RunResult
+from reprobox.engine import RunResult
 from reprobox.errors import CheckError, GpuUnavailableError
 from reprobox.render import image_env
 from reprobox.spec import load_spec
@@ -57,8 +58,7 @@ def _report(device_class: str, *, passed: bool = True, missing: str | None = Non
 def _check(
     monkeypatch: pytest.MonkeyPatch, engine: FakeEngine, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str]:
-    monkeypatch.setattr(pipeline, "DockerEngine", lambda: engine)
-    code = cli.main(["check", "img:1"])
+    code = cli.main(["check", "img:1"], engine=engine)
     return code, capsys.readouterr().err
 
 
@@ -207,20 +207,16 @@ def _spec_for(cuda: str, tmp: Path) -> Path:
     return path
 
 
-def _gpu_host(tmp: Path, driver: str) -> Probes:
+def _gpu_host(tmp: Path, spec: Path, driver: str) -> dict[str, Any]:
+    """`reprobox doctor SPEC --json` on a faked GPU host with `driver`."""
     engine = FakeEngine()
     engine.runtimes = NVIDIA_RUNTIME
-
-    def make_engine() -> Engine:
-        return engine
-
-    return Probes(
-        engine=make_engine,
+    probes = Probes(
         which=lambda name: f"/usr/bin/{name}",
         disk=lambda path: Disk(path, 10**12, 1),
         gpus=lambda: ([Gpu("NVIDIA H200", driver, "9.0")], "nvidia-smi"),
-        cache_dir=lambda: tmp / "cache",
     )
+    return report(doctor(context(engine, tmp / "cache"), spec, probes=probes))
 
 
 @pytest.mark.parametrize(("cuda", "driver", "driver_cuda", "status"), DRIVERS)
@@ -232,10 +228,10 @@ def test_doctor_passes_warns_and_fails_exactly_where_the_toolkit_starts_the_imag
     assert require == nvidia_require_cuda(cuda)
     admitted = _toolkit_admits(require, driver=driver, driver_cuda=driver_cuda)
     assert admitted is (status != "fail"), f"the image's {require} and doctor's {status} disagree"
-    report = doctor(spec, probes=_gpu_host(tmp_path, driver))
-    (line,) = [line for line in report["lines"] if line["name"] == "driver"]
-    assert line["status"] == status, report["summary"]
-    assert report["exit_code"] == (3 if status == "fail" else 0)
+    doctor_report = _gpu_host(tmp_path, spec, driver)
+    (line,) = [line for line in doctor_report["lines"] if line["name"] == "driver"]
+    assert line["status"] == status, doctor_report["summary"]
+    assert doctor_report["exit_code"] == (3 if status == "fail" else 0)
     if status == "fail":
         assert "refuses to start the image" in line["detail"]
         assert require in line["detail"]

@@ -17,15 +17,33 @@ import sys
 import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from fakes import FakeEngine
+from fakes import FakeEngine, context
 
+from reprobox.cli_format import report
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
-from reprobox.handoff import export_image, import_image, verify_archive
+from reprobox.export_import import export_image as export_stage
+from reprobox.export_import import import_image as import_stage
+from reprobox.export_import import verify_archive
 from reprobox.labels import recorded_fingerprints
 
 SPEC = b"version: 1\nname: demo\n"
+#: Import and export need no cache of their own.
+UNUSED_CACHE = Path("/nonexistent/reprobox-cache")
+
+
+def import_image(path: Path, *, engine: FakeEngine, **flags: bool) -> dict[str, Any]:
+    """`reprobox import --json`'s report, the stage run with the fake engine."""
+    return report(import_stage(context(engine, UNUSED_CACHE), path, **flags))
+
+
+def export_image(image: str, output: Path, *, engine: FakeEngine) -> dict[str, Any]:
+    """`reprobox export --json`'s report, the stage run with the fake engine."""
+    return report(export_stage(context(engine, UNUSED_CACHE), image, output))
+
+
 LOCK = b"# reprobox-lock: 1\n"
 
 
@@ -205,7 +223,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 @pytest.mark.parametrize(
     ("module", "function", "args"),
     [
-        ("handoff", "verify_archive", "Path(sys.argv[1])"),
+        ("export_import", "verify_archive", "Path(sys.argv[1])"),
         ("diff", "diff_images", "sys.argv[1], sys.argv[1], engine=None"),
     ],
     ids=["import", "diff"],

@@ -319,15 +319,15 @@ def test_inference_options_without_inference_are_refused() -> None:
 
 
 def test_a_failure_says_why_even_when_the_runs_agree() -> None:
-    from reprobox import pipeline
+    from reprobox import cli_format
 
     report = {"failures": ["inference: batch invariance is required, but ..."]}
-    assert pipeline._why_failed(report) == "inference: batch invariance is required, but ..."
+    assert cli_format._why_failed(report) == "inference: batch invariance is required, but ..."
     older = {"failures": [], "first_difference": {"step": 3, "what": "loss"}}
-    assert pipeline._why_failed(older) == 'the two runs differ at {"step": 3, "what": "loss"}'
-    lines = pipeline._inference_lines({"inference": {"summary": ["a", "  b"]}})
+    assert cli_format._why_failed(older) == 'the two runs differ at {"step": 3, "what": "loss"}'
+    lines = cli_format._inference_lines({"inference": {"summary": ["a", "  b"]}})
     assert lines == "\na\n  b"
-    assert pipeline._inference_lines({}) == ""
+    assert cli_format._inference_lines({}) == ""
 
 
 def test_check_names_inference_when_only_its_evidence_differs_from_the_record() -> None:

@@ -29,7 +29,8 @@ from engine_admin import remove_image
 
 from reprobox._files import rfc3339
 from reprobox.bootstrap import BaseImage
-from reprobox.diff import diff_images, format_diff
+from reprobox.cli_format import format_diff
+from reprobox.diff import diff_images
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import ImageNotFoundError, ReproboxError
 from reprobox.normalize import NormalizedImage, normalize_config, normalize_image

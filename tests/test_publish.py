@@ -26,10 +26,15 @@ import pytest
 from cli import reprobox
 from conftest import skip_or_fail
 from engine_admin import remove_image
-from fakes import FakeEngine
+from fakes import FakeEngine, context
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
+from test_stages import BASE, project, selfcheck
 
 from reprobox._registry import is_insecure, parse_target
+from reprobox.build import BuildOptions, BuildResult
+from reprobox.check import SelfCheckResult
+from reprobox.cli_format import report
+from reprobox.context import Context
 from reprobox.docker_engine import DockerEngine, engine_info
 from reprobox.engine import RegistrySettings
 from reprobox.errors import (
@@ -42,8 +47,9 @@ from reprobox.errors import (
     RegistryUnreachableError,
     ReproboxError,
 )
-from reprobox.handoff import verify_archive
-from reprobox.publish import publish
+from reprobox.export_import import verify_archive
+from reprobox.publish import Builder
+from reprobox.publish import publish as publish_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "images" / "demo-cpu.yaml"
@@ -147,7 +153,43 @@ class PushingFakeEngine(FakeEngine):
         return digest
 
 
-def _builder(engine: FakeEngine, passed: bool = True) -> Callable[..., dict[str, Any]]:
+#: Publish's own work needs no cache; the fake builds below never touch one.
+UNUSED_CACHE = Path("/nonexistent/reprobox-cache")
+
+
+def publish(
+    spec: Path, to: str, *, engine: FakeEngine, builder: Builder, **kwargs: Any
+) -> dict[str, Any]:
+    """`reprobox publish --json`'s report: the stage, with a fake engine and a fake build."""
+    return report(publish_stage(context(engine, UNUSED_CACHE), spec, to, build=builder, **kwargs))
+
+
+def _built(
+    image_id: str,
+    *,
+    passed: bool = True,
+    tags: tuple[str, ...] = ("demo-cpu:0123456789ab",),
+    selfcheck: SelfCheckResult | None = None,
+) -> BuildResult:
+    """What `build` returns for `image_id` (its default tag's content tag is 0123456789ab)."""
+    return BuildResult(
+        spec=DEMO,
+        lock=DEMO.with_suffix(".lock"),
+        spec_sha256="1" * 64,
+        lock_sha256="2" * 64,
+        base="sha256:" + "3" * 64,
+        built_id="sha256:" + "4" * 64,
+        image_id=image_id,
+        content_id=image_id,
+        content_tag="0123456789ab",
+        tags=tags if passed else (),
+        passed=passed,
+        checked=selfcheck is not None,
+        selfcheck=selfcheck,
+    )
+
+
+def _builder(engine: FakeEngine, passed: bool = True) -> Builder:
     image_id = engine.add_image(
         {
             "config": {
@@ -155,20 +197,17 @@ def _builder(engine: FakeEngine, passed: bool = True) -> Callable[..., dict[str,
             }
         }
     )
+    check = SelfCheckResult(
+        passed, "f" * 64, "cpu-x86_64", None, {"passed": passed, "failures": ["the runs differ"]}
+    )
 
-    def build(spec_path: Path, **_: Any) -> dict[str, Any]:
-        return {
-            "passed": passed,
-            "image_id": image_id,
-            "tags": ["demo-cpu:0123456789ab"] if passed else [],
-            "selfcheck": {"passed": passed, "fingerprint": "f" * 64},
-            "summary": "built" if passed else "self-check FAILED",
-        }
+    def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
+        return _built(image_id, passed=passed, selfcheck=check)
 
     return build
 
 
-def _never(spec_path: Path, **_: Any) -> dict[str, Any]:
+def _never(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     raise AssertionError("nothing may be built")
 
 
@@ -225,17 +264,11 @@ class _GpulessBuilder:
         )
         self.checks: list[bool] = []
 
-    def __call__(self, spec_path: Path, *, check: bool, **_: Any) -> dict[str, Any]:
-        self.checks.append(check)
-        if check:
+    def __call__(self, ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
+        self.checks.append(options.check)
+        if options.check:
             raise GpuUnavailableError("the Docker Engine cannot give containers a GPU")
-        return {
-            "passed": True,
-            "image_id": self.image_id,
-            "tags": ["cuda-small:0123456789ab"],
-            "selfcheck": None,
-            "summary": "built (self-check skipped)",
-        }
+        return _built(self.image_id, tags=("cuda-small:0123456789ab",))
 
 
 def test_an_image_no_self_check_can_prove_here_is_pushed_only_when_allowed(
@@ -270,8 +303,8 @@ def test_a_cuda_image_with_only_a_cpu_fingerprint_is_not_proven(
     labels = {"reprobox.cuda": "12.4", "reprobox.fingerprint.cpu-x86_64": "f" * 64}
     image_id = engine.add_image({"config": {"Labels": labels}})
 
-    def build(spec_path: Path, **_: Any) -> dict[str, Any]:
-        return {"passed": True, "image_id": image_id, "tags": ["x:0123456789ab"], "selfcheck": {}}
+    def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
+        return _built(image_id, tags=("x:0123456789ab",))
 
     report = publish(
         DEMO,
@@ -283,6 +316,33 @@ def test_a_cuda_image_with_only_a_cpu_fingerprint_is_not_proven(
     assert (report["passed"], report["exit_code"], report["verified"]) == (False, 1, False)
     assert "no fingerprint for a CUDA image" in report["unverified_reason"]
     assert engine.pushed == {}
+
+
+@pytest.mark.parametrize("passed", [False, True], ids=["check-fails", "check-passes"])
+def test_the_real_build_stage_gates_the_push(
+    fake_registry: FakeRegistry, tmp_path: Path, passed: bool
+) -> None:
+    """Publish with the build stage itself (FakeEngine, real lock, context and normalising)."""
+    engine = PushingFakeEngine(fake_registry)
+    engine.add_image({"config": {"Labels": {}}}, BASE)
+    engine.run_handler = lambda *_: selfcheck(passed=passed)
+    to = f"{fake_registry.address}/team/demo"
+    spec_path = project(tmp_path / "p")
+    result = publish_stage(context(engine, tmp_path / "cache"), spec_path, to, credentials=_creds())
+    published = report(result)
+    assert (published["passed"], published["exit_code"]) == (passed, 0 if passed else 1)
+    if not passed:
+        assert published["digest"] is None
+        assert "nothing was pushed" in published["summary"]
+        assert engine.pushed == {}
+        assert not any(
+            ref.startswith(fake_registry.address) for i in engine.images.values() for ref in i.tags
+        )
+        return
+    assert result.built is not None
+    assert published["tags"] == [f"{to}:{result.built.content_tag}"]
+    assert set(engine.pushed) == set(published["tags"])
+    assert published["fingerprints"] == {"cpu-x86_64": "a" * 64}
 
 
 def test_a_proven_publish_says_so(fake_registry: FakeRegistry) -> None:

@@ -17,16 +17,14 @@ from engine_admin import remove_image
 
 from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
+from reprobox.dockerfile import dockerfile_quote, from_reference, shell_word
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.locked import IndexSettings, Lock, LockedWheel
 from reprobox.lockfile import LockFile, format_lock
 from reprobox.render import (
     _environment,
     _write_tree,
-    dockerfile_quote,
-    from_reference,
     render_context,
-    shell_word,
     starter_spec,
 )
 from reprobox.spec import Spec, load_spec, parse_spec

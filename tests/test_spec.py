@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from reprobox._text import unsafe_character
+from reprobox.dockerfile import dockerfile_quote
 from reprobox.errors import EXIT_BAD_INPUT, SpecError
-from reprobox.render import dockerfile_quote
 from reprobox.spec import MAX_SCRIPT_BYTES, Spec, Text, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent

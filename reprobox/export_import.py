@@ -6,7 +6,7 @@ byte of such an archive against its own digests before the engine sees it, then 
 archive stays an ordinary `docker save` archive (`docker load -i FILE.tar` works too), and
 `tar -xf FILE.tar reprobox/` gives the spec and lock to a reader.
 
-An archive is someone else's file: import reads every member with a bound (reprobox._archive),
+An archive is someone else's file: import reads every member with a bound (reprobox.archive),
 accepts only a reprobox export (one image, its spec and lock members, and the image's
 `reprobox.spec-sha256` / `reprobox.lock-sha256` labels matching them) unless `allow_foreign`,
 and never moves a tag this engine already has to another image unless `force` (checked before
@@ -41,13 +41,20 @@ from reprobox.archive import (
     read_image,
     read_member,
 )
-from reprobox.docker_engine import DockerEngine
+from reprobox.context import Context
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import ArchiveError, BadInputError, MissingError
 from reprobox.labels import LOCK_SHA256, SELFCHECK_ARGV, SPEC_SHA256, recorded_fingerprints
-from reprobox.progress import Reporter
 
-__all__ = ["SIDE_MEMBERS", "ArchiveContents", "export_image", "import_image", "verify_archive"]
+__all__ = [
+    "SIDE_MEMBERS",
+    "ArchiveContents",
+    "ExportResult",
+    "ImportResult",
+    "export_image",
+    "import_image",
+    "verify_archive",
+]
 
 #: The reprobox members of an exported archive, and where they come from in the image.
 SIDE_MEMBERS = {
@@ -221,13 +228,46 @@ def _check_output(output: Path) -> None:
         raise MissingError(f"cannot write into {output.parent}")
 
 
-def export_image(image: str, output: Path, *, engine: Engine | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportResult:
+    """`reprobox export`: the archive written, and what it holds."""
+
+    archive: Path
+    bytes: int
+    image_id: str
+    #: The names saved: the one the user gave, or every tag of an image named by ID.
+    refs: tuple[str, ...]
+    members: tuple[str, ...]
+    fingerprints: Mapping[str, str]
+    seconds: float
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The tags saved with the image (not its ID)."""
+        return tuple(ref for ref in self.refs if ref != self.image_id)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """`reprobox import`: what was loaded, and whether it is a reprobox export."""
+
+    archive: Path
+    image_ids: tuple[str, ...]
+    tags: tuple[str, ...]
+    members: tuple[str, ...]
+    reprobox_export: bool
+    #: The lock inside hashes to the image's reprobox.lock-sha256 (None: nothing to compare).
+    lock_matches_label: bool | None
+    fingerprints: Mapping[str, str]
+    seconds: float
+
+
+def export_image(ctx: Context, image: str, output: Path) -> ExportResult:
     """`reprobox export`: one archive with the image, its spec and its lock."""
     started = time.monotonic()
     check_image_ref(image)
     _check_output(output)  # before the engine spends seconds saving
-    engine = engine or DockerEngine()
-    info = engine.inspect_image(image)
+    info = ctx.engine.inspect_image(image)
     labels = info.labels
     if SELFCHECK_ARGV not in labels:
         raise BadInputError(
@@ -235,13 +275,12 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
             hint="export images that `reprobox build` made; `docker save` writes any other image",
         )
     refs = _refs_to_save(info, image)
-    reporter = Reporter()
     try:
         with (
-            reporter.stage(f"export {', '.join(refs)} to {output}"),
+            ctx.reporter.stage(f"export {', '.join(refs)} to {output}"),
             atomic_path(output, fsync=True) as partial,
         ):
-            engine.save(refs, partial)
+            ctx.engine.save(refs, partial)
             side = _side_members(partial)
             if _lock_matches(side, labels) is False:
                 raise BadInputError(
@@ -250,39 +289,28 @@ def export_image(image: str, output: Path, *, engine: Engine | None = None) -> d
             _append(partial, side)
     except IsADirectoryError:
         raise BadInputError(f"{output} is a directory") from None
-    size = output.stat().st_size
-    seconds = round(time.monotonic() - started, 1)
-    return {
-        "archive": str(output),
-        "bytes": size,
-        "image_id": info.id,
-        "tags": [ref for ref in refs if ref != info.id],
-        "members": sorted(side),
-        "fingerprints": recorded_fingerprints(labels),
-        "seconds": seconds,
-        "summary": f"exported {info.id} ({', '.join(refs)}) to {output}: "
-        f"{size / 1e6:.0f} MB with {', '.join(sorted(side)) or 'no spec or lock'} ({seconds} s)\n"
-        f"on the other side: `reprobox import {output.name}`, then `reprobox check {refs[0]}`",
-    }
+    return ExportResult(
+        archive=output,
+        bytes=output.stat().st_size,
+        image_id=info.id,
+        refs=tuple(refs),
+        members=tuple(sorted(side)),
+        fingerprints=recorded_fingerprints(labels),
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
 def import_image(
-    archive: Path,
-    *,
-    engine: Engine | None = None,
-    allow_foreign: bool = False,
-    force: bool = False,
-) -> dict[str, Any]:
+    ctx: Context, archive: Path, *, allow_foreign: bool = False, force: bool = False
+) -> ImportResult:
     """`reprobox import`: verify the archive in full, check what it would change, then load it.
 
     Only a reprobox export is loaded unless `allow_foreign`; a tag this engine already has for
     another image is moved only with `force`.
     """
     started = time.monotonic()
-    engine = engine or DockerEngine()
-    engine.ping()
-    reporter = Reporter()
-    with reporter.stage(f"verify {archive} (every layer against its digest)"):
+    ctx.engine_info()
+    with ctx.reporter.stage(f"verify {archive} (every layer against its digest)"):
         contents = verify_archive(archive)
     if _lock_matches(contents.side, contents.labels) is False:
         raise _corrupt(archive, f"its reprobox.lock does not match the image's {LOCK_SHA256}")
@@ -293,24 +321,19 @@ def import_image(
             hint="`reprobox export IMAGE -o FILE.tar` writes one; to load another archive "
             "anyway, pass --allow-foreign (or use `docker load`)",
         )
-    _check_tags(contents, engine, archive, force=force)
-    with reporter.stage(f"load {archive}"):
-        loaded = engine.load(archive)
+    _check_tags(contents, ctx.engine, archive, force=force)
+    with ctx.reporter.stage(f"load {archive}"):
+        loaded = ctx.engine.load(archive)
     missing = sorted(set(contents.image_ids) - set(loaded))
     if missing:
         raise BadInputError(f"the engine did not report loading {', '.join(missing)}")
-    shown = ", ".join(contents.tags) or "no tags"
-    seconds = round(time.monotonic() - started, 1)
-    first = contents.tags[0] if contents.tags else contents.image_ids[0]
-    return {
-        "archive": str(archive),
-        "image_ids": list(contents.image_ids),
-        "tags": list(contents.tags),
-        "members": sorted(contents.side),
-        "reprobox_export": why is None,
-        "lock_matches_label": _lock_matches(contents.side, contents.labels),
-        "fingerprints": recorded_fingerprints(contents.labels),
-        "seconds": seconds,
-        "summary": f"loaded {', '.join(contents.image_ids)} ({shown}) in {seconds} s\n"
-        f"next: `reprobox check {first}` reruns its self-check here",
-    }
+    return ImportResult(
+        archive=archive,
+        image_ids=contents.image_ids,
+        tags=contents.tags,
+        members=tuple(sorted(contents.side)),
+        reprobox_export=why is None,
+        lock_matches_label=_lock_matches(contents.side, contents.labels),
+        fingerprints=recorded_fingerprints(contents.labels),
+        seconds=round(time.monotonic() - started, 1),
+    )

@@ -1,0 +1,307 @@
+"""The build stage: spec -> lock -> wheels -> base -> context -> engine build -> normalised,
+self-checked, labelled and tagged image.
+
+An unchanged rebuild is the engine's layer cache plus the reuse index: the raw build's ID maps to
+the labelled image made from it last time, so normalising and the self-check are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from reprobox._files import write_text_atomic
+from reprobox._registry import check_image_ref
+from reprobox.base_image import base_for
+from reprobox.cache import fetch_locked
+from reprobox.check import (
+    SelfCheckResult,
+    device_argv,
+    gpu_probe_argv,
+    run_selfcheck,
+    selfcheck_argv,
+)
+from reprobox.compare import Verdict
+from reprobox.context import Context
+from reprobox.errors import GpuUnavailableError
+from reprobox.labels import (
+    CONTENT_ID,
+    SELFCHECK_ARGV,
+    fingerprint_label,
+    image_uses_cuda,
+    recorded_fingerprints,
+    trace_label,
+)
+from reprobox.lock import locked_spec
+from reprobox.lockfile import LockFile, default_lock_path, record_image_id
+from reprobox.normalize import NormalizedImage, normalize_image, relabel
+from reprobox.render import RenderedContext, render_context
+from reprobox.spec import Spec
+
+__all__ = ["BuildOptions", "BuildResult", "ReuseIndex", "build"]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: the command line's choices."""
+
+    lock_path: Path | None = None
+    tag: str | None = None
+    relock: bool = False
+    nocache: bool = False
+    check: bool = True
+    refetch: bool = False
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build made: the image, the proof it carries, and where it came from.
+
+    `selfcheck` is this build's self-check (None when it was skipped or reused); a reused image
+    (`reused`) keeps the proof it already carries, its `fingerprints`. `tags` is empty and
+    `reproducible` None when the self-check failed: nothing was tagged.
+    """
+
+    spec: Path
+    lock: Path
+    spec_sha256: str
+    lock_sha256: str
+    base: str
+    built_id: str
+    image_id: str
+    content_id: str
+    content_tag: str
+    tags: tuple[str, ...]
+    passed: bool
+    checked: bool
+    reused: bool = False
+    selfcheck: SelfCheckResult | None = None
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+    #: This build's content ID against the one its lock records.
+    reproducible: Verdict | None = None
+    seconds: float | None = None
+
+
+class ReuseIndex:
+    """Raw build ID -> the normalised, checked and labelled image made from it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, built_id: str) -> Path:
+        return self.root / f"{built_id.removeprefix('sha256:')}.json"
+
+    def get(self, built_id: str) -> dict[str, str] | None:
+        """The record for `built_id`; None when absent or unreadable (it is only a cache)."""
+        try:
+            data = json.loads(self._path(built_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            return None
+        return data
+
+    def put(self, built_id: str, record: dict[str, str]) -> None:
+        """Remember what `built_id` became."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self._path(built_id), json.dumps(record, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a raw build became: the labelled image, its unlabelled content ID, its proof."""
+
+    image_id: str
+    content_id: str
+    passed: bool = True
+    reused: bool = False
+    selfcheck: SelfCheckResult | None = None
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+
+
+class _UnprovenError(Exception):
+    """The image was built and normalised, but its self-check needs a GPU this host lacks."""
+
+    def __init__(self, image_id: str, content_id: str, error: GpuUnavailableError) -> None:
+        super().__init__(error.message)
+        self.image_id, self.content_id, self.error = image_id, content_id, error
+
+
+def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
+    """`reprobox build`: everything, ending in a tagged image that passed its self-check."""
+    started = time.monotonic()
+    if options.tag is not None:
+        check_image_ref(options.tag, "--tag")
+    ctx.cache.usable()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
+    ctx.note_engine()
+    spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
+    files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
+    base_ref = base_for(ctx, spec)
+    with _context_dir(ctx) as ctx_dir:
+        rendered = render_context(spec, locked, ctx_dir, base_ref=base_ref, wheels=files)
+        with ctx.reporter.stage("build"):
+            built_id = ctx.engine.build(
+                rendered.path,
+                nocache=options.nocache,
+                labels={SELFCHECK_ARGV: json.dumps(selfcheck_argv(spec))},
+                on_event=ctx.reporter.build_event,
+            )
+    outcome = _outcome(ctx, spec, rendered, built_id, options)
+    result = BuildResult(
+        spec=spec_path,
+        lock=options.lock_path or default_lock_path(spec_path),
+        spec_sha256=spec.sha256,
+        lock_sha256=rendered.lock_sha256,
+        base=base_ref,
+        built_id=built_id,
+        image_id=outcome.image_id,
+        content_id=outcome.content_id,
+        content_tag=rendered.content_tag,
+        tags=(options.tag or rendered.tag,) if outcome.passed else (),
+        passed=outcome.passed,
+        checked=options.check,
+        reused=outcome.reused,
+        selfcheck=outcome.selfcheck,
+        fingerprints=outcome.fingerprints,
+    )
+    if not outcome.passed:
+        return result
+    reproducible = _compare_recorded(locked, outcome.content_id)
+    for ref in result.tags:
+        ctx.engine.tag(outcome.image_id, ref)
+    seconds = round(time.monotonic() - started, 1)
+    return replace(result, reproducible=reproducible, seconds=seconds)
+
+
+@contextmanager
+def _context_dir(ctx: Context) -> Iterator[Path]:
+    # Beside the wheel cache, so wheels are hard-linked rather than copied into the context.
+    ctx.cache.contexts.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ctx-", dir=ctx.cache.contexts) as tmp:
+        yield Path(tmp) / "context"
+
+
+def _outcome(
+    ctx: Context, spec: Spec, rendered: RenderedContext, built_id: str, options: BuildOptions
+) -> _Outcome:
+    """The image this raw build becomes: reused from the index, or normalised and proven now."""
+    index = ReuseIndex(ctx.cache.builds)
+    record = None if options.nocache else _reusable(ctx, index, built_id)
+    if record is not None and (record.get("checked") == "yes" or not options.check):
+        return _reused(ctx, record)
+    if record is not None:
+        _gpu_preflight(ctx, record)
+    try:
+        outcome = _prove(ctx, spec, rendered, built_id, check=options.check)
+    except _UnprovenError as unproven:
+        # Built and normalised, not proven: a later `--no-check` reuses it in seconds.
+        index.put(
+            built_id,
+            {"image_id": unproven.image_id, "content_id": unproven.content_id, "checked": "no"},
+        )
+        raise unproven.error from None
+    if outcome.passed:
+        checked = "yes" if options.check else "no"
+        index.put(
+            built_id,
+            {"image_id": outcome.image_id, "content_id": outcome.content_id, "checked": checked},
+        )
+    return outcome
+
+
+def _reusable(ctx: Context, index: ReuseIndex, built_id: str) -> dict[str, str] | None:
+    """What this exact raw build became last time, if that image is still in the engine."""
+    record = index.get(built_id)
+    if record is None or not ctx.engine.image_exists(record.get("image_id", "")):
+        return None
+    return record
+
+
+def _reused(ctx: Context, record: Mapping[str, str]) -> _Outcome:
+    """The image this exact raw build became last time, with the proof it already carries."""
+    image_id = record["image_id"]
+    fingerprints = recorded_fingerprints(ctx.engine.inspect_image(image_id).labels)
+    return _Outcome(image_id, record["content_id"], reused=True, fingerprints=fingerprints)
+
+
+def _prove(
+    ctx: Context, spec: Spec, rendered: RenderedContext, built_id: str, *, check: bool
+) -> _Outcome:
+    """Normalise the raw build, self-check the normalised image, then label it (no rewrite)."""
+    with ctx.reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
+        normalized = normalize_image(
+            ctx.engine,
+            built_id,
+            source_date_epoch=rendered.source_date_epoch,
+            workdir=ctx.cache.work,
+            base_image=rendered.base_ref,
+        )
+    content_id = normalized.image_id
+    cuda = image_uses_cuda(ctx.engine.inspect_image(content_id).labels, content_id)
+    if not check:
+        return _Outcome(_label(ctx, normalized, {}), content_id)
+    where = "on the GPU" if cuda else "on the CPU"
+    argv = device_argv(selfcheck_argv(spec), cuda=cuda)
+    steps = spec.selfcheck.steps
+    with ctx.reporter.stage(f"self-check ({steps} steps, twice, in fresh interpreters, {where})"):
+        try:
+            result = run_selfcheck(ctx.engine, content_id, argv, gpus=cuda)
+        except GpuUnavailableError as err:
+            image_id = _label(ctx, normalized, {})
+            raise _UnprovenError(image_id, content_id, _needs_gpu(err, image_id)) from err
+    if not result.passed:
+        return _Outcome(content_id, content_id, passed=False, selfcheck=result)
+    trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
+    proof = {
+        fingerprint_label(result.device_class): result.fingerprint,
+        trace_label(result.device_class): trace,
+    }
+    return _Outcome(_label(ctx, normalized, proof), content_id, selfcheck=result)
+
+
+def _label(ctx: Context, normalized: NormalizedImage, proof: Mapping[str, str]) -> str:
+    """The normalised image with its content ID (and the self-check's proof) as labels."""
+    labels = {CONTENT_ID: normalized.image_id, **proof}
+    return relabel(ctx.engine, normalized, labels, workdir=ctx.cache.work)
+
+
+def _gpu_preflight(ctx: Context, record: Mapping[str, str]) -> None:
+    """Before normalising again an unproven CUDA build: can this host prove it at all?
+
+    One self-check step on the image already normalised (the same content): a host without a
+    GPU answers in seconds, and the build stops before minutes of normalising.
+    """
+    content_id = record.get("content_id", "")
+    if not ctx.engine.image_exists(content_id):
+        return
+    if not image_uses_cuda(ctx.engine.inspect_image(content_id).labels, content_id):
+        return
+    with ctx.reporter.stage("is there a GPU for the self-check?"):
+        try:
+            run_selfcheck(ctx.engine, content_id, gpu_probe_argv(), gpus=True)
+        except GpuUnavailableError as err:
+            raise _needs_gpu(err, record["image_id"]) from err
+
+
+def _needs_gpu(err: GpuUnavailableError, image_id: str) -> GpuUnavailableError:
+    return GpuUnavailableError(
+        f"built and normalised {image_id}, but a CUDA image's self-check needs a GPU, and here "
+        f"there is none to give it: {err.message}",
+        hint="`reprobox build SPEC --no-check` tags the image now, without a proof (in seconds: "
+        "this build is reused); then `reprobox check IMAGE` on a host with an NVIDIA GPU and "
+        "the NVIDIA Container Toolkit proves it there, and `reprobox build SPEC` on such a "
+        f"host records its fingerprint. Here: {err.hint}",
+    )
+
+
+def _compare_recorded(locked: LockFile, content_id: str) -> Verdict:
+    """Did this build give the image ID the lock recorded? Record it where none is."""
+    verdict = Verdict(here=content_id, recorded=locked.image_id)
+    if verdict.recorded is None:
+        record_image_id(locked, content_id)
+    return verdict

@@ -1,0 +1,105 @@
+"""The `--json` reports are a contract with pipelines (docs/ci.md): every command's keys, pinned.
+
+Commands run in-process on the FakeEngine (tests/test_stages.py's project: a real lock, wheels and
+context), so the reports come from real typed results through the CLI's one formatter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_stages import answering, project, selfcheck
+
+from reprobox import cli
+
+BUILD = {
+    "spec",
+    "lock",
+    "spec_sha256",
+    "lock_sha256",
+    "base",
+    "built_id",
+    "tags",
+    "image_id",
+    "content_id",
+    "passed",
+    "selfcheck",
+    "summary",
+}
+FRESH_CHECK = {"passed", "fingerprint", "device_class", "first_difference", "report"}
+CHECK = {
+    "image",
+    "passed",
+    "device_class",
+    "fingerprint",
+    "recorded",
+    "matches_recorded",
+    "first_difference",
+    "selfcheck",
+    "summary",
+}
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(engine: Any, *argv: str) -> tuple[int, dict[str, Any]]:
+        code = cli.main([*argv, "--json"], engine=engine)
+        return code, json.loads(capsys.readouterr().out)
+
+    return run
+
+
+def test_lock_and_render_reports(tmp_path: Path, run: Any) -> None:
+    spec = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    code, locked = run(engine, "lock", str(spec))
+    assert code == 0
+    assert set(locked) == {"lock", "pylock", "spec_sha256", "wheels", "summary"}
+    assert locked["wheels"] == 4
+    code, rendered = run(engine, "render", str(spec), "-o", str(tmp_path / "ctx"))
+    assert code == 0
+    assert set(rendered) == {"context", "tag", "lock", "summary"}
+    assert rendered["tag"].startswith("demo-fake:")
+    assert engine.calls == [("tag", engine.calls[0][1])], "neither lock nor render asks the engine"
+
+
+def test_build_reports_fresh_reused_and_failed(tmp_path: Path, run: Any) -> None:
+    spec = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    code, fresh = run(engine, "build", str(spec))
+    assert code == 0
+    assert set(fresh) == BUILD | {"reproducible", "seconds"}
+    assert set(fresh["selfcheck"]) == FRESH_CHECK
+    assert set(fresh["reproducible"]) == {"recorded", "matches", "message"}
+    assert fresh["reproducible"]["matches"] is None
+    code, reused = run(engine, "build", str(spec))
+    assert code == 0
+    assert reused["selfcheck"] == {
+        "passed": True,
+        "reused": True,
+        "fingerprints": {"cpu-x86_64": "a" * 64},
+    }
+    assert reused["reproducible"]["matches"] is True
+    code, unchecked = run(engine, "build", str(spec), "--no-check")
+    assert (code, unchecked["selfcheck"]) == (0, None)
+    failing = project(tmp_path / "q")
+    code, failed = run(answering(selfcheck(passed=False)), "build", str(failing))
+    assert code == 1
+    assert set(failed) == BUILD, "a failed build reports no reproducibility and no time"
+    assert failed["tags"] == []
+
+
+def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> None:
+    spec = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    _, built = run(engine, "build", str(spec))
+    code, checked = run(engine, "check", built["tags"][0])
+    assert code == 0
+    assert set(checked) == CHECK
+    assert (checked["matches_recorded"], checked["recorded"]) == (True, "a" * 64)
+    assert checked["first_difference"] is None

@@ -1,0 +1,223 @@
+"""The build stage joined end to end on the FakeEngine: a real lock, wheels fetched and verified
+from local files, a real build context, a replayed build whose layers are real tars, a real
+normalisation and relabelling through archives; only the engine and the in-image self-check's
+answers are faked. Reused, failed, and unproven for want of a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from fakes import FakeEngine, context
+from test_render import fake_lock
+
+from reprobox import cli
+from reprobox.build import BuildOptions, BuildResult, ReuseIndex, build
+from reprobox.context import Context
+from reprobox.engine import RunResult
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, GpuUnavailableError
+from reprobox.labels import CONTENT_ID, fingerprint_label, trace_label
+from reprobox.lockfile import default_lock_path, read_lockfile, write_lockfile
+from reprobox.spec import load_spec
+
+BASE = "registry.example/team/base:1@sha256:" + "b" * 64
+SPEC = f"""\
+version: 1
+name: demo-fake
+base:
+  image: "{BASE}"
+python: "3.11"
+torch:
+  version: "{{torch}}"
+  cuda: {{cuda}}
+packages:
+  - numpy==2.4.6
+selfcheck:
+  steps: 2
+"""
+FINGERPRINT = "a" * 64
+RUN = {"losses": ["0x1.8p-1", "0x1p-1"], "state_sha256": "5" * 64}
+
+
+def project(folder: Path, *, cuda: str = "cpu") -> Path:
+    """A spec on a digest-pinned base, and its lock, whose wheels are small local files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.yaml"
+    torch = "2.13.0" if cuda == "cpu" else "2.5.1"
+    spec_path.write_text(SPEC.format(torch=torch, cuda=cuda if cuda == "cpu" else f'"{cuda}"'))
+    lock = fake_lock(load_spec(spec_path))
+    served = folder / "served"
+    served.mkdir()
+    wheels = []
+    for wheel in lock.wheels:
+        data = f"{wheel.filename} stands in for a wheel".encode()
+        (served / wheel.filename).write_bytes(data)
+        url, digest = (served / wheel.filename).as_uri(), hashlib.sha256(data).hexdigest()
+        wheels.append(dataclasses.replace(wheel, url=url, sha256=digest, size=len(data)))
+    write_lockfile(default_lock_path(spec_path), dataclasses.replace(lock, wheels=tuple(wheels)))
+    return spec_path
+
+
+def engine_with_base(**kwargs: object) -> FakeEngine:
+    """A FakeEngine that holds the spec's base image, as a pull would have left it."""
+    engine = FakeEngine(**kwargs)  # type: ignore[arg-type]
+    engine.add_image({"config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {}}}, BASE)
+    return engine
+
+
+def selfcheck(*, passed: bool = True) -> RunResult:
+    """What the in-image self-check prints: runs that agree, or that part at step 2."""
+    runs = [RUN, RUN if passed else {**RUN, "losses": ["0x1.8p-1", "0x1.2p-1"]}]
+    difference = None if passed else {"step": 2, "what": "loss", "a": "0x1p-1", "b": "0x1.2p-1"}
+    report = {
+        "passed": passed,
+        "fingerprint": FINGERPRINT,
+        "device_class": "cpu-x86_64",
+        "first_difference": difference,
+        "failures": [] if passed else ["the runs differ at step 2: loss"],
+        "runs": runs,
+    }
+    return RunResult(0 if passed else 1, json.dumps(report), "")
+
+
+def answering(result: RunResult) -> FakeEngine:
+    def handler(image: str, argv: Sequence[str], env: Mapping[str, str]) -> RunResult:
+        return result
+
+    return engine_with_base(run_handler=handler)
+
+
+def _calls(engine: FakeEngine, since: int = 0) -> list[str]:
+    return [call for call, _ in engine.calls[since:]]
+
+
+def _build(ctx: Context, spec_path: Path, **options: bool) -> BuildResult:
+    return build(ctx, spec_path, BuildOptions(**options))  # type: ignore[arg-type]
+
+
+def test_a_build_is_normalised_checked_labelled_and_tagged(tmp_path: Path) -> None:
+    spec_path = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    result = _build(context(engine, tmp_path / "cache"), spec_path)
+    assert result.passed
+    assert not result.reused
+    assert result.selfcheck is not None
+    assert result.selfcheck.fingerprint == FINGERPRINT
+    assert result.tags == (f"demo-fake:{result.content_tag}",)
+    assert engine.inspect_image(result.tags[0]).id == result.image_id
+    labels = engine.inspect_image(result.image_id).labels
+    assert labels[fingerprint_label("cpu-x86_64")] == FINGERPRINT
+    assert json.loads(labels[trace_label("cpu-x86_64")]) == RUN
+    assert labels[CONTENT_ID] == result.content_id != result.image_id
+    assert labels["reprobox.cuda"] == "cpu"
+    assert result.built_id != result.content_id, "the raw build was normalised"
+    (run,) = engine.runs
+    assert run.image == result.content_id, "the check ran in the normalised image"
+    assert result.reproducible is not None
+    assert result.reproducible.matches is None  # nothing recorded yet: now it is
+    assert read_lockfile(default_lock_path(spec_path)).image_id == result.content_id
+    assert _calls(engine).count("ping") == 1, "one command, one ping"
+
+
+def test_an_unchanged_rebuild_reuses_the_record_and_its_proof(tmp_path: Path) -> None:
+    spec_path = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    first = _build(context(engine, tmp_path / "cache"), spec_path)
+    since = len(engine.calls)
+    again = _build(context(engine, tmp_path / "cache"), spec_path)
+    assert again.reused
+    assert (again.image_id, again.content_id) == (first.image_id, first.content_id)
+    assert again.fingerprints == {"cpu-x86_64": FINGERPRINT}
+    assert len(engine.runs) == 1, "no second self-check"
+    assert not {"save", "load"} & set(_calls(engine, since)), "no second normalisation"
+    assert again.reproducible is not None
+    assert again.reproducible.matches is True
+    # The control: without the layer cache's record the image is normalised and checked again.
+    since = len(engine.calls)
+    fresh = _build(context(engine, tmp_path / "cache"), spec_path, nocache=True)
+    assert not fresh.reused
+    assert {"save", "load"} <= set(_calls(engine, since))
+    assert len(engine.runs) == 2
+
+
+def test_a_failed_self_check_leaves_no_tag_and_no_record(tmp_path: Path) -> None:
+    spec_path = project(tmp_path / "p")
+    engine = answering(selfcheck(passed=False))
+    ctx = context(engine, tmp_path / "cache")
+    since = len(engine.calls)
+    result = _build(ctx, spec_path)
+    assert not result.passed
+    assert result.tags == ()
+    assert result.reproducible is None
+    assert result.selfcheck is not None
+    assert result.selfcheck.first_difference == {
+        "step": 2,
+        "what": "loss",
+        "a": "0x1p-1",
+        "b": "0x1.2p-1",
+    }
+    assert "tag" not in _calls(engine, since)
+    assert [image.tags for image in engine.images.values() if image.tags] == [{BASE}]
+    assert ReuseIndex(ctx.cache.builds).get(result.built_id) is None, "a failure is not reused"
+    assert read_lockfile(default_lock_path(spec_path)).image_id is None
+
+
+def test_the_cli_says_a_failed_check_with_exit_1_and_tags_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec_path = project(tmp_path / "p")
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+    engine = answering(selfcheck(passed=False))
+    assert cli.main(["build", str(spec_path), "--json"], engine=engine) == EXIT_CHECK_FAILED
+    report = json.loads(capsys.readouterr().out)
+    assert (report["passed"], report["tags"]) == (False, [])
+    assert "self-check FAILED" in report["summary"]
+    assert "the image was not tagged" in report["summary"]
+    assert report["selfcheck"]["first_difference"]["step"] == 2
+
+
+def test_a_cuda_image_without_a_gpu_is_built_then_exit_3_then_reused_unproven(
+    tmp_path: Path,
+) -> None:
+    spec_path = project(tmp_path / "p", cuda="12.4")
+    engine = answering(selfcheck())  # no nvidia runtime: a GPU request is refused
+    ctx = context(engine, tmp_path / "cache")
+    with pytest.raises(GpuUnavailableError) as caught:
+        _build(ctx, spec_path)
+    assert caught.value.exit_code == EXIT_MISSING
+    assert "needs a GPU" in caught.value.message
+    assert "--no-check" in (caught.value.hint or "")
+    (run,) = engine.runs
+    assert run.gpus is True
+    assert run.argv[-2:] == ("--device", "cuda")
+    since = len(engine.calls)
+    unproven = _build(context(engine, tmp_path / "cache"), spec_path, check=False)
+    assert unproven.passed
+    assert unproven.reused, "--no-check reuses the image the refused build normalised"
+    assert unproven.selfcheck is None
+    assert not {"save", "load"} & set(_calls(engine, since))
+    assert engine.inspect_image(unproven.tags[0]).id == unproven.image_id
+    # Asked to prove it again on this host: a one-step probe says no before any normalising.
+    since = len(engine.calls)
+    with pytest.raises(GpuUnavailableError):
+        _build(context(engine, tmp_path / "cache"), spec_path)
+    assert engine.runs[-1].argv[-4:] == ("--steps", "1", "--device", "cuda")
+    assert not {"save", "load"} & set(_calls(engine, since))
+
+
+def test_reuse_index_round_trip_and_corrupt_files(tmp_path: Path) -> None:
+    index = ReuseIndex(tmp_path / "builds")
+    built = "sha256:" + "a" * 64
+    assert index.get(built) is None
+    image = "sha256:" + "1" * 64
+    index.put(built, {"image_id": image, "content_id": image, "checked": "yes"})
+    assert index.get(built) == {"image_id": image, "content_id": image, "checked": "yes"}
+    (tmp_path / "builds" / ("a" * 64 + ".json")).write_text("{not json")
+    assert index.get(built) is None, "a corrupt record is a cache miss, not a crash"
+    (tmp_path / "builds" / ("a" * 64 + ".json")).write_text('{"image_id": 3}')
+    assert index.get(built) is None
