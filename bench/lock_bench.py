@@ -20,7 +20,7 @@ from typing import TypeVar
 from reprobox.cache import WheelCache
 from reprobox.lock import resolve
 from reprobox.locked import Lock
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from packaging.utils import canonicalize_name
 
-from reprobox._target import Target
+from reprobox._platform import Platform
 from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
 
 __all__ = [
@@ -220,7 +220,7 @@ def strip_credentials(url: str) -> str:
 
 
 def _argv(
-    target: Target, requirements: Sequence[str], index_args: Sequence[str], report: Path
+    target: Platform, requirements: Sequence[str], index_args: Sequence[str], report: Path
 ) -> list[str]:
     platforms = [arg for p in target.platforms for arg in ("--platform", p)]
     return [
@@ -331,7 +331,7 @@ def _no_match(
 
 
 def resolve_with_pip(
-    target: Target, requirements: Sequence[str], index_args: Sequence[str], runner: Runner
+    target: Platform, requirements: Sequence[str], index_args: Sequence[str], runner: Runner
 ) -> Resolution:
     """Resolve `requirements` for `target` with pip's dry run; every failure is a LockError."""
     with tempfile.TemporaryDirectory(prefix="reprobox-lock-") as tmp:
@@ -354,7 +354,7 @@ def resolve_with_pip(
     return Resolution(dists, indexes, links)
 
 
-def _check_environment(environment: Mapping[str, str] | None, target: Target) -> None:
+def _check_environment(environment: Mapping[str, str] | None, target: Platform) -> None:
     """Fail if pip evaluated markers for this machine rather than the image (a changed pip)."""
     wanted = target.marker_environment()
     if environment is not None and any(environment.get(k) != v for k, v in wanted.items()):
@@ -367,7 +367,7 @@ def _check_environment(environment: Mapping[str, str] | None, target: Target) ->
 
 
 def link_listing(
-    target: Target, requirement: str, index_args: Sequence[str], runner: Runner
+    target: Platform, requirement: str, index_args: Sequence[str], runner: Runner
 ) -> str:
     """pip's debug output for one requirement: it names every file it skipped, and why."""
     with tempfile.TemporaryDirectory(prefix="reprobox-lock-") as tmp:

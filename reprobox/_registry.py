@@ -37,8 +37,8 @@ from reprobox.errors import (
 
 __all__ = [
     "MANIFEST_TYPES",
+    "PublishTarget",
     "RegistryClient",
-    "Target",
     "check_image_ref",
     "check_tag",
     "is_insecure",
@@ -67,7 +67,7 @@ _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 
 
 @dataclass(frozen=True)
-class Target:
+class PublishTarget:
     """Where to publish: a registry and a repository in it."""
 
     registry: str  # as written: `127.0.0.1:5000`, `ghcr.io`; `docker.io` when none was
@@ -92,7 +92,7 @@ def _bad_reference(text: str, why: str) -> BadInputError:
     )
 
 
-def parse_target(text: str) -> Target:
+def parse_target(text: str) -> PublishTarget:
     """Validate `REGISTRY/REPO` (Docker's reference grammar) before anything is built."""
     if not text or text != text.strip():
         raise _bad_reference(text, "it is empty or has spaces around it")
@@ -112,7 +112,7 @@ def parse_target(text: str) -> Target:
         raise _bad_reference(text, "it is longer than 255 characters")
     if registry == _HUB and "/" not in path:
         path = f"library/{path}"
-    return Target(registry, path, text)
+    return PublishTarget(registry, path, text)
 
 
 def check_tag(tag: str) -> str:
@@ -191,7 +191,7 @@ class RegistryClient:
     """The v2 API of one registry, for one repository, with one set of credentials."""
 
     def __init__(
-        self, target: Target, auth: Mapping[str, str] | None, *, insecure: bool = False
+        self, target: PublishTarget, auth: Mapping[str, str] | None, *, insecure: bool = False
     ) -> None:
         self.target = target
         self._auth = dict(auth or {})

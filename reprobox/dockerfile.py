@@ -42,13 +42,18 @@ def dockerfile_quote(value: object) -> str:
     return f'"{escaped}"'
 
 
+def _unquotable(value: object, pattern: re.Pattern[str], where: str) -> str:
+    """A value the Dockerfile cannot quote: used as it is only where it fully matches `pattern`."""
+    text = str(value)
+    _inert(text, where)
+    if pattern.fullmatch(text) is None:
+        raise BadInputError(f"refusing to render {text!r} into the Dockerfile's {where}")
+    return text
+
+
 def dockerfile_key(value: object) -> str:
     """An ENV or LABEL key, which the Dockerfile cannot quote: refused unless it is a plain word."""
-    text = str(value)
-    _inert(text, "ENV/LABEL key")
-    if _KEY.fullmatch(text) is None:
-        raise BadInputError(f"refusing to render {text!r} as an ENV or LABEL key")
-    return text
+    return _unquotable(value, _KEY, "ENV/LABEL key")
 
 
 def shell_word(value: object) -> str:
@@ -62,8 +67,4 @@ def shell_word(value: object) -> str:
 
 def from_reference(value: object) -> str:
     """What FROM names, which the Dockerfile cannot quote: an image ID, a pinned reference, a stage."""
-    text = str(value)
-    _inert(text, "FROM line")
-    if _FROM.fullmatch(text) is None:
-        raise BadInputError(f"refusing to render {text!r} into a FROM line")
-    return text
+    return _unquotable(value, _FROM, "FROM line")

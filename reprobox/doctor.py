@@ -21,7 +21,8 @@ from reprobox.engine import EngineInfo
 from reprobox.errors import EXIT_MISSING, EngineError, ReproboxError
 from reprobox.locked import Lock
 from reprobox.lockfile import default_lock_path, read_lockfile
-from reprobox.spec import Spec, load_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import load_spec
 
 __all__ = ["Disk", "DoctorResult", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
 

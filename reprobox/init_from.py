@@ -20,11 +20,11 @@ from packaging.utils import canonicalize_name
 
 from reprobox import __version__
 from reprobox._pip import PipConfig, Runner, read_pip_config, resolve_with_pip, run_pip
-from reprobox._target import ASSUMED_GLIBC, Target, host_arch
+from reprobox._platform import ASSUMED_GLIBC, Platform, host_arch
 from reprobox.compat import debian_suite, torch_release
 from reprobox.errors import BadInputError
 from reprobox.importers import Imported, Wanted, read_project
-from reprobox.spec import parse_spec
+from reprobox.spec_load import parse_spec
 
 __all__ = ["DEFAULT_TORCH", "spec_from_project", "write_spec"]
 
@@ -38,18 +38,18 @@ _LABEL = re.compile(r"^cu(?P<major>[0-9]+)(?P<minor>[0-9])$")
 @dataclass(frozen=True)
 class _Base:
     yaml: str
-    target: Target
+    target: Platform
     described: str
 
 
 def _base(python: str, base_image: str | None, arch: str) -> _Base:
     if base_image is not None:
-        target = Target(python, arch, ASSUMED_GLIBC, glibc_assumed=True)
+        target = Platform(python, arch, ASSUMED_GLIBC, glibc_assumed=True)
         return _Base(f"  image: {json.dumps(base_image)}", target, f"glibc {ASSUMED_GLIBC} assumed")
     for suite in _SUITES:
         facts = debian_suite(suite)
         if facts is not None and facts[0] == python:
-            target = Target(python, arch, facts[1])
+            target = Platform(python, arch, facts[1])
             return _Base(f"  bootstrap: debian:{suite}", target, f"glibc {facts[1]}")
     raise BadInputError(
         f"no Debian base reprobox can bootstrap has Python {python}",
@@ -125,7 +125,7 @@ def _by_name(wanted: Sequence[Wanted]) -> dict[str, list[Wanted]]:
 
 def _pins(
     imported: Imported,
-    target: Target,
+    target: Platform,
     *,
     torch: str | None,
     cuda: str | None,

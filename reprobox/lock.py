@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from reprobox import __version__
-from reprobox._diagnose import explain_no_match
+from reprobox._no_wheel import explain_no_match
 from reprobox._pip import (
     PipConfig,
     Resolution,
@@ -29,8 +29,8 @@ from reprobox._pip import (
     resolve_with_pip,
     run_pip,
 )
+from reprobox._platform import Platform, platform_for
 from reprobox._sizes import wheel_sizes
-from reprobox._target import Target, target_for
 from reprobox.compat import torch_release
 from reprobox.context import Context
 from reprobox.errors import IndexUnreachableError, LockError, NoMatchError
@@ -43,7 +43,8 @@ from reprobox.lockfile import (
     write_lockfile,
     write_pylock,
 )
-from reprobox.spec import Index, Spec, load_spec
+from reprobox.spec import Index, Spec
+from reprobox.spec_load import load_spec
 
 __all__ = [
     "PYTORCH_INDEX",
@@ -122,7 +123,7 @@ def _index_args(spec: Spec, pip_config: PipConfig) -> list[str]:
 
 
 def _resolve(
-    target: Target, requirements: list[str], args: list[str], runner: Runner, fallback: str | None
+    target: Platform, requirements: list[str], args: list[str], runner: Runner, fallback: str | None
 ) -> Resolution:
     """pip's resolution; if torch's build is missing, once more with its PyTorch index added."""
     try:
@@ -349,7 +350,7 @@ def resolve(
             "ignored from pip's configuration (they would change what the lock chooses): "
             + ", ".join(pip_config.ignored)
         )
-    target = target_for(spec, arch)
+    target = platform_for(spec, arch)
     torch, variant_index = _torch_requirement(spec)
     installer = f"pip=={pip_version()}"
     requirements = _requirements(spec, torch, installer)

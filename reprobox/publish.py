@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reprobox._registry import (
+    PublishTarget,
     RegistryClient,
-    Target,
     check_tag,
     is_insecure,
     parse_target,
@@ -61,7 +61,7 @@ Builder = Callable[[Context, Path, BuildOptions], BuildResult]
 class Published:
     """What landed in the registry: every tag names the manifest `digest`."""
 
-    target: Target
+    target: PublishTarget
     image_id: str
     digest: str
     tags: tuple[str, ...]
@@ -109,7 +109,9 @@ class _LayerTally:
         return len(self.final) - self.pushed
 
 
-def _push_error(err: EngineError, target: Target, auth: Mapping[str, str] | None) -> EngineError:
+def _push_error(
+    err: EngineError, target: PublishTarget, auth: Mapping[str, str] | None
+) -> EngineError:
     """The engine's push failure as one of the distinct errors a user can act on."""
     said = scrub(err.message, auth)
     if _AUTH.search(said):
@@ -170,7 +172,7 @@ class PublishResult:
     self-check could prove the image here and `--allow-unverified` was not given.
     """
 
-    target: Target
+    target: PublishTarget
     exit_code: int
     built: BuildResult | None
     published: Published | None = None

@@ -27,7 +27,8 @@ from reprobox.errors import BadInputError, MissingError, ReproboxError
 from reprobox.lock import locked_spec
 from reprobox.locked import GROUPS, Lock, requirements_text
 from reprobox.lockfile import LockFile, default_lock_path
-from reprobox.spec import Spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import parse_spec
 
 __all__ = [
     "RenderResult",

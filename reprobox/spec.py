@@ -1,4 +1,4 @@
-"""The spec: YAML in, a validated and frozen `Spec` out, with file:line errors.
+"""The spec as a model: every key, its type and its rule, frozen; `spec_load` reads a file into it.
 
 Every string field is `Annotated[str, Text(pattern, ...)]` (reprobox._text): bounded, free of
 control characters, and a full match of its pattern. Keep it that way for new fields; a test
@@ -7,14 +7,10 @@ walks the model and fails on a string field without one.
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import os
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -22,14 +18,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 
 from reprobox._text import Text
-from reprobox._yaml import MAX_BYTES, dotted, load_yaml
-from reprobox.compat import check_spec
-from reprobox.errors import SpecError
 
 __all__ = [
     "MAX_SCRIPT_BYTES",
@@ -40,8 +32,6 @@ __all__ = [
     "Spec",
     "Text",
     "Torch",
-    "load_spec",
-    "parse_spec",
 ]
 
 #: The largest `selfcheck.script` reprobox copies into an image.
@@ -327,168 +317,3 @@ class Spec(_Model):
             return None
         root = self.source.parent if self.source is not None else Path.cwd()
         return root / self.selfcheck.script
-
-
-def _line_for(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> int:
-    for end in range(len(path), -1, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return 1
-
-
-def _model_at(path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Spec
-    for part in path:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _did_you_mean(path: tuple[str | int, ...]) -> str:
-    model = _model_at(path[:-1])
-    if model is None:
-        return ""
-    known = [name for name, f in model.model_fields.items() if not f.exclude]
-    close = difflib.get_close_matches(str(path[-1]), known, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{close[0]}'?"
-    return f"; known keys here: {', '.join(sorted(known))}"
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return "unknown key" + _did_you_mean(tuple(error["loc"]))
-    if kind == "missing":
-        return "required key is missing"
-    message = str(error["msg"])
-    message = message.removeprefix("Value error, ")
-    if kind.endswith("_type"):
-        given = error.get("input")
-        shown = repr(given)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        message = f"{message} (got {type(given).__name__} {shown})"
-        if kind == "string_type" and isinstance(given, int | float) and not isinstance(given, bool):
-            message += f'; put it in quotes, e.g. "{given}" (YAML reads 3.10 as the number 3.1)'
-        if kind == "int_type" and isinstance(given, bool):
-            message += "; YAML reads true/false as booleans, write a number"
-    return message
-
-
-def parse_spec(text: str, source: Path | None = None) -> Spec:
-    """Parse spec YAML text; every problem becomes one `file:line: key.path: message` line."""
-    where = str(source) if source is not None else "<spec>"
-    data, lines = load_yaml(text, where)
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            # Union members and dict keys add their type names to the location; they mean
-            # nothing to a user.
-            loc = tuple(
-                p
-                for p in loc
-                if not (
-                    isinstance(p, str)
-                    and (
-                        "[" in p
-                        or p in {"str", "int", "function-after"}
-                        or p.startswith("function-")
-                    )
-                )
-            )
-            problems.append(f"{where}:{_line_for(lines, loc)}: {dotted(loc)}: {_describe(error)}")
-        raise SpecError("\n".join(sorted(set(problems), key=_sort_key))) from None
-    check_spec(spec, lambda path: f"{where}:{_line_for(lines, path)}")
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return spec.model_copy(update={"source": source, "sha256": digest, "text": text})
-
-
-def _sort_key(line: str) -> tuple[int, str]:
-    parts = line.split(":")
-    number = next((int(p) for p in parts[1:3] if p.isdigit()), 0)
-    return number, line
-
-
-def _read_spec(path: Path) -> str:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise SpecError(
-            f"{path}: no such spec file", hint="`reprobox init > spec.yaml` writes a starter"
-        ) from None
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc.strerror or exc}") from None
-    if len(data) > MAX_BYTES:
-        raise SpecError(
-            f"{path}: the spec is larger than {MAX_BYTES} bytes; reprobox reads no larger spec",
-            hint="a spec is a short file of pins; move data elsewhere",
-        )
-    try:
-        # As `read_text` reads it: universal newlines, so the hash is the same on every OS.
-        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as exc:
-        raise SpecError(
-            f"{path}: the spec is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-
-
-def _script_error(spec_path: Path, script: str, why: str) -> SpecError:
-    return SpecError(
-        f"{spec_path}: selfcheck.script: {script} {why}",
-        hint="the script must be a regular UTF-8 file of at most "
-        f"{MAX_SCRIPT_BYTES} bytes inside the spec's folder (symlinks resolved); "
-        "it is copied into the image, so nothing else may be",
-    )
-
-
-def read_script(spec_path: Path, script: str) -> str:
-    """The self-check script's text, if the policy allows it: a regular file inside the spec's
-    folder after resolving symlinks, at most MAX_SCRIPT_BYTES, UTF-8; else exit 2 saying why."""
-    folder = spec_path.absolute().parent.resolve()
-    try:
-        resolved = (folder / script).resolve(strict=True)
-    except FileNotFoundError:
-        raise _script_error(
-            spec_path, script, "does not exist (the path is relative to the spec)"
-        ) from None
-    except (OSError, RuntimeError) as exc:
-        raise _script_error(spec_path, script, f"cannot be resolved ({exc})") from None
-    if not resolved.is_relative_to(folder):
-        raise _script_error(
-            spec_path, script, f"resolves to {resolved}, outside the spec's folder {folder}"
-        )
-    try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise _script_error(spec_path, script, f"cannot be opened ({exc.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _script_error(spec_path, script, "is not a regular file")
-        if info.st_size > MAX_SCRIPT_BYTES:
-            raise _script_error(spec_path, script, f"is {info.st_size} bytes, too large")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(MAX_SCRIPT_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SCRIPT_BYTES:
-        raise _script_error(spec_path, script, "grew past the size limit while it was read")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _script_error(spec_path, script, f"is not UTF-8 text ({exc.reason})") from None
-
-
-def load_spec(path: Path) -> Spec:
-    """Read and validate the spec file at `path`, and the self-check script it names."""
-    spec = parse_spec(_read_spec(path), path)
-    if spec.selfcheck.script is not None:
-        spec = spec.model_copy(update={"script_text": read_script(path, spec.selfcheck.script)})
-    return spec

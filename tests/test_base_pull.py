@@ -24,7 +24,7 @@ from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 from reprobox.engine import ImageInfo
 from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, DigestMismatchError, EngineError
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 _SPEC = """\
 version: 1

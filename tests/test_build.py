@@ -13,7 +13,7 @@ from engine_admin import add_labels, remove_image
 
 from reprobox.check import run_selfcheck, selfcheck_argv
 from reprobox.docker_engine import DockerEngine
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 pytestmark = pytest.mark.docker
 

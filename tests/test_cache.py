@@ -408,7 +408,7 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
     from test_render import fake_lock
 
     from reprobox.lockfile import format_lock
-    from reprobox.spec import load_spec
+    from reprobox.spec_load import load_spec
 
     url, begun = endless
     spec_path = tmp_path / "spec.yaml"

@@ -21,7 +21,8 @@ import pytest
 from reprobox.errors import LockError
 from reprobox.lock import resolve
 from reprobox.locked import Lock
-from reprobox.spec import Spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import parse_spec
 
 _IMAGE = "python:{python}-slim-bookworm@sha256:" + "5" * 64
 _PARALLEL = 6

@@ -23,7 +23,7 @@ from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 from reprobox.check import device_argv, gpu_probe_argv, run_selfcheck, selfcheck_argv
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import GpuUnavailableError
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 pytestmark = [pytest.mark.docker, pytest.mark.network]
 

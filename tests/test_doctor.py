@@ -18,7 +18,7 @@ from reprobox.doctor import Disk, Gpu, Probes, doctor, probe_gpus
 from reprobox.engine import EngineInfo
 from reprobox.locked import IndexSettings, Lock, LockedWheel
 from reprobox.lockfile import default_lock_path, write_lockfile
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "images").glob("*.yaml"))

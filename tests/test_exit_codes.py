@@ -40,7 +40,7 @@ from reprobox.errors import (
     ReproboxError,
 )
 from reprobox.lockfile import format_lock
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "images" / "demo-cpu.yaml").read_text()

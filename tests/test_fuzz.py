@@ -30,7 +30,8 @@ from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.locked import IndexSettings, Lock
 from reprobox.lockfile import LockFile, format_lock
 from reprobox.render import image_env, render_context
-from reprobox.spec import Spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = yaml.safe_load((ROOT / "images" / "demo-cpu.yaml").read_text())

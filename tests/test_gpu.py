@@ -27,7 +27,7 @@ from reprobox.doctor import Disk, Gpu, Probes, doctor
 from reprobox.engine import RunResult
 from reprobox.errors import CheckError, GpuUnavailableError
 from reprobox.render import image_env
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SPEC = ROOT / "images" / "cuda-12.4.yaml"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from reprobox.render import image_env
-from reprobox.spec import parse_spec
+from reprobox.spec_load import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-proof"

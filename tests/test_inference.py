@@ -21,7 +21,7 @@ from hooked_venv import SELFCHECK, TEMPLATES, clean_env, make_venv
 
 from reprobox.check import selfcheck_argv
 from reprobox.errors import SpecError
-from reprobox.spec import parse_spec
+from reprobox.spec_load import parse_spec
 
 INFERENCE = TEMPLATES / "reprobox_inference.py"
 ROOT = Path(__file__).resolve().parent.parent

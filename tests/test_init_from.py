@@ -18,7 +18,8 @@ from cli import reprobox
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.init_from import spec_from_project
 from reprobox.lockfile import read_lockfile
-from reprobox.spec import Spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import parse_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

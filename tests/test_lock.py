@@ -23,8 +23,8 @@ import pytest
 from replay import FakeRunner, ensure_lock, resolve
 
 from reprobox._pip import PipConfig, read_pip_config, run_pip
+from reprobox._platform import manylinux_platforms, platform_for
 from reprobox._pylock import format_pylock
-from reprobox._target import manylinux_platforms, target_for
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, LockError
 from reprobox.locked import IndexSettings, Lock, LockedWheel, requirements_text
 from reprobox.lockfile import (
@@ -34,7 +34,8 @@ from reprobox.lockfile import (
     read_lockfile,
     write_lockfile,
 )
-from reprobox.spec import Spec, load_spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_SPEC = ROOT / "images" / "demo-cpu.yaml"
@@ -100,9 +101,9 @@ def test_manylinux_platforms_of_an_older_glibc_refuse_newer_wheels() -> None:
 
 
 def test_target_takes_glibc_from_the_bootstrap_suite_or_assumes_one() -> None:
-    bookworm = target_for(load_spec(CPU_SPEC), arch="x86_64")
+    bookworm = platform_for(load_spec(CPU_SPEC), arch="x86_64")
     assert (bookworm.glibc, bookworm.glibc_assumed, bookworm.abi) == ("2.36", False, "cp311")
-    image = target_for(_spec(python="3.12", cuda="12.4", torch="2.5.1"), arch="x86_64")
+    image = platform_for(_spec(python="3.12", cuda="12.4", torch="2.5.1"), arch="x86_64")
     assert (image.glibc, image.glibc_assumed, image.abi) == ("2.28", True, "cp312")
 
 

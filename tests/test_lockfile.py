@@ -16,7 +16,7 @@ from reprobox.lockfile import (
     record_image_id,
     write_lockfile,
 )
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "sha256:" + "1" * 64

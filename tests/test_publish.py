@@ -1,18 +1,16 @@
-"""publish, export and import: unit tests against a fake registry server and the FakeEngine, then
-the real thing: Debian's docker-registry with htpasswd auth, and the Docker Engine.
+"""publish: unit tests against a fake registry server and the FakeEngine, then the real thing:
+Debian's docker-registry with htpasswd auth, and the Docker Engine.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.error
@@ -47,7 +45,6 @@ from reprobox.errors import (
     RegistryUnreachableError,
     ReproboxError,
 )
-from reprobox.export_import import verify_archive
 from reprobox.publish import Builder
 from reprobox.publish import publish as publish_stage
 
@@ -489,61 +486,6 @@ def test_push_failures_are_told_apart_and_carry_no_secret(
     assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in text
 
 
-# --- archives: verified in full before the engine sees them ---------------------------------------
-
-
-def _archive(path: Path, layer: bytes) -> Path:
-    """A one-layer docker-archive as `docker save` writes it."""
-    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
-    config_name = hashlib.sha256(config).hexdigest() + ".json"
-    manifest = [{"Config": config_name, "RepoTags": ["x:1"], "Layers": ["abc/layer.tar"]}]
-    with tarfile.open(path, "w") as tar:
-        for name, data in (
-            (config_name, config),
-            ("abc/layer.tar", layer),
-            ("manifest.json", json.dumps(manifest).encode()),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _layer() -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        data = os.urandom(4096)
-        info = tarfile.TarInfo("opt/file")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def test_a_sound_archive_verifies(tmp_path: Path) -> None:
-    contents = verify_archive(_archive(tmp_path / "a.tar", _layer()))
-    assert contents.tags == ("x:1",)
-    assert len(contents.image_ids) == 1
-
-
-@pytest.mark.parametrize("damage", ["flip", "truncate", "not-a-tar"])
-def test_a_damaged_archive_is_refused_before_loading(tmp_path: Path, damage: str) -> None:
-    path = _archive(tmp_path / "a.tar", _layer())
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        at = data.index(b"opt/file") + 1024  # inside the layer's file data
-        data[at] ^= 0xFF
-    elif damage == "truncate":
-        del data[len(data) // 2 :]
-    else:
-        data = bytearray(b"hello, not an archive" * 100)
-    path.write_bytes(bytes(data))
-    with pytest.raises(ReproboxError) as caught:
-        verify_archive(path)
-    assert caught.value.exit_code == EXIT_BAD_INPUT
-    assert "nothing was loaded" in caught.value.message
-
-
 # --- the real registry and engine ----------------------------------------------------------------
 
 
@@ -720,45 +662,3 @@ def test_an_interrupted_publish_resumes_and_the_pulled_image_passes_check(
         for ref in docker_engine.inspect_image(built.json()["image_id"]).tags:
             if ref.startswith(registry.address) and docker_engine.image_exists(ref):
                 remove_image(docker_engine, ref)
-
-
-@pytest.mark.docker
-def test_export_then_import_on_a_clean_engine_then_check(
-    docker_engine: DockerEngine, tmp_path: Path
-) -> None:
-    spec = _spec(tmp_path / "spec", "reprobox-publish-test")
-    built = reprobox("build", spec, "--json")
-    assert built.code == 0, built.stderr
-    tag, image_id = built.json()["tags"][0], built.json()["image_id"]
-    archive = tmp_path / "out" / "demo.tar"
-    exported = reprobox("export", tag, "-o", archive, "--json")
-    assert exported.code == 0, exported.stderr
-    assert exported.json()["members"] == ["reprobox/reprobox.lock", "reprobox/spec.yaml"]
-    labels = docker_engine.inspect_image(image_id).labels
-    with tarfile.open(archive) as tar:
-        lock, spec_inside = (
-            tar.extractfile(f"reprobox/{n}") for n in ("reprobox.lock", "spec.yaml")
-        )
-        assert lock is not None
-        assert spec_inside is not None
-        assert hashlib.sha256(lock.read()).hexdigest() == labels["reprobox.lock-sha256"]
-        assert "name: reprobox-publish-test" in spec_inside.read().decode()
-
-    remove_image(docker_engine, image_id, force=True)
-    assert not docker_engine.image_exists(image_id)
-    damaged = tmp_path / "damaged.tar"
-    with archive.open("rb") as source, damaged.open("wb") as out:
-        out.write(source.read(archive.stat().st_size * 3 // 5))
-    refused = reprobox("import", damaged)
-    assert refused.code == EXIT_BAD_INPUT
-    assert "nothing was loaded" in refused.stderr
-    assert not docker_engine.image_exists(image_id), "nothing half-loaded"
-
-    imported = reprobox("import", archive, "--json")
-    assert imported.code == 0, imported.stderr
-    assert imported.json()["image_ids"] == [image_id]
-    assert imported.json()["tags"] == [tag]
-    assert imported.json()["lock_matches_label"] is True
-    check = reprobox("check", tag, "--json")
-    assert check.code == 0, check.stderr
-    assert check.json()["matches_recorded"] is True

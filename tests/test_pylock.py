@@ -20,12 +20,12 @@ from packaging.markers import Environment, default_environment
 from packaging.pylock import Package, Pylock, PylockSelectError, is_valid_pylock_path
 from replay import FakeRunner, ensure_lock, resolve
 
+from reprobox._platform import manylinux_platforms
 from reprobox._pylock import format_pylock
-from reprobox._target import manylinux_platforms
 from reprobox.lock import resolve as real_resolve
 from reprobox.locked import IndexSettings, Lock, LockedWheel
 from reprobox.lockfile import pylock_path, write_pylock
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 CPU_SPEC = Path(__file__).resolve().parent.parent / "images" / "demo-cpu.yaml"
 

@@ -27,7 +27,8 @@ from reprobox.render import (
     render_context,
     starter_spec,
 )
-from reprobox.spec import Spec, load_spec, parse_spec
+from reprobox.spec import Spec
+from reprobox.spec_load import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"

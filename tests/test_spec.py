@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from reprobox._text import unsafe_character
 from reprobox.dockerfile import dockerfile_quote
 from reprobox.errors import EXIT_BAD_INPUT, SpecError
-from reprobox.spec import MAX_SCRIPT_BYTES, Spec, Text, load_spec, parse_spec
+from reprobox.spec import MAX_SCRIPT_BYTES, Spec, Text
+from reprobox.spec_load import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "images" / "demo-cpu.yaml").read_text()

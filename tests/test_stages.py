@@ -23,7 +23,7 @@ from reprobox.engine import RunResult
 from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, GpuUnavailableError
 from reprobox.labels import CONTENT_ID, fingerprint_label, trace_label
 from reprobox.lockfile import default_lock_path, read_lockfile, write_lockfile
-from reprobox.spec import load_spec
+from reprobox.spec_load import load_spec
 
 BASE = "registry.example/team/base:1@sha256:" + "b" * 64
 SPEC = f"""\

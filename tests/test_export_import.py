@@ -1,7 +1,7 @@
-"""`import` trusts no archive: bounded reads, only reprobox exports, no tag moved without --force,
-no base planted; `export -o` checked before any work. Unit tests with small real archives and the
-FakeEngine (which reads real archives); the base-planting case runs on the real engine in
-test_bootstrap.py.
+"""export and import: `import` trusts no archive (bounded reads, every layer verified, only
+reprobox exports, no tag moved without --force, no base planted) and `export -o` is checked before
+any work. Unit tests with small real archives and the FakeEngine (which reads real archives), then
+the real engine end to end; the base-planting case runs on the real engine in test_bootstrap.py.
 """
 
 from __future__ import annotations
@@ -20,15 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli import reprobox
+from engine_admin import remove_image
 from fakes import FakeEngine, context
 
 from reprobox.cli_format import report
+from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EXIT_BAD_INPUT, ReproboxError
 from reprobox.export_import import export_image as export_stage
 from reprobox.export_import import import_image as import_stage
 from reprobox.export_import import verify_archive
 from reprobox.labels import recorded_fingerprints
 
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "images" / "demo-cpu.yaml"
 SPEC = b"version: 1\nname: demo\n"
 #: Import and export need no cache of their own.
 UNUSED_CACHE = Path("/nonexistent/reprobox-cache")
@@ -264,3 +269,111 @@ def test_foreign_labels_reach_reports_only_when_well_formed() -> None:
         "reprobox.fingerprint.gpu": "not hex",
     }
     assert recorded_fingerprints(labels) == {"cpu-x86_64": "ab" * 32}
+
+
+# --- archives: verified in full before the engine sees them ---------------------------------------
+
+
+def _saved(path: Path, layer: bytes) -> Path:
+    """A one-layer docker-archive as `docker save` writes it."""
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": ["x:1"], "Layers": ["abc/layer.tar"]}]
+    with tarfile.open(path, "w") as tar:
+        for name, data in (
+            (config_name, config),
+            ("abc/layer.tar", layer),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _random_layer() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        data = os.urandom(4096)
+        info = tarfile.TarInfo("opt/file")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_sound_archive_verifies(tmp_path: Path) -> None:
+    contents = verify_archive(_saved(tmp_path / "a.tar", _random_layer()))
+    assert contents.tags == ("x:1",)
+    assert len(contents.image_ids) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "not-a-tar"])
+def test_a_damaged_archive_is_refused_before_loading(tmp_path: Path, damage: str) -> None:
+    path = _saved(tmp_path / "a.tar", _random_layer())
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        at = data.index(b"opt/file") + 1024  # inside the layer's file data
+        data[at] ^= 0xFF
+    elif damage == "truncate":
+        del data[len(data) // 2 :]
+    else:
+        data = bytearray(b"hello, not an archive" * 100)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ReproboxError) as caught:
+        verify_archive(path)
+    assert caught.value.exit_code == EXIT_BAD_INPUT
+    assert "nothing was loaded" in caught.value.message
+
+
+# --- the real engine ------------------------------------------------------------------------------
+
+
+def _spec(folder: Path, name: str) -> Path:
+    """The CPU example under another name (its own cheap top layers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(DEMO.read_text().replace("name: demo-cpu", f"name: {name}"))
+    return path
+
+
+@pytest.mark.docker
+def test_export_then_import_on_a_clean_engine_then_check(
+    docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    spec = _spec(tmp_path / "spec", "reprobox-export-test")
+    built = reprobox("build", spec, "--json")
+    assert built.code == 0, built.stderr
+    tag, image_id = built.json()["tags"][0], built.json()["image_id"]
+    archive = tmp_path / "out" / "demo.tar"
+    exported = reprobox("export", tag, "-o", archive, "--json")
+    assert exported.code == 0, exported.stderr
+    assert exported.json()["members"] == ["reprobox/reprobox.lock", "reprobox/spec.yaml"]
+    labels = docker_engine.inspect_image(image_id).labels
+    with tarfile.open(archive) as tar:
+        lock, spec_inside = (
+            tar.extractfile(f"reprobox/{n}") for n in ("reprobox.lock", "spec.yaml")
+        )
+        assert lock is not None
+        assert spec_inside is not None
+        assert hashlib.sha256(lock.read()).hexdigest() == labels["reprobox.lock-sha256"]
+        assert "name: reprobox-publish-test" in spec_inside.read().decode()
+
+    remove_image(docker_engine, image_id, force=True)
+    assert not docker_engine.image_exists(image_id)
+    damaged = tmp_path / "damaged.tar"
+    with archive.open("rb") as source, damaged.open("wb") as out:
+        out.write(source.read(archive.stat().st_size * 3 // 5))
+    refused = reprobox("import", damaged)
+    assert refused.code == EXIT_BAD_INPUT
+    assert "nothing was loaded" in refused.stderr
+    assert not docker_engine.image_exists(image_id), "nothing half-loaded"
+
+    imported = reprobox("import", archive, "--json")
+    assert imported.code == 0, imported.stderr
+    assert imported.json()["image_ids"] == [image_id]
+    assert imported.json()["tags"] == [tag]
+    assert imported.json()["lock_matches_label"] is True
+    check = reprobox("check", tag, "--json")
+    assert check.code == 0, check.stderr
+    assert check.json()["matches_recorded"] is True

@@ -10,7 +10,7 @@ from packaging.tags import Tag, compatible_tags, cpython_tags
 from reprobox.compat import debian_suite
 from reprobox.spec import Spec
 
-__all__ = ["ASSUMED_GLIBC", "Target", "manylinux_platforms", "target_for"]
+__all__ = ["ASSUMED_GLIBC", "Platform", "manylinux_platforms", "platform_for"]
 
 #: glibc assumed for a `base.image`, whose glibc reprobox cannot read without pulling it.
 #: 2.28 (RHEL 8, Debian 10, Ubuntu 20.04 and later all have it) admits torch's manylinux_2_28
@@ -42,7 +42,7 @@ def manylinux_platforms(arch: str, glibc: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Target:
+class Platform:
     """What a wheel must run on: CPython `python` on Linux `arch` with glibc `glibc`."""
 
     python: str
@@ -99,10 +99,10 @@ def host_arch() -> str:
     return _MACHINES.get(machine, machine)
 
 
-def target_for(spec: Spec, arch: str | None = None) -> Target:
+def platform_for(spec: Spec, arch: str | None = None) -> Platform:
     """The target of `spec`: glibc from a bootstrap suite, else `ASSUMED_GLIBC`."""
     suite = spec.base.suite
     facts = debian_suite(suite) if suite is not None else None
     if facts is not None:
-        return Target(spec.python, arch or host_arch(), facts[1])
-    return Target(spec.python, arch or host_arch(), ASSUMED_GLIBC, glibc_assumed=True)
+        return Platform(spec.python, arch or host_arch(), facts[1])
+    return Platform(spec.python, arch or host_arch(), ASSUMED_GLIBC, glibc_assumed=True)

@@ -19,7 +19,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from reprobox._target import Target
+from reprobox._platform import Platform
 from reprobox.errors import LockError
 
 __all__ = ["explain_no_match"]
@@ -94,7 +94,7 @@ def _no_version(
     )
 
 
-def _python_error(name: str, version: str, target: Target, files: _Files) -> LockError:
+def _python_error(name: str, version: str, target: Platform, files: _Files) -> LockError:
     pythons = sorted({tag.interpreter for tags in files.wheels for tag in tags})
     why = (
         "its Requires-Python excludes it"
@@ -108,7 +108,7 @@ def _python_error(name: str, version: str, target: Target, files: _Files) -> Loc
     )
 
 
-def _platform_error(name: str, version: str, target: Target, files: _Files) -> LockError:
+def _platform_error(name: str, version: str, target: Platform, files: _Files) -> LockError:
     platforms = sorted(
         {tag.platform for tags in files.wheels for tag in tags if "linux" in tag.platform}
     )
@@ -124,7 +124,7 @@ def explain_no_match(
     requirement: str,
     usable: Sequence[str],
     listing: str,
-    target: Target,
+    target: Platform,
     indexes: Sequence[str],
 ) -> LockError:
     """A LockError (exit 2) that says why `requirement` has no wheel, and what to change."""
