@@ -341,7 +341,7 @@ def _spec(folder: Path, name: str) -> Path:
 def test_export_then_import_on_a_clean_engine_then_check(
     docker_engine: DockerEngine, tmp_path: Path
 ) -> None:
-    spec = _spec(tmp_path / "spec", "reprobox-export-test")
+    spec = _spec(tmp_path / "spec", "reprobox-publish-test")
     built = reprobox("build", spec, "--json")
     assert built.code == 0, built.stderr
     tag, image_id = built.json()["tags"][0], built.json()["image_id"]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cli import reprobox
 from conftest import skip_or_fail
-from engine_admin import remove_image
+from engine_admin import inspect_raw, remove_image
 from fakes import FakeEngine, context
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 from test_stages import BASE, project, selfcheck
@@ -647,7 +647,7 @@ def test_an_interrupted_publish_resumes_and_the_pulled_image_passes_check(
         assert report["reference"] == f"{to}@{digest}"
         for ref in report["tags"]:
             assert _served_digest(registry, "team/demo", ref.rsplit(":", 1)[1]) == digest
-        inspected = json.dumps(docker_engine.inspect_image(report["image_id"]))
+        inspected = json.dumps(inspect_raw(docker_engine, report["image_id"]))
         _no_secret(second.stdout, second.stderr, stderr, inspected)
 
         remove_image(docker_engine, report["image_id"], force=True)
