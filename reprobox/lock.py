@@ -2,8 +2,9 @@
 
 The resolver is pip's `install --dry-run --report` for the image's Python and manylinux tags
 (metadata only, no wheel is downloaded); this module chooses what to ask for, checks what came
-back against the spec (CUDA, cuDNN, torch wanted by others), groups the wheels for the
-Dockerfile's layers, and reads and writes the lock file.
+back against the spec (CUDA, cuDNN, torch wanted by others), and groups the wheels for the
+Dockerfile's layers. `ensure_lock` decides whether to resolve or to use the lock file there
+(`lockfile` reads and writes it); `lock_spec` is the `reprobox lock` stage.
 """
 
 from __future__ import annotations
