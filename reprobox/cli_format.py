@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from functools import singledispatch
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,25 @@ def _(result: LockResult) -> str:
     )
 
 
-@_fields.register
-def _(result: LockResult) -> dict[str, Any]:
-    return {
-        "lock": str(result.lock),
-        "pylock": str(result.pylock),
-        "spec_sha256": result.spec_sha256,
-        "wheels": result.wheels,
-    }
+def _jsonable(value: object) -> Any:
+    """A result's field as JSON holds it: paths as strings, tuples as lists, dataclasses as objects."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(value)
+    return value
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """A result whose report is its fields as they are."""
+    return {f.name: _jsonable(getattr(result, f.name)) for f in fields(result)}
+
+
+_fields.register(LockResult, _plain)
 
 
 @text.register
@@ -74,9 +85,7 @@ def _(result: RenderResult) -> str:
     return f"wrote the build context to {result.context} (Dockerfile, hook, self-check, lock)"
 
 
-@_fields.register
-def _(result: RenderResult) -> dict[str, Any]:
-    return {"context": str(result.context), "tag": result.tag, "lock": str(result.lock)}
+_fields.register(RenderResult, _plain)
 
 
 # --- build ---------------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ def _image_id_message(verdict: Verdict, lock: Path) -> str:
 
 @_fields.register
 def _(result: BuildResult) -> dict[str, Any]:
-    fields = {
+    out = {
         "spec": str(result.spec),
         "lock": str(result.lock),
         "spec_sha256": result.spec_sha256,
@@ -142,14 +151,14 @@ def _(result: BuildResult) -> dict[str, Any]:
     }
     if result.reproducible is not None:
         verdict = result.reproducible
-        fields["reproducible"] = {
+        out["reproducible"] = {
             "recorded": verdict.recorded,
             "matches": verdict.matches,
             "message": _image_id_message(verdict, result.lock),
         }
     if result.seconds is not None:
-        fields["seconds"] = result.seconds
-    return fields
+        out["seconds"] = result.seconds
+    return out
 
 
 def _build_selfcheck(result: BuildResult) -> dict[str, Any] | None:
@@ -333,7 +342,7 @@ def _(result: PublishResult) -> str:
 @_fields.register
 def _(result: PublishResult) -> dict[str, Any]:
     built, done = result.built, result.published
-    fields: dict[str, Any] = {
+    out: dict[str, Any] = {
         "passed": result.passed,
         "exit_code": result.exit_code,
         "verified": done is not None and result.unverified is None,
@@ -349,9 +358,9 @@ def _(result: PublishResult) -> dict[str, Any]:
         else _build_selfcheck(built),
     }
     if done is not None:
-        fields["layers"] = {"pushed": done.layers_pushed, "reused": done.layers_reused}
-        fields["seconds"] = result.seconds
-    return fields
+        out["layers"] = {"pushed": done.layers_pushed, "reused": done.layers_reused}
+        out["seconds"] = result.seconds
+    return out
 
 
 # --- export, import, doctor ----------------------------------------------------------------------
@@ -370,15 +379,9 @@ def _(result: ExportResult) -> str:
 
 @_fields.register
 def _(result: ExportResult) -> dict[str, Any]:
-    return {
-        "archive": str(result.archive),
-        "bytes": result.bytes,
-        "image_id": result.image_id,
-        "tags": list(result.tags),
-        "members": list(result.members),
-        "fingerprints": dict(result.fingerprints),
-        "seconds": result.seconds,
-    }
+    out = _plain(result) | {"tags": _jsonable(result.tags)}
+    del out["refs"]  # the text names them; the report keeps the tags
+    return out
 
 
 @text.register
@@ -391,18 +394,7 @@ def _(result: ImportResult) -> str:
     )
 
 
-@_fields.register
-def _(result: ImportResult) -> dict[str, Any]:
-    return {
-        "archive": str(result.archive),
-        "image_ids": list(result.image_ids),
-        "tags": list(result.tags),
-        "members": list(result.members),
-        "reprobox_export": result.reprobox_export,
-        "lock_matches_label": result.lock_matches_label,
-        "fingerprints": dict(result.fingerprints),
-        "seconds": result.seconds,
-    }
+_fields.register(ImportResult, _plain)
 
 
 @text.register
@@ -424,9 +416,4 @@ def _(result: DoctorResult) -> str:
 
 @_fields.register
 def _(result: DoctorResult) -> dict[str, Any]:
-    return {
-        "spec": None if result.spec is None else str(result.spec),
-        "passed": result.passed,
-        "exit_code": result.exit_code,
-        "lines": [asdict(line) for line in result.lines],
-    }
+    return _plain(result) | {"passed": result.passed, "exit_code": result.exit_code}

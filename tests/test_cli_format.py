@@ -14,6 +14,9 @@ import pytest
 from test_stages import answering, project, selfcheck
 
 from reprobox import cli
+from reprobox.cli_format import report
+from reprobox.doctor import DoctorResult, Line
+from reprobox.export_import import ExportResult, ImportResult
 
 BUILD = {
     "spec",
@@ -103,3 +106,40 @@ def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> Non
     assert set(checked) == CHECK
     assert (checked["matches_recorded"], checked["recorded"]) == (True, "a" * 64)
     assert checked["first_difference"] is None
+
+
+def test_export_import_and_doctor_reports(tmp_path: Path) -> None:
+    exported = ExportResult(
+        tmp_path / "a.tar", 10, "sha256:" + "1" * 64, ("demo:1",), ("reprobox/spec.yaml",), {}, 1.0
+    )
+    assert set(report(exported)) == {
+        "archive",
+        "bytes",
+        "image_id",
+        "tags",
+        "members",
+        "fingerprints",
+        "seconds",
+        "summary",
+    }
+    assert report(exported)["tags"] == ["demo:1"]
+    imported = ImportResult(
+        tmp_path / "a.tar", ("sha256:" + "1" * 64,), (), (), True, None, {}, 1.0
+    )
+    assert set(report(imported)) == {
+        "archive",
+        "image_ids",
+        "tags",
+        "members",
+        "reprobox_export",
+        "lock_matches_label",
+        "fingerprints",
+        "seconds",
+        "summary",
+    }
+    doctored = report(DoctorResult(None, (Line("gpu", "fail", "none", "get one"),)))
+    assert set(doctored) == {"spec", "passed", "exit_code", "lines", "summary"}
+    assert (doctored["passed"], doctored["exit_code"]) == (False, 3)
+    assert doctored["lines"] == [
+        {"name": "gpu", "status": "fail", "detail": "none", "hint": "get one"}
+    ]

@@ -328,6 +328,7 @@ def test_the_real_build_stage_gates_the_push(
     result = publish_stage(context(engine, tmp_path / "cache"), spec_path, to, credentials=_creds())
     published = report(result)
     assert (published["passed"], published["exit_code"]) == (passed, 0 if passed else 1)
+    assert [call for call, _ in engine.calls].count("ping") == 1, "one engine, asked once"
     if not passed:
         assert published["digest"] is None
         assert "nothing was pushed" in published["summary"]
