@@ -24,7 +24,16 @@ from reprobox.lockfile import default_lock_path, read_lockfile
 from reprobox.spec import Spec
 from reprobox.spec_load import load_spec
 
-__all__ = ["Disk", "DoctorResult", "Gpu", "Line", "Probes", "doctor", "probe_gpus"]
+__all__ = [
+    "Disk",
+    "DoctorResult",
+    "EngineFacts",
+    "Gpu",
+    "Line",
+    "Probes",
+    "doctor",
+    "probe_gpus",
+]
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -46,6 +55,31 @@ class Line:
     status: Status
     detail: str
     hint: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """Which engine answered, for a program to read: versions, image store, builder."""
+
+    host: str
+    version: str
+    api: str
+    #: "containerd" (an image's ID is its manifest digest) or "classic" (its config digest).
+    store: Literal["containerd", "classic"]
+    storage_driver: str
+    #: The builder reprobox drives: always Docker's classic one (the SDK does not speak BuildKit).
+    builder: Literal["classic"] = "classic"
+
+    @classmethod
+    def of(cls, who: EngineInfo) -> EngineFacts:
+        """The facts `ping` gave."""
+        return cls(
+            host=who.host,
+            version=who.server_version,
+            api=who.api_version,
+            store="containerd" if who.containerd_store else "classic",
+            storage_driver=who.storage_driver,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,7 +159,32 @@ def _engine_lines(ctx: Context) -> tuple[list[Line], EngineInfo | None]:
     except EngineError as err:
         return [Line("engine", "fail", err.message, err.hint)], None
     detail = f"Docker Engine {who.server_version} (API {who.api_version}, {who.arch}) at {who.host}"
-    return [Line("engine", "ok", detail)], who
+    return [Line("engine", "ok", detail), _store_line(who), _builder_line()], who
+
+
+def _store_line(who: EngineInfo) -> Line:
+    """Which image store: it decides what the engine shows as an image's ID."""
+    driver = who.storage_driver or "unknown"
+    if who.containerd_store:
+        detail = (
+            f"containerd image store (snapshotter {driver}): the engine shows an image's manifest "
+            "digest as its ID; reprobox records the config digest, the same on every store"
+        )
+    else:
+        detail = (
+            f"classic image store (graph driver {driver}): an image's ID is its config digest, "
+            "what reprobox records"
+        )
+    return Line("store", "ok", detail)
+
+
+def _builder_line() -> Line:
+    # The Docker SDK speaks only the classic builder's API (POST /build without BuildKit's session).
+    return Line(
+        "builder",
+        "ok",
+        "the classic builder, the one the Docker SDK drives (BuildKit is not used by reprobox)",
+    )
 
 
 def _cached_bytes(lock: Lock, cache_root: Path) -> tuple[int, int]:
@@ -275,6 +334,8 @@ class DoctorResult:
 
     spec: Path | None
     lines: tuple[Line, ...]
+    #: The engine that answered (None: none did).
+    engine: EngineFacts | None = None
 
     @property
     def passed(self) -> bool:
@@ -298,4 +359,5 @@ def doctor(
     lines += _disk_lines(probes, ctx, info, _needs(spec, lock, lock_note, ctx.cache.root))
     lines.append(_tool_line(probes, spec))
     lines += _gpu_lines(probes, spec, info)
-    return DoctorResult(spec_path, tuple(lines))
+    facts = EngineFacts.of(info) if info is not None else None
+    return DoctorResult(spec_path, tuple(lines), facts)

@@ -96,6 +96,8 @@ class FakeEngine:
         #: What `ping()` reports of the engine's settings; tests change them.
         self.runtimes: tuple[str, ...] = ("runc",)
         self.root_dir = "/var/lib/docker"
+        #: Images in containerd's store (`ping` says so; IDs stay config digests in the fake).
+        self.containerd_store = False
         self.registry_settings = RegistrySettings(insecure_cidrs=("127.0.0.0/8",))
 
     def _call(self, method: str, arg: str) -> None:
@@ -128,7 +130,8 @@ class FakeEngine:
             "1.41",
             "linux",
             self.arch,
-            storage_driver="overlay2",
+            storage_driver="overlayfs" if self.containerd_store else "overlay2",
+            containerd_store=self.containerd_store,
             runtimes=self.runtimes,
             registry=self.registry_settings,
             root_dir=self.root_dir,

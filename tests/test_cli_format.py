@@ -138,7 +138,7 @@ def test_export_import_and_doctor_reports(tmp_path: Path) -> None:
         "summary",
     }
     doctored = report(DoctorResult(None, (Line("gpu", "fail", "none", "get one"),)))
-    assert set(doctored) == {"spec", "passed", "exit_code", "lines", "summary"}
+    assert set(doctored) == {"spec", "passed", "exit_code", "lines", "engine", "summary"}
     assert (doctored["passed"], doctored["exit_code"]) == (False, 3)
     assert doctored["lines"] == [
         {"name": "gpu", "status": "fail", "detail": "none", "hint": "get one"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -12,7 +13,7 @@ import pytest
 from fakes import FakeEngine, context
 
 from reprobox.cache import WheelCache
-from reprobox.cli_format import report
+from reprobox.cli_format import report, text
 from reprobox.context import Context
 from reprobox.doctor import Disk, Gpu, Probes, doctor, probe_gpus
 from reprobox.engine import EngineInfo
@@ -81,6 +82,31 @@ def test_a_cpu_spec_on_a_host_without_gpu_passes(tmp_path: Path) -> None:
     assert report["exit_code"] == 0, report["summary"]
     assert "CPU specs only" in _line(report, "gpu")["detail"]
     assert "Docker Engine 20.10.24" in _line(report, "engine")["detail"]
+
+
+def test_doctor_names_the_engine_store_and_builder(tmp_path: Path) -> None:
+    """Text and JSON say which store (it decides what the engine shows as an ID) and builder."""
+    classic = _doctor(None, _probes(tmp_path))
+    assert "classic image store (graph driver overlay2)" in _line(classic, "store")["detail"]
+    assert "BuildKit is not used by reprobox" in _line(classic, "builder")["detail"]
+    assert classic["engine"] == {
+        "host": "unix:///var/run/docker.sock",
+        "version": "20.10.24",
+        "api": "1.41",
+        "store": "classic",
+        "storage_driver": "overlay2",
+        "builder": "classic",
+    }
+    engine = LocalFakeEngine()
+    engine.containerd_store = True
+    host = _probes(tmp_path, engine=engine)
+    modern = _doctor(None, host)
+    assert "containerd image store (snapshotter overlayfs)" in _line(modern, "store")["detail"]
+    assert modern["engine"]["store"] == "containerd"
+    shown = text(doctor(host.ctx, None, probes=host.probes))
+    assert "OK    store      containerd image store" in shown
+    assert "OK    builder    the classic builder" in shown
+    assert _doctor(None, _probes(tmp_path, engine=FakeEngine(alive=False)))["engine"] is None
 
 
 def test_a_cuda_spec_without_gpu_fails_and_says_what_to_do(tmp_path: Path) -> None:
@@ -221,6 +247,11 @@ def test_doctor_on_this_host() -> None:
     cpu = _cli(str(CPU_SPEC))
     assert cpu.returncode == 0, cpu.stdout + cpu.stderr
     assert cpu.stdout.startswith("OK    engine     Docker Engine")
+    assert "OK    builder    the classic builder" in cpu.stdout
+    facts = json.loads(_cli("--json").stdout)["engine"]
+    assert facts["store"] == ("containerd" if "containerd image store" in cpu.stdout else "classic")
+    assert facts["version"] in cpu.stdout
+    assert (facts["builder"], facts["api"].count(".")) == ("classic", 1)
     cuda = _cli(str(CUDA_SPEC), "--json")
     gpus, _ = probe_gpus()
     if gpus:
