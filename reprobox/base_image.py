@@ -14,7 +14,7 @@ from reprobox.context import Context
 from reprobox.errors import DigestMismatchError
 from reprobox.spec import Spec
 
-__all__ = ["base_for", "base_packages"]
+__all__ = ["base_for", "base_packages", "base_refs"]
 
 #: Docker Hub, as the Docker config names it.
 _HUB = "https://index.docker.io/v1/"
@@ -22,17 +22,24 @@ _HUB = "https://index.docker.io/v1/"
 
 def base_for(ctx: Context, spec: Spec) -> str:
     """What the build's FROM names: the spec's pinned image, or the ID of its Debian base."""
+    return base_refs(ctx, spec)[0]
+
+
+def base_refs(ctx: Context, spec: Spec) -> tuple[str, str]:
+    """What the build's FROM names, and what the image records of its base: the same but for a
+    Debian base on the containerd image store (FROM its manifest digest, record its config
+    digest, the same on every engine)."""
     if spec.base.image is not None:
         if not ctx.engine.image_exists(spec.base.image):
             _pull_base(ctx, spec.base.image)
-        return spec.base.image
+        return spec.base.image, spec.base.image
     suite = spec.base.suite or "bookworm"
     with ctx.reporter.stage(f"base debian:{suite}"):
         base = bootstrap_base(ctx, suite, base_packages(spec))
         ctx.reporter.note(
             f"base {base.ref} = {base.image_id} ({'reused' if base.reused else 'made'})"
         )
-    return base.image_id
+    return base.image_id, base.config_id or base.image_id
 
 
 def base_packages(spec: Spec) -> tuple[str, ...]:

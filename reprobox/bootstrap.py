@@ -29,6 +29,7 @@ from reprobox.archive import add_image, add_layer, write_normalized_layer
 from reprobox.context import Context
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError, BuildError, EngineError
+from reprobox.identity import loaded_as
 from reprobox.labels import BASE_PREFIX, OCI_CREATED
 
 __all__ = [
@@ -82,6 +83,8 @@ _HOST_FILES = {"etc/hostname": b"", "etc/resolv.conf": b""}
 _TAIL_LINES = 20
 # The record of bases this host made: base key -> image IDs, newest last.
 _TRUSTED = "trusted-bases.json"
+#: In that record: engine ID -> config digest, where the two differ (the containerd image store).
+_CONFIGS = "configs"
 _TRUSTED_PER_KEY = 8
 _IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -100,6 +103,9 @@ class BaseImage:
     key: str
     installed: tuple[str, ...]
     reused: bool
+    #: Its config digest: what images built on it record (`image_id` is what the engine shows,
+    #: the manifest digest on the containerd image store).
+    config_id: str = ""
 
 
 def base_key(
@@ -178,7 +184,7 @@ def bootstrap_base(
         f"{BASE_PREFIX}suite": suite,
     }
     command = ["mmdebstrap", *_options(arch, wanted), suite]
-    image_id, installed = _make(
+    image_id, config_id, installed = _make(
         ctx,
         command,
         mirror=mirror,
@@ -187,8 +193,10 @@ def bootstrap_base(
         source_date_epoch=source_date_epoch,
         runner=runner,
     )
-    _trust(ctx.cache.bases, key, image_id)
-    return BaseImage(image_id, ref, suite, wanted, key, installed, reused=False)
+    _trust(ctx.cache.bases, key, image_id, config_id)
+    return BaseImage(
+        image_id, ref, suite, wanted, key, installed, reused=False, config_id=config_id
+    )
 
 
 def _make(
@@ -200,8 +208,9 @@ def _make(
     ref: str,
     source_date_epoch: int,
     runner: Runner,
-) -> tuple[str, tuple[str, ...]]:
-    """Run mmdebstrap, write its root filesystem as an image archive, and load it."""
+) -> tuple[str, str, tuple[str, ...]]:
+    """Run mmdebstrap, write its root filesystem as an image archive, and load it; the ID the
+    engine shows, the config digest, and the installed packages."""
     on_line = ctx.reporter.detail
     ctx.cache.bases.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="base-", dir=ctx.cache.bases) as work:
@@ -232,9 +241,8 @@ def _make(
         )
         on_line(f"loading {ref} into the engine")
         loaded = ctx.engine.load(archive)
-    if image_id not in loaded:
-        raise EngineError(f"the engine loaded {loaded} for {ref}, expected {image_id}")
-    return image_id, installed
+        shown = loaded_as(archive, image_id, loaded, ref)
+    return shown, image_id, installed
 
 
 def _options(arch: str, packages: Sequence[str]) -> list[str]:
@@ -330,8 +338,20 @@ def _trusted(cache_dir: Path, key: str) -> list[str]:
     return [i for i in reversed(ids) if isinstance(i, str) and _IMAGE_ID.fullmatch(i)]
 
 
-def _trust(cache_dir: Path, key: str, image_id: str) -> None:
-    """Record that this host made `image_id` for `key`: locked, then written atomically."""
+def _config_of(cache_dir: Path, image_id: str) -> str | None:
+    """The config digest recorded for an engine ID unlike it (the containerd image store)."""
+    try:
+        record = json.loads((cache_dir / _TRUSTED).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    configs = record.get(_CONFIGS) if isinstance(record, dict) else None
+    found = configs.get(image_id) if isinstance(configs, dict) else None
+    return found if isinstance(found, str) and _IMAGE_ID.fullmatch(found) else None
+
+
+def _trust(cache_dir: Path, key: str, image_id: str, config_id: str) -> None:
+    """Record that this host made `image_id` (config digest `config_id`) for `key`: locked, then
+    written atomically."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     with (cache_dir / f".{_TRUSTED}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -343,6 +363,12 @@ def _trust(cache_dir: Path, key: str, image_id: str) -> None:
             record = {}
         ids = [i for i in record.get(key) or [] if i != image_id] + [image_id]
         record[key] = ids[-_TRUSTED_PER_KEY:]
+        if config_id != image_id:  # the containerd image store: the engine cannot tell it later
+            configs = record.get(_CONFIGS)
+            record[_CONFIGS] = {
+                **(configs if isinstance(configs, dict) else {}),
+                image_id: config_id,
+            }
         write_text_atomic(cache_dir / _TRUSTED, json.dumps(record, sort_keys=True, indent=1))
 
 
@@ -358,6 +384,7 @@ def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | No
         info = engine.inspect_image(image_id)
         labels = info.labels
         if info.id == image_id and _is_base(info) and labels.get(f"{BASE_PREFIX}key") == key:
+            config_id = _config_of(cache_dir, image_id) or image_id
             engine.tag(image_id, ref)  # the tag keeps `docker image prune` off it
             return BaseImage(
                 image_id=image_id,
@@ -367,6 +394,7 @@ def _find(engine: Engine, key: str, ref: str, cache_dir: Path) -> BaseImage | No
                 key=key,
                 installed=tuple(labels[f"{BASE_PREFIX}installed"].split(",")),
                 reused=True,
+                config_id=config_id,
             )
     return None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reprobox._files import write_text_atomic
 from reprobox._registry import check_image_ref
-from reprobox.base_image import base_for
+from reprobox.base_image import base_refs
 from reprobox.cache import fetch_locked
 from reprobox.check import (
     SelfCheckResult,
@@ -141,9 +141,11 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     ctx.note_engine()
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
-    base_ref = base_for(ctx, spec)
+    base_ref, base_label = base_refs(ctx, spec)
     with _context_dir(ctx) as ctx_dir:
-        rendered = render_context(spec, locked, ctx_dir, base_ref=base_ref, wheels=files)
+        rendered = render_context(
+            spec, locked, ctx_dir, base_ref=base_ref, wheels=files, base_label=base_label
+        )
         with ctx.reporter.stage("build"):
             built_id = ctx.engine.build(
                 rendered.path,
@@ -241,8 +243,8 @@ def _prove(
             workdir=ctx.cache.work,
             base_image=rendered.base_ref,
         )
-    content_id = normalized.image_id
-    cuda = image_uses_cuda(ctx.engine.inspect_image(content_id).labels, content_id)
+    content_id = normalized.image_id  # the config digest, the same on every engine
+    cuda = image_uses_cuda(ctx.engine.inspect_image(normalized.ref).labels, content_id)
     if not check:
         return _Outcome(_label(ctx, normalized, {}), content_id)
     where = "on the GPU" if cuda else "on the CPU"
@@ -250,12 +252,12 @@ def _prove(
     steps = spec.selfcheck.steps
     with ctx.reporter.stage(f"self-check ({steps} steps, twice, in fresh interpreters, {where})"):
         try:
-            result = run_selfcheck(ctx.engine, content_id, argv, gpus=cuda)
+            result = run_selfcheck(ctx.engine, normalized.ref, argv, gpus=cuda)
         except GpuUnavailableError as err:
             image_id = _label(ctx, normalized, {})
             raise _UnprovenError(image_id, content_id, _needs_gpu(err, image_id)) from err
     if not result.passed:
-        return _Outcome(content_id, content_id, passed=False, selfcheck=result)
+        return _Outcome(normalized.ref, content_id, passed=False, selfcheck=result)
     trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
     proof = {
         fingerprint_label(result.device_class): result.fingerprint,

@@ -47,7 +47,8 @@ from reprobox.archive import (
     write_normalized_layer,
 )
 from reprobox.engine import Engine
-from reprobox.errors import BadInputError, EngineError
+from reprobox.errors import BadInputError
+from reprobox.identity import loaded_as
 
 __all__ = [
     "NormalizedImage",
@@ -79,6 +80,14 @@ class NormalizedImage:
     source_date_epoch: int
     removed: tuple[str, ...]
     config: bytes = field(default=b"", repr=False, compare=False)
+    #: The ID the engine shows for it, where not `image_id` (the containerd image store shows
+    #: the manifest digest: see `identity`).
+    engine_id: str = ""
+
+    @property
+    def ref(self) -> str:
+        """What names it in the engine."""
+        return self.engine_id or self.image_id
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,7 @@ def normalize_image(
         new_id, layers, config = _rewrite(saved, out, base_ids, source_date_epoch, labels)
         saved.unlink()  # before the load: the engine copies the archive, so the disk holds three
         loaded = engine.load(out)
-    if new_id not in loaded:
-        raise EngineError(f"the engine loaded {loaded} for the normalised {image_id}, not {new_id}")
+        shown = loaded_as(out, new_id, loaded, f"the normalised {image_id}")
     return NormalizedImage(
         image_id=new_id,
         source_id=image_id,
@@ -119,6 +127,7 @@ def normalize_image(
         source_date_epoch=source_date_epoch,
         removed=tuple(sorted({f"/{name}" for layer in layers for name in layer.removed})),
         config=config,
+        engine_id="" if shown == new_id else shown,
     )
 
 
@@ -128,8 +137,10 @@ def relabel(
     """`image` with `labels` merged into its config, loaded without rewriting a layer.
 
     The archive holds only the new config and a manifest: the engine already has every layer
-    of the chain, so `docker load` takes them from its store. The new ID is as reproducible
-    as the image and the labels are.
+    of the chain, so `docker load` takes them from its store. The containerd image store
+    does not (it wants every layer in the archive): there the image is saved and its layers
+    written too. The new ID is as reproducible as the image and the labels are; the ID the
+    engine shows for it is returned.
     """
     blob = normalize_config(
         json.loads(image.config),
@@ -140,14 +151,27 @@ def relabel(
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="relabel-", dir=workdir) as tmp:
         archive = Path(tmp) / "labels.tar"
+        saved = Path(tmp) / "saved.tar"
+        if image.engine_id:
+            engine.save([image.engine_id], saved)
         with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as dest:
+            if image.engine_id:
+                _copy_layers(saved, dest, image.source_date_epoch)
+                saved.unlink()
             new_id = add_image(dest, blob, image.diff_ids, image.source_date_epoch)
         loaded = engine.load(archive)
-    if new_id not in loaded:
-        raise EngineError(
-            f"the engine loaded {loaded} for the relabelled {image.image_id}, not {new_id}"
-        )
-    return new_id
+        return loaded_as(archive, new_id, loaded, f"the relabelled {image.image_id}")
+
+
+def _copy_layers(saved: Path, dest: tarfile.TarFile, epoch: int) -> None:
+    """Add the layers of the one image saved at `saved` to `dest`, as they are."""
+    with tarfile.open(saved) as archive:
+        image = _saved_image(archive, saved)
+        for name, diff_id in zip(image.layers, image.diff_ids, strict=True):
+            data = archive.extractfile(name)
+            if data is None:
+                raise BadInputError(f"the saved image's {name} is not a file")
+            add_layer(dest, diff_id, data, epoch)
 
 
 def normalize_config(

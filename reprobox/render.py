@@ -260,11 +260,13 @@ def render_context(
     *,
     base_ref: str,
     wheels: Mapping[str, Path] | None = None,
+    base_label: str | None = None,
 ) -> RenderedContext:
     """Write the build context for `spec` into `out` (which must be empty or absent).
 
     `base_ref` is what `FROM` names: the spec's digest-pinned image, or the ID of the
-    bootstrapped base. `wheels` maps sha256 to verified files; None leaves the wheel
+    bootstrapped base; `base_label` what the image records of it (default `base_ref`: the
+    base's config digest, where the engine shows another ID). `wheels` maps sha256 to verified files; None leaves the wheel
     folders empty (a context to read, not to build). Everything is rendered and checked in
     memory first: on any error nothing is written.
     """
@@ -273,7 +275,7 @@ def render_context(
     epoch = source_date_epoch(lock)
     tag = content_tag(spec, lock_sha256)
     env = image_env(spec)
-    labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
+    labels = _labels(spec, lock_sha256, base_label or base_ref, tag, epoch)
     plan = _wheel_plan(lock)
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
     installer = by_group["installer"]
