@@ -68,6 +68,24 @@ _OPAQUE = ".wh..wh..opq"
 _HOST_FIELDS = ("container", "container_config", "docker_version")
 # In `config`: the build container's hostname and the ID of the previous step's image.
 _HOST_CONFIG_FIELDS = ("Hostname", "Image")
+# In `config`: fields that Docker 20.10 writes with their empty value and Docker 28 leaves out;
+# empty, they say nothing, so they go (one config, one ID, on either engine).
+_EMPTY_CONFIG_FIELDS = (
+    "AttachStderr",
+    "AttachStdin",
+    "AttachStdout",
+    "Domainname",
+    "OpenStdin",
+    "StdinOnce",
+    "Tty",
+    "User",
+    "WorkingDir",
+)
+# A COPY/ADD step's history names its source by the builder's own hash of it, which differs
+# between engine versions for the same files; the layer's diff ID already names what it holds.
+_COPY_SOURCE = re.compile(
+    r"^(/bin/sh -c #\(nop\) (?:COPY|ADD) (?:dir|file|multi)):[0-9a-f]{64}( in )"
+)
 
 
 @dataclass(frozen=True)
@@ -189,13 +207,25 @@ def normalize_config(
     inner = out.get("config") or {}
     for key in _HOST_CONFIG_FIELDS:
         inner.pop(key, None)
+    for key in _EMPTY_CONFIG_FIELDS:
+        if key in inner and inner[key] in ("", False, None):
+            del inner[key]
     if labels:
         inner["Labels"] = {**(inner.get("Labels") or {}), **labels}
     out["config"] = inner
     out["created"] = created
-    out["history"] = [{**entry, "created": created} for entry in out.get("history") or []]
+    out["history"] = [_history_entry(entry, created) for entry in out.get("history") or []]
     out["rootfs"] = {"type": "layers", "diff_ids": list(diff_ids)}
     return json.dumps(out, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _history_entry(entry: Mapping[str, Any], created: str) -> dict[str, Any]:
+    """A history entry with the fixed time, and a COPY/ADD source named without its hash."""
+    out = {**entry, "created": created}
+    by = out.get("created_by")
+    if isinstance(by, str):
+        out["created_by"] = _COPY_SOURCE.sub(r"\1\2", by)
+    return out
 
 
 def _base_layers(engine: Engine, image_id: str, base_image: str | None) -> tuple[str, ...]:

@@ -225,6 +225,29 @@ def test_config_loses_build_host_fields_and_gets_fixed_times() -> None:
     assert out["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]}
 
 
+def test_one_config_from_docker_20_10_and_28() -> None:
+    """What the two engines wrote for the demo's COPY steps and empty fields (seen 2026-11-30):
+    normalised, one config; a different destination or a set field still differs."""
+    kwargs: dict[str, Any] = {"diff_ids": ["sha256:" + "a" * 64], "source_date_epoch": SDE}
+    copy = "/bin/sh -c #(nop) COPY dir:{} in /opt/venv "
+    empty = {"AttachStderr": False, "Domainname": "", "Tty": False, "User": "", "WorkingDir": ""}
+    old = {
+        "config": {"Env": ["A=1"], **empty},
+        "history": [{"created_by": copy.format("b9b1b9eb" + "ab" * 28)}],
+    }
+    new = {
+        "config": {"Env": ["A=1"]},
+        "history": [{"created_by": copy.format("d516e6ff" + "cd" * 28)}],
+    }
+    assert normalize_config(old, **kwargs) == normalize_config(new, **kwargs)
+    history = json.loads(normalize_config(new, **kwargs))["history"]
+    assert history[0]["created_by"] == "/bin/sh -c #(nop) COPY dir in /opt/venv "
+    elsewhere = {**new, "history": [{"created_by": copy.format("1" * 64).replace("venv", "x")}]}
+    assert normalize_config(elsewhere, **kwargs) != normalize_config(new, **kwargs)
+    user = {**new, "config": {"Env": ["A=1"], "User": "1000"}}
+    assert json.loads(normalize_config(user, **kwargs))["config"]["User"] == "1000"
+
+
 def test_config_bytes_are_canonical_and_labels_merge() -> None:
     raw = raw_config([b"layer"])
     shuffled = json.loads(json.dumps(dict(reversed(list(raw.items())))))
