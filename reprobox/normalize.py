@@ -75,10 +75,13 @@ _EMPTY_CONFIG_FIELDS = (
     "AttachStdin",
     "AttachStdout",
     "Domainname",
+    "Entrypoint",
+    "OnBuild",
     "OpenStdin",
     "StdinOnce",
     "Tty",
     "User",
+    "Volumes",
     "WorkingDir",
 )
 # A COPY/ADD step's history names its source by the builder's own hash of it, which differs

@@ -230,7 +230,16 @@ def test_one_config_from_docker_20_10_and_28() -> None:
     normalised, one config; a different destination or a set field still differs."""
     kwargs: dict[str, Any] = {"diff_ids": ["sha256:" + "a" * 64], "source_date_epoch": SDE}
     copy = "/bin/sh -c #(nop) COPY dir:{} in /opt/venv "
-    empty = {"AttachStderr": False, "Domainname": "", "Tty": False, "User": "", "WorkingDir": ""}
+    empty = {
+        "AttachStderr": False,
+        "Domainname": "",
+        "Entrypoint": None,
+        "OnBuild": None,
+        "Tty": False,
+        "User": "",
+        "Volumes": None,
+        "WorkingDir": "",
+    }
     old = {
         "config": {"Env": ["A=1"], **empty},
         "history": [{"created_by": copy.format("b9b1b9eb" + "ab" * 28)}],
