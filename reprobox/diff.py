@@ -31,6 +31,7 @@ from reprobox.archive import (
 )
 from reprobox.engine import Engine, ImageInfo
 from reprobox.errors import BadInputError
+from reprobox.identity import archive_engine_ids
 
 __all__ = ["SECTIONS", "Difference", "ImageDiff", "ImageSide", "diff_images"]
 
@@ -176,6 +177,9 @@ def _read_image(ref: str, archive: Path, image_id: str | None) -> _Image:
     except (tarfile.TarError, ValueError) as err:
         raise BadInputError(f"{archive} is not a docker-archive ({err})") from err
     found = [image for image in images if image_id in (None, image.image_id)]
+    if image_id is not None and not found:  # the containerd image store shows manifest digests
+        shown = archive_engine_ids(archive)
+        found = [image for image in images if shown.get(image.image_id) == image_id]
     if len(found) != 1:
         raise BadInputError(
             f"{archive} holds {len(found)} images{'' if image_id is None else ' with ID ' + image_id}",

@@ -199,10 +199,12 @@ def _check_tags(contents: ArchiveContents, engine: Engine, archive: Path, *, for
                 hint="import images that `reprobox export` wrote; bases never travel",
             )
     image_id = contents.image_ids[0] if len(contents.image_ids) == 1 else None
+    # The ID the containerd image store would show for it (see `identity`).
+    shown = archive_engine_ids(archive).get(image_id or "") if contents.tags else None
     moved = [
         tag
         for tag in contents.tags
-        if engine.image_exists(tag) and engine.inspect_image(tag).id != image_id
+        if engine.image_exists(tag) and engine.inspect_image(tag).id not in (image_id, shown)
     ]
     if moved and not force:
         raise BadInputError(
