@@ -34,6 +34,7 @@ from reprobox.engine import (
     RunResult,
 )
 from reprobox.errors import EngineError, ImageNotFoundError
+from reprobox.identity import archive_engine_ids
 from reprobox.progress import Reporter
 
 __all__ = ["FakeEngine", "FakeRun", "config_id", "context"]
@@ -298,6 +299,9 @@ class FakeEngine:
         """Read a docker-archive's manifest, configs and layers; real archives too."""
         self._call("load", str(archive))
         ids = []
+        # The containerd image store names a loaded image by its manifest's digest, and wants
+        # every layer in the archive (it does not take one from its own store).
+        shown = archive_engine_ids(archive) if self.containerd_store else {}
         with tarfile.open(archive) as tar:
             names = set(tar.getnames())
             for entry in json.loads(_member(tar, "manifest.json")):
@@ -306,8 +310,11 @@ class FakeEngine:
                     if layer in names:
                         data = _member(tar, layer)
                         self.layers.setdefault(_bytes_id(data), data)
+                    elif self.containerd_store:
+                        raise EngineError(f'failed to resolve layers: layer "{layer}" not found')
                 tags = entry.get("RepoTags") or []
-                ids.append(self.add_image(json.loads(raw), *tags, image_id=_bytes_id(raw)))
+                image_id = shown.get(_bytes_id(raw), _bytes_id(raw))
+                ids.append(self.add_image(json.loads(raw), *tags, image_id=image_id))
         return sorted(set(ids))
 
     def push(

@@ -124,6 +124,29 @@ def test_a_build_is_normalised_checked_labelled_and_tagged(tmp_path: Path) -> No
     assert _calls(engine).count("ping") == 1, "one command, one ping"
 
 
+def test_the_containerd_store_shows_other_ids_and_the_build_records_the_same_one(
+    tmp_path: Path,
+) -> None:
+    """On a store that names images by manifest digest the build checks and tags that image,
+    and records the config digest the classic store gives."""
+    spec_path = project(tmp_path / "p")
+    classic = _build(context(answering(selfcheck()), tmp_path / "cache-a"), spec_path)
+    engine = answering(selfcheck())
+    engine.containerd_store = True
+    modern = _build(context(engine, tmp_path / "cache-b"), spec_path)
+    assert modern.passed
+    assert modern.content_id == classic.content_id
+    assert modern.image_id != classic.image_id
+    labels = engine.inspect_image(modern.tags[0]).labels
+    assert labels[CONTENT_ID] == modern.content_id
+    assert engine.inspect_image(modern.tags[0]).id == modern.image_id
+    (run,) = engine.runs
+    assert run.image != modern.content_id, "checked by the ID that store shows"
+    assert engine.image_exists(run.image)
+    assert modern.reproducible is not None
+    assert modern.reproducible.matches is True, "the ID the classic build recorded"
+
+
 def test_an_unchanged_rebuild_reuses_the_record_and_its_proof(tmp_path: Path) -> None:
     spec_path = project(tmp_path / "p")
     engine = answering(selfcheck())
