@@ -18,6 +18,7 @@ import yaml
 from reprobox import __version__
 from reprobox._lockfile import GROUPS, requirements_text
 from reprobox.compat import driver_minimum
+from reprobox.cpu import cpu_env
 from reprobox.errors import ReproboxError
 from reprobox.spec import Spec, parse_spec
 
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_IMAGE_FILES = ("reprobox_hook.py", "reprobox_selfcheck.py")
+_IMAGE_FILES = ("reprobox_hook.py", "reprobox_cpu.py", "reprobox_selfcheck.py")
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,11 @@ def default_tag(spec: Spec, lock_sha256: str) -> str:
     return f"{spec.name}:{digest[:12]}"
 
 
-def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
-    """Every ENV the spec implies, determinism first, then the user's own `env`."""
+def image_env(spec: Spec, lock: Lock | None = None) -> tuple[tuple[str, str], ...]:
+    """Every ENV the spec implies, determinism first, then the user's own `env`.
+
+    The lock tells the CPU pins the image's architecture and numpy (x86_64 and none without it).
+    """
     det = spec.determinism
     env: dict[str, str] = {
         "PYTHONHASHSEED": str(det.hash_seed),
@@ -96,6 +100,9 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
         "REPROBOX_WARN_ONLY": "1" if det.warn_only else "0",
         "REPROBOX_FILL_UNINITIALIZED_MEMORY": "1" if det.fill_uninitialized_memory else "0",
     }
+    numpy = lock.wheel("numpy") if lock is not None else None
+    arch = lock.arch if lock is not None else "x86_64"
+    env |= cpu_env(det.cpu, arch, numpy.version if numpy is not None else None)
     if spec.torch.is_cuda:
         minimum = driver_minimum(spec.torch.cuda)
         require = f"cuda>={spec.torch.cuda}"
@@ -190,7 +197,7 @@ def render_context(
     lock_sha256 = hashlib.sha256(lock_text.encode()).hexdigest()
     epoch = source_date_epoch(lock)
     tag = default_tag(spec, lock_sha256)
-    env = image_env(spec)
+    env = image_env(spec, lock)
     labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
     installer = by_group["installer"]
