@@ -7,6 +7,7 @@ __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_MISSING",
     "EXIT_OK",
+    "EXIT_UNRECORDED",
     "BuildError",
     "CheckError",
     "EngineError",
@@ -19,6 +20,9 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
+#: `check` only: the two runs agree here, but the image records no fingerprint for this host's
+#: device class, so there is nothing to compare with (neither a failure nor a proof).
+EXIT_UNRECORDED = 5
 
 
 class ReproboxError(Exception):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,17 @@ from reprobox.base import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,
+    SETTINGS_LABEL,
     compare_with_recorded,
     fingerprint_label,
     recorded_fingerprints,
+    recorded_settings,
     run_selfcheck,
     selfcheck_argv,
+    settings_differences,
+    settings_seen,
 )
+from reprobox.emulate import emulation
 from reprobox.engine import DockerEngine, Engine
 from reprobox.errors import EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, ensure_lock
@@ -297,6 +303,9 @@ def _prove(
     labels |= {
         fingerprint_label(result.device_class): result.fingerprint,
         TRACE_LABEL + result.device_class: trace,
+        SETTINGS_LABEL + result.device_class: json.dumps(
+            settings_seen(result.report), sort_keys=True, separators=(",", ":")
+        ),
     }
     image_id = relabel(engine, normalized, labels, workdir=workdir)
     return _Outcome(
@@ -334,8 +343,21 @@ def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
     }
 
 
-def check(image: str) -> dict[str, Any]:
-    """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded."""
+_CPUSET = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
+
+
+def check(
+    image: str, *, emulate_cpu: str | None = None, cpuset_cpus: str | None = None
+) -> dict[str, Any]:
+    """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded.
+
+    `emulate_cpu` runs it on a qemu-user CPU model; `cpuset_cpus` on those CPUs only.
+    """
+    if cpuset_cpus is not None and not _CPUSET.fullmatch(cpuset_cpus):
+        raise ReproboxError(
+            f"--cpuset-cpus {cpuset_cpus!r} is not a CPU list",
+            hint="write e.g. '0' or '0-1' or '0,2'",
+        )
     reporter = Reporter()
     engine = _engine(reporter)
     if not engine.image_exists(image):
@@ -347,33 +369,76 @@ def check(image: str) -> dict[str, Any]:
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
     argv = json.loads(raw_argv)
-    with reporter.stage(f"self-check in {image}"):
-        result = run_selfcheck(engine, image, argv)
+    emulated = emulation(emulate_cpu, engine.ping().arch) if emulate_cpu is not None else None
+    where = f" on an emulated {emulate_cpu}" if emulate_cpu else ""
+    with reporter.stage(f"self-check in {image}{where}"):
+        result = run_selfcheck(
+            engine,
+            image,
+            [*emulated.argv_prefix, *argv] if emulated else argv,
+            cpuset_cpus=cpuset_cpus,
+            archive=emulated.archive if emulated else None,
+            timeout_s=4 * 3600 if emulated else 3600,
+        )
     verdict = compare_with_recorded(result, labels)
     passed = result.passed and verdict.matches is not False
     difference = result.first_difference
+    here = settings_seen(result.report)
+    recorded = recorded_settings(labels, result.device_class)
+    differing: dict[str, Any] | None = None
     if verdict.matches is False:
         recorded_trace = labels.get(TRACE_LABEL + result.device_class)
         difference = _first_step_difference(recorded_trace, result.report)
+        differing = settings_differences(recorded, here) if recorded is not None else None
     lines = [
         "self-check passed: the two runs here match bit for bit"
         if result.passed
         else f"self-check FAILED: the two runs here differ at {json.dumps(result.first_difference)}",
         verdict.message,
     ]
-    if verdict.matches is False and difference is not None:
-        lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
+    if verdict.matches is False:
+        lines += _difference_lines(difference, differing)
     return {
         "image": image,
         "passed": passed,
+        "verdict": _verdict_word(result.passed, verdict.matches),
         "device_class": result.device_class,
         "fingerprint": result.fingerprint,
         "recorded": verdict.recorded,
+        "recorded_classes": sorted(recorded_fingerprints(labels)),
         "matches_recorded": verdict.matches,
         "first_difference": difference,
+        "settings": {"here": here, "recorded": recorded, "differences": differing},
+        "emulated_cpu": emulate_cpu,
+        "cpuset_cpus": cpuset_cpus,
         "selfcheck": result.report,
         "summary": "\n".join(lines),
     }
+
+
+def _verdict_word(runs_agree: bool, matches: bool | None) -> str:
+    if not runs_agree:
+        return "not-reproducible"
+    return {True: "reproduced", False: "differs", None: "unrecorded"}[matches]
+
+
+def _difference_lines(
+    difference: Mapping[str, Any] | None, differing: Mapping[str, Any] | None
+) -> list[str]:
+    lines = []
+    if difference is not None:
+        lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
+    if differing is None:
+        lines.append("the image recorded no settings for this class to compare with")
+    elif differing:
+        shown = "; ".join(f"{key}: {a!r} recorded, {b!r} here" for key, (a, b) in differing.items())
+        lines.append(f"settings that differ: {shown}")
+    else:
+        lines.append(
+            "both sides saw the same settings (ENV, torch flags, CPU facts): the difference "
+            "comes from something they do not name (a library's choice, a hardware approximation)"
+        )
+    return lines
 
 
 def _first_step_difference(
@@ -385,7 +450,7 @@ def _first_step_difference(
     runs = report.get("runs") or [{}]
     now = runs[0]
     for step, (a, b) in enumerate(
-        zip(recorded.get("losses", []), now.get("losses", []), strict=False)
+        zip(recorded.get("losses", []), now.get("losses", []), strict=False), 1
     ):
         if a != b:
             return {"step": step, "recorded": a, "here": b}
