@@ -310,3 +310,30 @@ def test_on_an_emulated_cpu_without_avx2_the_hook_lowers_the_pins(venv: Path) ->
     dead = run(venv, PINS_SEEN, qemu(), "-cpu", "Nehalem", **env, REPROBOX_DISABLE="1")
     assert dead.returncode != 0
     assert "Illegal instruction" in dead.stderr
+
+
+# ---------------------------------------------------------------- check's report of differences
+
+
+def test_settings_differences_name_each_key_that_differs() -> None:
+    from reprobox.check import settings_differences, settings_seen
+
+    report = {
+        "settings": {
+            "env": {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "4"},
+            "torch": {"num_threads": 4},
+            "cpu": {"vendor": "intel", "rcp": "b42f5b26"},
+            "hook": {"host": {"affinity": None}, "lineage": []},
+        }
+    }
+    recorded = settings_seen(report)
+    assert recorded["hook_host"] == {"affinity": None}
+    assert settings_differences(recorded, recorded) == {}
+    here = settings_seen(report)
+    here["env"] = {"MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "4"}
+    here["cpu"] = {"vendor": "amd", "rcp": "b42f5b26", "extra": 1}
+    assert settings_differences(recorded, here) == {
+        "cpu.extra": [None, 1],
+        "cpu.vendor": ["intel", "amd"],
+        "env.MKL_CBWR": ["COMPATIBLE", "AUTO"],
+    }

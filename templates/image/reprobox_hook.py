@@ -198,6 +198,8 @@ def _adapt_affinity() -> None:
     cpus = _cpu_list(asked)
     if cpus is None:
         return
+    if not hasattr(os, "sched_getaffinity"):
+        return  # not Linux (a venv on macOS): libgomp's own rules apply
     allowed = sorted(os.sched_getaffinity(0))
     # A parent's hook may have mapped it already; children report what was asked all the same.
     first = os.environ.get(_AFFINITY_ASKED)
@@ -213,7 +215,7 @@ def _adapt_affinity() -> None:
 
 def _adapt_cpu() -> None:
     """Lower portable ISA pins this CPU cannot run; only where the image asked for portable."""
-    if _host["cpu"] is not None or not os.environ.get("REPROBOX_CPU"):
+    if _host["cpu"] is not None or os.environ.get("REPROBOX_CPU", "").strip() != "portable":
         return
     _host["cpu"] = {}
     # Installed beside this file (mypy checks it on its own); ~3 ms, once, before torch or numpy.
