@@ -132,7 +132,9 @@ def render(
         "context": str(ctx.path),
         "tag": ctx.tag,
         "lock": str(locked.path),
-        "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock)",
+        "cpu": spec.determinism.cpu,
+        "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock; "
+        f"determinism.cpu: {spec.determinism.cpu})",
     }
 
 
