@@ -17,6 +17,7 @@ __all__ = [
     "CUDA_LABEL",
     "FINGERPRINT_LABEL",
     "SELFCHECK_LABEL",
+    "SETTINGS_LABEL",
     "SelfCheckResult",
     "Verdict",
     "compare_with_recorded",
@@ -26,14 +27,19 @@ __all__ = [
     "image_uses_cuda",
     "parse_selfcheck_label",
     "recorded_fingerprints",
+    "recorded_settings",
     "run_selfcheck",
     "selfcheck_argv",
+    "settings_differences",
+    "settings_seen",
 ]
 
 FINGERPRINT_LABEL = "reprobox.fingerprint."
 SELFCHECK_LABEL = "reprobox.selfcheck.argv"
 #: "cpu" or the CUDA version the image's torch was built for; set at render time.
 CUDA_LABEL = "reprobox.cuda"
+#: + device class: the settings the recorded run saw (ENV, torch's flags, the CPU), as JSON.
+SETTINGS_LABEL = "reprobox.settings."
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
 _DEVICE_CLASS = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -182,13 +188,23 @@ def run_selfcheck(
     env: Mapping[str, str] | None = None,
     timeout_s: float = 3600,
     gpus: bool = False,
+    cpuset_cpus: str | None = None,
+    archive: bytes | None = None,
 ) -> SelfCheckResult:
     """Run the self-check in a fresh container of `image` and read its JSON report.
 
     `gpus` asks the engine for every GPU: a CUDA image's self-check. A run that reports no
     GPU, or trained anywhere but on one, raises; it never passes as a CPU proof.
     """
-    result = engine.run(image, argv, env=env, timeout_s=timeout_s, gpus=gpus)
+    result = engine.run(
+        image,
+        argv,
+        env=env,
+        timeout_s=timeout_s,
+        gpus=gpus,
+        cpuset_cpus=cpuset_cpus,
+        archive=archive,
+    )
     try:
         report: dict[str, Any] = json.loads(result.stdout)
         passed = report["passed"]
@@ -234,8 +250,9 @@ def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) ->
         return Verdict(
             None,
             None,
-            f"the image holds no fingerprint for device class {result.device_class} yet "
-            f"(it has: {known}); this run's fingerprint is {result.fingerprint}",
+            f"no fingerprint is recorded for this host's device class {result.device_class} "
+            f"(the image records: {known}), so there is nothing to compare with: neither a "
+            f"failure nor a proof; this host's fingerprint is {result.fingerprint}",
         )
     if recorded == result.fingerprint:
         return Verdict(
@@ -246,3 +263,41 @@ def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) ->
         recorded,
         f"fingerprint {result.fingerprint} differs from the {recorded} recorded for {result.device_class}",
     )
+
+
+def settings_seen(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides the bits, from a self-check report: ENV, torch's flags, the CPU, the hook's adaptations."""
+    settings = report.get("settings") or {}
+    seen = {key: settings.get(key) for key in ("env", "torch", "cpu")}
+    hook = settings.get("hook")
+    seen["hook_host"] = hook.get("host") if isinstance(hook, dict) else None
+    return seen
+
+
+def recorded_settings(labels: Mapping[str, str], device_class: str) -> dict[str, Any] | None:
+    """The settings the image's recorded run saw on `device_class`, if it recorded them."""
+    raw = labels.get(SETTINGS_LABEL + device_class)
+    if raw is None:
+        return None
+    try:
+        loaded = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat |= _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return flat
+    return {prefix: value}
+
+
+def settings_differences(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> dict[str, Any]:
+    """`key.path: [recorded, here]` for every setting the two sides saw differently."""
+    a, b = _flatten(dict(recorded)), _flatten(dict(here))
+    return {
+        key: [a.get(key), b.get(key)] for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)
+    }

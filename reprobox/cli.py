@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from reprobox import __version__
-from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, ReproboxError
+from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_UNRECORDED, ReproboxError
 
 __all__ = ["entrypoint", "main"]
 
@@ -83,8 +83,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from reprobox.pipeline import check
 
-    report = check(args.image)
-    return _emit(args, report, report["summary"], 0 if report["passed"] else EXIT_CHECK_FAILED)
+    report = check(args.image, emulate_cpu=args.emulate_cpu, cpuset_cpus=args.cpuset_cpus)
+    if not report["passed"]:
+        code = EXIT_CHECK_FAILED
+    elif report["matches_recorded"] is None:
+        code = EXIT_UNRECORDED
+    else:
+        code = 0
+    return _emit(args, report, report["summary"], code)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -250,6 +256,14 @@ def _parser() -> argparse.ArgumentParser:
         spec=False,
     )
     p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+    p.add_argument(
+        "--emulate-cpu",
+        metavar="MODEL",
+        help="run it on an emulated x86-64 CPU (qemu-user model: Haswell, EPYC-Rome, Nehalem...)",
+    )
+    p.add_argument(
+        "--cpuset-cpus", metavar="LIST", help="run it on these CPUs only (e.g. 0 or 0-1)"
+    )
 
     p = command(
         "diff",

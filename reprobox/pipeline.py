@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,7 @@ from reprobox.base import bootstrap_base
 from reprobox.cache import WheelCache, default_cache_dir, usable_cache_dir
 from reprobox.check import (
     SELFCHECK_LABEL,
+    SETTINGS_LABEL,
     compare_with_recorded,
     device_argv,
     fingerprint_label,
@@ -23,10 +25,14 @@ from reprobox.check import (
     image_uses_cuda,
     parse_selfcheck_label,
     recorded_fingerprints,
+    recorded_settings,
     run_selfcheck,
     selfcheck_argv,
+    settings_differences,
+    settings_seen,
 )
 from reprobox.compat import TRITON_BUILD_PACKAGES
+from reprobox.emulate import emulation
 from reprobox.engine import DockerEngine, Engine, GpuUnavailableError
 from reprobox.errors import EXIT_CHECK_FAILED, EngineError, ReproboxError
 from reprobox.lock import Lock, default_lock_path, ensure_lock, pylock_path
@@ -168,7 +174,9 @@ def render(
         "context": str(ctx.path),
         "tag": ctx.tag,
         "lock": str(locked.path),
-        "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock)",
+        "cpu": spec.determinism.cpu,
+        "summary": f"wrote the build context to {ctx.path} (Dockerfile, hook, self-check, lock; "
+        f"determinism.cpu: {spec.determinism.cpu})",
     }
 
 
@@ -362,6 +370,9 @@ def _prove(
     labels |= {
         fingerprint_label(result.device_class): result.fingerprint,
         TRACE_LABEL + result.device_class: trace,
+        SETTINGS_LABEL + result.device_class: json.dumps(
+            settings_seen(result.report), sort_keys=True, separators=(",", ":")
+        ),
     }
     image_id = relabel(engine, normalized, labels, workdir=workdir)
     return _Outcome(
@@ -452,8 +463,21 @@ def _compare_recorded(lock_path: Path, content_id: str) -> dict[str, Any]:
     }
 
 
-def check(image: str) -> dict[str, Any]:
-    """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded."""
+_CPUSET = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
+
+
+def check(
+    image: str, *, emulate_cpu: str | None = None, cpuset_cpus: str | None = None
+) -> dict[str, Any]:
+    """`reprobox check IMAGE`: rerun the self-check here and compare with what the image recorded.
+
+    `emulate_cpu` runs it on a qemu-user CPU model; `cpuset_cpus` on those CPUs only.
+    """
+    if cpuset_cpus is not None and not _CPUSET.fullmatch(cpuset_cpus):
+        raise ReproboxError(
+            f"--cpuset-cpus {cpuset_cpus!r} is not a CPU list",
+            hint="write e.g. '0' or '0-1' or '0,2'",
+        )
     check_image_ref(image)
     reporter = Reporter()
     engine = _engine(reporter)
@@ -466,34 +490,85 @@ def check(image: str) -> dict[str, Any]:
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
     cuda = image_uses_cuda(labels, image)
+    if cuda and emulate_cpu is not None:
+        raise ReproboxError(
+            f"--emulate-cpu: {image} is a CUDA image; its self-check runs on the GPU, and an "
+            "emulated CPU says nothing about it",
+            hint="emulate CPUs for CPU images (torch.cuda: cpu) only",
+        )
     argv = device_argv(parse_selfcheck_label(image, raw_argv), cuda=cuda)
-    with reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
-        result = run_selfcheck(engine, image, argv, gpus=cuda)
+    emulated = emulation(emulate_cpu, engine.ping().arch) if emulate_cpu is not None else None
+    where = f" on an emulated {emulate_cpu}" if emulate_cpu else ""
+    device = "on the GPU" if cuda else "on the CPU"
+    with reporter.stage(f"self-check in {image} ({device}{where})"):
+        result = run_selfcheck(
+            engine,
+            image,
+            [*emulated.argv_prefix, *argv] if emulated else argv,
+            gpus=cuda,
+            cpuset_cpus=cpuset_cpus,
+            archive=emulated.archive if emulated else None,
+            timeout_s=4 * 3600 if emulated else 3600,
+        )
     verdict = compare_with_recorded(result, labels)
     passed = result.passed and verdict.matches is not False
     difference = result.first_difference
+    here = settings_seen(result.report)
+    recorded = recorded_settings(labels, result.device_class)
+    differing: dict[str, Any] | None = None
     if verdict.matches is False:
         recorded_trace = labels.get(TRACE_LABEL + result.device_class)
         difference = _first_step_difference(recorded_trace, result.report)
+        differing = settings_differences(recorded, here) if recorded is not None else None
     lines = [
         "self-check passed: the two runs here match bit for bit"
         if result.passed
         else f"self-check FAILED: {_why_failed(result.report)}",
         verdict.message,
     ]
-    if verdict.matches is False and difference is not None:
-        lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
+    if verdict.matches is False:
+        lines += _difference_lines(difference, differing)
     return {
         "image": image,
         "passed": passed,
+        "verdict": _verdict_word(result.passed, verdict.matches),
         "device_class": result.device_class,
         "fingerprint": result.fingerprint,
         "recorded": verdict.recorded,
+        "recorded_classes": sorted(recorded_fingerprints(labels)),
         "matches_recorded": verdict.matches,
         "first_difference": difference,
+        "settings": {"here": here, "recorded": recorded, "differences": differing},
+        "emulated_cpu": emulate_cpu,
+        "cpuset_cpus": cpuset_cpus,
         "selfcheck": result.report,
         "summary": "\n".join(lines) + _inference_lines(result.report),
     }
+
+
+def _verdict_word(runs_agree: bool, matches: bool | None) -> str:
+    if not runs_agree:
+        return "not-reproducible"
+    return {True: "reproduced", False: "differs", None: "unrecorded"}[matches]
+
+
+def _difference_lines(
+    difference: Mapping[str, Any] | None, differing: Mapping[str, Any] | None
+) -> list[str]:
+    lines = []
+    if difference is not None:
+        lines.append(f"first difference from the recorded run: {json.dumps(difference)}")
+    if differing is None:
+        lines.append("the image recorded no settings for this class to compare with")
+    elif differing:
+        shown = "; ".join(f"{key}: {a!r} recorded, {b!r} here" for key, (a, b) in differing.items())
+        lines.append(f"settings that differ: {shown}")
+    else:
+        lines.append(
+            "both sides saw the same settings (ENV, torch flags, CPU facts): the difference "
+            "comes from something they do not name (a library's choice, a hardware approximation)"
+        )
+    return lines
 
 
 def _first_step_difference(
@@ -511,7 +586,7 @@ def _first_step_difference(
     now = runs[0]
     recorded_losses = recorded.get("losses")
     recorded_losses = recorded_losses if isinstance(recorded_losses, list) else []
-    for step, (a, b) in enumerate(zip(recorded_losses, now.get("losses", []), strict=False)):
+    for step, (a, b) in enumerate(zip(recorded_losses, now.get("losses", []), strict=False), 1):
         if a != b:
             return {"step": step, "recorded": a, "here": b}
     for key, what in (("state_sha256", "final state"), ("inference_sha256", "inference")):

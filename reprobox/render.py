@@ -23,6 +23,7 @@ from reprobox import __version__
 from reprobox._lockfile import GROUPS, requirements_text
 from reprobox._text import unsafe_character
 from reprobox.compat import nvidia_require_cuda
+from reprobox.cpu import cpu_env
 from reprobox.errors import EXIT_BAD_INPUT, EXIT_MISSING, ReproboxError
 from reprobox.spec import Spec, parse_spec
 
@@ -45,6 +46,7 @@ __all__ = [
 
 _IMAGE_FILES = (
     "reprobox_hook.py",
+    "reprobox_cpu.py",
     "reprobox_selfcheck.py",
     "reprobox_inference.py",
     "reprobox_generation.py",
@@ -139,8 +141,11 @@ def default_tag(spec: Spec, lock_sha256: str) -> str:
     return f"{spec.name}:{digest[:12]}"
 
 
-def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
-    """Every ENV the spec implies, determinism first, then the user's own `env`."""
+def image_env(spec: Spec, lock: Lock | None = None) -> tuple[tuple[str, str], ...]:
+    """Every ENV the spec implies, determinism first, then the user's own `env`.
+
+    The lock tells the CPU pins the image's architecture and numpy (x86_64 and none without it).
+    """
     det = spec.determinism
     env: dict[str, str] = {
         "PYTHONHASHSEED": str(det.hash_seed),
@@ -155,6 +160,9 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
         "REPROBOX_WARN_ONLY": "1" if det.warn_only else "0",
         "REPROBOX_FILL_UNINITIALIZED_MEMORY": "1" if det.fill_uninitialized_memory else "0",
     }
+    numpy = lock.wheel("numpy") if lock is not None else None
+    arch = lock.arch if lock is not None else "x86_64"
+    env |= cpu_env(det.cpu, arch, numpy.version if numpy is not None else None)
     if spec.torch.is_cuda:
         env |= {
             "NVIDIA_VISIBLE_DEVICES": "all",
@@ -327,7 +335,7 @@ def render_context(
     lock_sha256 = hashlib.sha256(lock_text.encode()).hexdigest()
     epoch = source_date_epoch(lock)
     tag = default_tag(spec, lock_sha256)
-    env = image_env(spec)
+    env = image_env(spec, lock)
     labels = _labels(spec, lock_sha256, base_ref, tag, epoch)
     plan = _wheel_plan(lock)
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
