@@ -489,6 +489,7 @@ def check(
     raw_argv = labels.get(SELFCHECK_LABEL)
     if raw_argv is None:
         raise ReproboxError(f"{image} is not a reprobox image (it has no {SELFCHECK_LABEL} label)")
+    recorded_argv = parse_selfcheck_label(image, raw_argv)
     cuda = image_uses_cuda(labels, image)
     if cuda and emulate_cpu is not None:
         raise ReproboxError(
@@ -496,7 +497,7 @@ def check(
             "emulated CPU says nothing about it",
             hint="emulate CPUs for CPU images (torch.cuda: cpu) only",
         )
-    argv = device_argv(parse_selfcheck_label(image, raw_argv), cuda=cuda)
+    argv = device_argv(recorded_argv, cuda=cuda)
     emulated = emulation(emulate_cpu, engine.ping().arch) if emulate_cpu is not None else None
     where = f" on an emulated {emulate_cpu}" if emulate_cpu else ""
     device = "on the GPU" if cuda else "on the CPU"
