@@ -36,11 +36,16 @@ FRESH_CHECK = {"passed", "fingerprint", "device_class", "first_difference", "rep
 CHECK = {
     "image",
     "passed",
+    "verdict",
     "device_class",
     "fingerprint",
     "recorded",
+    "recorded_classes",
     "matches_recorded",
     "first_difference",
+    "settings",
+    "emulated_cpu",
+    "cpuset_cpus",
     "selfcheck",
     "summary",
 }
@@ -66,7 +71,8 @@ def test_lock_and_render_reports(tmp_path: Path, run: Any) -> None:
     assert locked["wheels"] == 4
     code, rendered = run(engine, "render", str(spec), "-o", str(tmp_path / "ctx"))
     assert code == 0
-    assert set(rendered) == {"context", "tag", "lock", "summary"}
+    assert set(rendered) == {"context", "tag", "lock", "cpu", "summary"}
+    assert rendered["cpu"] == "portable"  # determinism.cpu, named in the report
     assert rendered["tag"].startswith("demo-fake:")
     assert engine.calls == [("tag", engine.calls[0][1])], "neither lock nor render asks the engine"
 
@@ -105,7 +111,10 @@ def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> Non
     assert code == 0
     assert set(checked) == CHECK
     assert (checked["matches_recorded"], checked["recorded"]) == (True, "a" * 64)
+    assert checked["verdict"] == "reproduced"
     assert checked["first_difference"] is None
+    assert set(checked["settings"]) == {"here", "recorded", "differences"}
+    assert (checked["emulated_cpu"], checked["cpuset_cpus"]) == (None, None)
 
 
 def test_export_import_and_doctor_reports(tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ _ENV_SEEN = (
     "ATEN_CPU_CAPABILITY",
     "MKL_CBWR",
     "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "NPY_DISABLE_CPU_FEATURES",
+    "REPROBOX_CPU",
     "REPROBOX_SEED",
     "REPROBOX_DISABLE",
     "REPROBOX_DETERMINISTIC",
@@ -267,7 +270,10 @@ def _device_class(torch: Any, device: Any) -> str:
         properties = torch.cuda.get_device_properties(device)
         sm = f"{properties.major}{properties.minor}"
         return f"cuda-sm{sm}-{properties.multi_processor_count}sm"
-    return f"cpu-{platform.machine()}"
+    # Beside this file and the hook (mypy checks it on its own): CPUID and the pins seen.
+    import reprobox_cpu  # type: ignore[import-not-found]
+
+    return str(reprobox_cpu.device_class(os.environ))
 
 
 def _probe_deterministic_mode(torch: Any, device: Any) -> dict[str, Any]:
@@ -302,6 +308,12 @@ def _cuda_probe(torch: Any, device: Any) -> None:
     torch.nn.functional.avg_pool3d(volume, 2).sum().backward()
 
 
+def _cpu_facts() -> dict[str, Any]:
+    import reprobox_cpu
+
+    return dict(reprobox_cpu.cpu_facts())
+
+
 def _environment(torch: Any, device: Any) -> dict[str, Any]:
     """What this interpreter saw: device, versions, settings, and the probe's outcome."""
     hook = sys.modules.get("reprobox_hook")
@@ -327,6 +339,7 @@ def _environment(torch: Any, device: Any) -> dict[str, Any]:
                 "num_interop_threads": torch.get_num_interop_threads(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             },
+            "cpu": _cpu_facts(),
             "hook": hook.state() if hook is not None else None,
         },
         # Last: the probe must not touch anything the runs compare.
