@@ -244,7 +244,7 @@ def _check_rendered(
         kind = mine["instruction"]
         if kind == "ENV":
             pairs = _builder_pairs(mine["value"])
-            assert pairs == VENV_ENV | dict(image_env(spec, lock))  # the lock picks CPU pins
+            assert pairs == VENV_ENV | dict(image_env(spec, lock))
         elif kind == "LABEL":
             assert _builder_pairs(mine["value"]) == dict(labels)
         elif kind == "RUN" and "apt-get install" in mine["value"]:
