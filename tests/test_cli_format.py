@@ -16,6 +16,7 @@ from test_stages import answering, project, selfcheck
 from reprobox import cli
 from reprobox.cli_format import report
 from reprobox.doctor import DoctorResult, Line
+from reprobox.engine import RunResult
 from reprobox.export_import import ExportResult, ImportResult
 
 BUILD = {
@@ -115,6 +116,42 @@ def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> Non
     assert checked["first_difference"] is None
     assert set(checked["settings"]) == {"here", "recorded", "differences"}
     assert (checked["emulated_cpu"], checked["cpuset_cpus"]) == (None, None)
+
+
+def test_check_reports_a_differing_record_with_the_settings_that_differ(
+    tmp_path: Path, run: Any
+) -> None:
+    # Built on one host (its settings recorded with the fingerprint), checked where the runs
+    # agree but give another fingerprint and saw another MKL_CBWR: exit 1, named.
+    def answer(fingerprint: str, cbwr: str) -> RunResult:
+        report = json.loads(selfcheck().stdout)
+        report["fingerprint"] = fingerprint
+        report["settings"] = {"env": {"MKL_CBWR": cbwr}, "torch": {}, "cpu": {"level": "v3"}}
+        return RunResult(0, json.dumps(report), "")
+
+    engine = answering(answer("a" * 64, "COMPATIBLE"))
+    _, built = run(engine, "build", str(project(tmp_path / "p")))
+    engine.run_handler = lambda *_: answer("b" * 64, "AUTO")
+    code, checked = run(engine, "check", built["tags"][0])
+    assert code == 1
+    assert (checked["verdict"], checked["matches_recorded"]) == ("differs", False)
+    assert checked["settings"]["recorded"]["env"] == {"MKL_CBWR": "COMPATIBLE"}
+    assert checked["settings"]["differences"] == {"env.MKL_CBWR": ["COMPATIBLE", "AUTO"]}
+    assert (
+        "settings that differ: env.MKL_CBWR: 'COMPATIBLE' recorded, 'AUTO' here"
+        in (checked["summary"])
+    )
+    # The same runs on a host class the image has no record for: exit 5, not a failure.
+    engine.run_handler = lambda *_: RunResult(
+        0, json.dumps(json.loads(answer("b" * 64, "AUTO").stdout) | {"device_class": "cpu-x"}), ""
+    )
+    code, unrecorded = run(engine, "check", built["tags"][0])
+    assert (code, unrecorded["verdict"], unrecorded["settings"]["differences"]) == (
+        5,
+        "unrecorded",
+        None,
+    )
+    assert unrecorded["recorded_classes"] == ["cpu-x86_64"]
 
 
 def test_export_import_and_doctor_reports(tmp_path: Path) -> None:
