@@ -301,7 +301,7 @@ def check_image(
             hint="emulate CPUs for CPU images (torch.cuda: cpu) only",
         )
     argv = device_argv(recorded_argv, cuda=cuda)
-    emulated = emulation(emulate_cpu, ctx.engine_info().arch) if emulate_cpu else None
+    emulated = emulation(emulate_cpu, ctx.engine_info().arch) if emulate_cpu is not None else None
     where = f" on an emulated {emulate_cpu}" if emulate_cpu else ""
     with ctx.reporter.stage(
         f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'}{where})"
