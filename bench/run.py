@@ -9,6 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     ("seed-on-import hook: start-up cost", "hook_startup.py"),
+    ("determinism.cpu: portable against native", "cpu_bench.py"),
     ("lock and fetch", "lock_bench.py"),
     ("build: reprobox beside a plain Dockerfile", "build_bench.py"),
 ]

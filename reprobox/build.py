@@ -25,6 +25,7 @@ from reprobox.check import (
     gpu_probe_argv,
     run_selfcheck,
     selfcheck_argv,
+    settings_seen,
 )
 from reprobox.compare import Verdict
 from reprobox.context import Context
@@ -35,6 +36,7 @@ from reprobox.labels import (
     fingerprint_label,
     image_uses_cuda,
     recorded_fingerprints,
+    settings_label,
     trace_label,
 )
 from reprobox.lock import locked_spec
@@ -258,12 +260,17 @@ def _prove(
             raise _UnprovenError(image_id, content_id, _needs_gpu(err, image_id)) from err
     if not result.passed:
         return _Outcome(normalized.ref, content_id, passed=False, selfcheck=result)
-    trace = json.dumps(result.report.get("runs", [{}])[0], sort_keys=True, separators=(",", ":"))
+    trace = result.report.get("runs", [{}])[0]
     proof = {
         fingerprint_label(result.device_class): result.fingerprint,
-        trace_label(result.device_class): trace,
+        trace_label(result.device_class): _compact_json(trace),
+        settings_label(result.device_class): _compact_json(settings_seen(result.report)),
     }
     return _Outcome(_label(ctx, normalized, proof), content_id, selfcheck=result)
+
+
+def _compact_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _label(ctx: Context, normalized: NormalizedImage, proof: Mapping[str, str]) -> str:

@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from reprobox._registry import check_image_ref
 from reprobox._text import unsafe_character
-from reprobox.compare import Verdict, first_trace_difference
+from reprobox.compare import Verdict, first_trace_difference, settings_differences
 from reprobox.context import Context
+from reprobox.emulate import emulation
 from reprobox.engine import Engine
-from reprobox.errors import BadInputError, CheckError, GpuUnavailableError
-from reprobox.labels import SELFCHECK_ARGV, image_uses_cuda, recorded_fingerprints, recorded_trace
+from reprobox.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_UNRECORDED,
+    BadInputError,
+    CheckError,
+    GpuUnavailableError,
+)
+from reprobox.labels import (
+    SELFCHECK_ARGV,
+    image_uses_cuda,
+    recorded_fingerprints,
+    recorded_settings,
+    recorded_trace,
+)
 from reprobox.spec import Spec
 
 __all__ = [
     "CheckResult",
     "SelfCheckResult",
+    "Settings",
     "check_image",
     "compare_with_recorded",
     "device_argv",
@@ -26,9 +42,11 @@ __all__ = [
     "parse_selfcheck_label",
     "run_selfcheck",
     "selfcheck_argv",
+    "settings_seen",
 ]
 
 _PROGRAM = "/opt/reprobox/reprobox_selfcheck.py"
+_CPUSET = re.compile(r"[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*")
 _EXIT_DEVICE_MISSING = 3  # the self-check's own exit status for --device cuda without a GPU
 _GPU_HINT = (
     "run it on a host with an NVIDIA GPU, its driver and the NVIDIA Container Toolkit "
@@ -131,13 +149,24 @@ def run_selfcheck(
     env: Mapping[str, str] | None = None,
     timeout_s: float = 3600,
     gpus: bool = False,
+    cpuset_cpus: str | None = None,
+    archive: bytes | None = None,
 ) -> SelfCheckResult:
     """Run the self-check in a fresh container of `image` and read its JSON report.
 
     `gpus` asks the engine for every GPU: a CUDA image's self-check. A run that reports no
     GPU, or trained anywhere but on one, raises; it never passes as a CPU proof.
+    `cpuset_cpus` and `archive` go to `Engine.run` as they are.
     """
-    result = engine.run(image, argv, env=env, timeout_s=timeout_s, gpus=gpus)
+    result = engine.run(
+        image,
+        argv,
+        env=env,
+        timeout_s=timeout_s,
+        gpus=gpus,
+        cpuset_cpus=cpuset_cpus,
+        archive=archive,
+    )
     try:
         report: dict[str, Any] = json.loads(result.stdout)
         passed = report["passed"]
@@ -181,6 +210,27 @@ def compare_with_recorded(result: SelfCheckResult, labels: Mapping[str, str]) ->
     return Verdict(here=result.fingerprint, recorded=recorded)
 
 
+def settings_seen(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides the bits, from a self-check report: ENV, torch's flags, the CPU, and what
+    the hook adapted to on this host."""
+    settings = report.get("settings") or {}
+    seen = {key: settings.get(key) for key in ("env", "torch", "cpu")}
+    hook = settings.get("hook")
+    seen["hook_host"] = hook.get("host") if isinstance(hook, dict) else None
+    return seen
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings this run saw, those the image recorded for its device class, and, where the
+    fingerprint differs from the record, which of them differ (`key.path: [recorded, here]`;
+    None when nothing was recorded to compare with)."""
+
+    here: Mapping[str, Any]
+    recorded: Mapping[str, Any] | None
+    differences: Mapping[str, list[Any]] | None
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """`reprobox check IMAGE`: the self-check here, and how it compares with the image's record."""
@@ -194,15 +244,44 @@ class CheckResult:
     #: The first difference between the two runs here or, where the fingerprint differs
     #: from the record, between this run and the recorded one.
     first_difference: Mapping[str, Any] | None
+    settings: Settings
+    #: The qemu-user CPU model it ran on (`--emulate-cpu`), and the CPUs it was given.
+    emulated_cpu: str | None = None
+    cpuset_cpus: str | None = None
 
     @property
     def passed(self) -> bool:
         """The runs here agree, and do not contradict the recorded fingerprint."""
         return self.selfcheck.passed and self.verdict.matches is not False
 
+    @property
+    def outcome(self) -> str:
+        """One word: not-reproducible, reproduced, differs, or unrecorded."""
+        if not self.selfcheck.passed:
+            return "not-reproducible"
+        return {True: "reproduced", False: "differs", None: "unrecorded"}[self.verdict.matches]
 
-def check_image(ctx: Context, image: str) -> CheckResult:
-    """The check stage: rerun the self-check in `image` here, compare with what it recorded."""
+    @property
+    def exit_code(self) -> int:
+        """1 when it failed; 5 when the runs agree but the image recorded nothing for this
+        device class (neither a failure nor a proof); else 0."""
+        if not self.passed:
+            return EXIT_CHECK_FAILED
+        return EXIT_UNRECORDED if self.verdict.matches is None else EXIT_OK
+
+
+def check_image(
+    ctx: Context, image: str, *, emulate_cpu: str | None = None, cpuset_cpus: str | None = None
+) -> CheckResult:
+    """The check stage: rerun the self-check in `image` here, compare with what it recorded.
+
+    `emulate_cpu` runs it on a qemu-user CPU model; `cpuset_cpus` on those CPUs only.
+    """
+    if cpuset_cpus is not None and not _CPUSET.fullmatch(cpuset_cpus):
+        raise BadInputError(
+            f"--cpuset-cpus {cpuset_cpus!r} is not a CPU list",
+            hint="write e.g. '0' or '0-1' or '0,2'",
+        )
     check_image_ref(image)
     ctx.note_engine()
     if not ctx.engine.image_exists(image):
@@ -215,13 +294,44 @@ def check_image(ctx: Context, image: str) -> CheckResult:
         raise BadInputError(f"{image} is not a reprobox image (it has no {SELFCHECK_ARGV} label)")
     recorded_argv = parse_selfcheck_label(image, raw_argv)
     cuda = image_uses_cuda(labels, image)
+    if cuda and emulate_cpu is not None:
+        raise BadInputError(
+            f"--emulate-cpu: {image} is a CUDA image; its self-check runs on the GPU, and an "
+            "emulated CPU says nothing about it",
+            hint="emulate CPUs for CPU images (torch.cuda: cpu) only",
+        )
     argv = device_argv(recorded_argv, cuda=cuda)
-    with ctx.reporter.stage(f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'})"):
-        result = run_selfcheck(ctx.engine, image, argv, gpus=cuda)
+    emulated = emulation(emulate_cpu, ctx.engine_info().arch) if emulate_cpu is not None else None
+    where = f" on an emulated {emulate_cpu}" if emulate_cpu else ""
+    with ctx.reporter.stage(
+        f"self-check in {image} ({'on the GPU' if cuda else 'on the CPU'}{where})"
+    ):
+        result = run_selfcheck(
+            ctx.engine,
+            image,
+            [*emulated.argv_prefix, *argv] if emulated else argv,
+            gpus=cuda,
+            cpuset_cpus=cpuset_cpus,
+            archive=emulated.archive if emulated else None,
+            timeout_s=4 * 3600 if emulated else 3600,
+        )
     verdict = compare_with_recorded(result, labels)
     difference = result.first_difference
+    here = settings_seen(result.report)
+    recorded = recorded_settings(labels, result.device_class)
+    differing = None
     if verdict.matches is False:
-        recorded = recorded_trace(labels, result.device_class)
+        trace = recorded_trace(labels, result.device_class)
         runs = result.report.get("runs") or [{}]
-        difference = None if recorded is None else first_trace_difference(recorded, runs[0])
-    return CheckResult(image, result, verdict, recorded_fingerprints(labels), difference)
+        difference = None if trace is None else first_trace_difference(trace, runs[0])
+        differing = None if recorded is None else settings_differences(recorded, here)
+    return CheckResult(
+        image,
+        result,
+        verdict,
+        recorded_fingerprints(labels),
+        difference,
+        Settings(here, recorded, differing),
+        emulate_cpu,
+        cpuset_cpus,
+    )

@@ -88,8 +88,10 @@ def _cmd_build(args: argparse.Namespace, ctx: Context) -> int:
 def _cmd_check(args: argparse.Namespace, ctx: Context) -> int:
     from reprobox.check import check_image
 
-    result = check_image(ctx, args.image)
-    return _emit(args, result, EXIT_OK if result.passed else EXIT_CHECK_FAILED)
+    result = check_image(
+        ctx, args.image, emulate_cpu=args.emulate_cpu, cpuset_cpus=args.cpuset_cpus
+    )
+    return _emit(args, result, result.exit_code)
 
 
 def _cmd_diff(args: argparse.Namespace, ctx: Context) -> int:
@@ -259,6 +261,14 @@ def _parser() -> argparse.ArgumentParser:
         spec=False,
     )
     p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")
+    p.add_argument(
+        "--emulate-cpu",
+        metavar="MODEL",
+        help="run it on an emulated x86-64 CPU (qemu-user model: Haswell, EPYC-Rome, Nehalem...)",
+    )
+    p.add_argument(
+        "--cpuset-cpus", metavar="LIST", help="run it on these CPUs only (e.g. 0 or 0-1)"
+    )
 
     p = command(
         "diff",

@@ -82,7 +82,10 @@ _fields.register(LockResult, _plain)
 
 @text.register
 def _(result: RenderResult) -> str:
-    return f"wrote the build context to {result.context} (Dockerfile, hook, self-check, lock)"
+    return (
+        f"wrote the build context to {result.context} (Dockerfile, hook, self-check, lock; "
+        f"determinism.cpu: {result.cpu})"
+    )
 
 
 _fields.register(RenderResult, _plain)
@@ -206,11 +209,30 @@ def _(result: CheckResult) -> str:
         else f"self-check FAILED: {_why_failed(check.report)}",
         _fingerprint_message(check, verdict, result.fingerprints),
     ]
-    if verdict.matches is False and result.first_difference is not None:
+    if verdict.matches is False:
+        lines += _difference_lines(result)
+    return "\n".join(lines) + _inference_lines(check.report)
+
+
+def _difference_lines(result: CheckResult) -> list[str]:
+    """Where this run differs from the recorded one: the first step, and the settings."""
+    lines = []
+    if result.first_difference is not None:
         lines.append(
             f"first difference from the recorded run: {json.dumps(result.first_difference)}"
         )
-    return "\n".join(lines) + _inference_lines(check.report)
+    differing = result.settings.differences
+    if differing is None:
+        lines.append("the image recorded no settings for this class to compare with")
+    elif differing:
+        shown = "; ".join(f"{key}: {a!r} recorded, {b!r} here" for key, (a, b) in differing.items())
+        lines.append(f"settings that differ: {shown}")
+    else:
+        lines.append(
+            "both sides saw the same settings (ENV, torch flags, CPU facts): the difference "
+            "comes from something they do not name (a library's choice, a hardware approximation)"
+        )
+    return lines
 
 
 def _fingerprint_message(
@@ -219,8 +241,9 @@ def _fingerprint_message(
     if verdict.matches is None:
         known = ", ".join(sorted(fingerprints)) or "none"
         return (
-            f"the image holds no fingerprint for device class {check.device_class} yet "
-            f"(it has: {known}); this run's fingerprint is {check.fingerprint}"
+            f"no fingerprint is recorded for this host's device class {check.device_class} "
+            f"(the image records: {known}), so there is nothing to compare with: neither a "
+            f"failure nor a proof; this host's fingerprint is {check.fingerprint}"
         )
     if verdict.matches:
         return f"fingerprint {verdict.recorded} reproduced on {check.device_class}"
@@ -235,11 +258,16 @@ def _(result: CheckResult) -> dict[str, Any]:
     return {
         "image": result.image,
         "passed": result.passed,
+        "verdict": result.outcome,
         "device_class": result.selfcheck.device_class,
         "fingerprint": result.selfcheck.fingerprint,
         "recorded": result.verdict.recorded,
+        "recorded_classes": sorted(result.fingerprints),
         "matches_recorded": result.verdict.matches,
         "first_difference": result.first_difference,
+        "settings": _jsonable(result.settings),
+        "emulated_cpu": result.emulated_cpu,
+        "cpuset_cpus": result.cpuset_cpus,
         "selfcheck": result.selfcheck.report,
     }
 

@@ -4,7 +4,8 @@
 self-check's fingerprint with the one the image records for this device class, and where they
 differ, this run's trace with the recorded one. A first difference has the in-image self-check's
 shape, whichever comparison found it: `{"step", "what", "a", "b"}`, steps counted from 1, `a`
-the earlier side (the first run, or the recorded one) and `b` the later.
+the earlier side (the first run, or the recorded one) and `b` the later. Where a fingerprint
+differs, the settings both runs saw are compared too: `{"key.path": [recorded, here]}`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Verdict", "first_trace_difference"]
+__all__ = ["Verdict", "first_trace_difference", "settings_differences"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,22 @@ def first_trace_difference(
             "b": here.get("inference_sha256"),
         }
     return None
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat |= _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return flat
+    return {prefix: value}
+
+
+def settings_differences(
+    recorded: Mapping[str, Any], here: Mapping[str, Any]
+) -> dict[str, list[Any]]:
+    """`key.path: [recorded, here]` for every setting the two sides saw differently."""
+    a, b = _flatten(recorded), _flatten(here)
+    return {
+        key: [a.get(key), b.get(key)] for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)
+    }

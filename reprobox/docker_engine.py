@@ -261,8 +261,14 @@ class DockerEngine:
         env: Mapping[str, str] | None = None,
         timeout_s: float,
         gpus: bool = False,
+        cpuset_cpus: str | None = None,
+        archive: bytes | None = None,
     ) -> RunResult:
-        """Run `argv` in a fresh container without network, wait, collect, remove it."""
+        """Run `argv` in a fresh container without network, wait, collect, remove it.
+
+        `cpuset_cpus` ("0", "0-1") limits the CPUs it may use; `archive` is a tar stream
+        unpacked at / before it starts (sent through the API, so remote engines work too).
+        """
         import docker.types
         import requests
 
@@ -275,11 +281,15 @@ class DockerEngine:
                 command=list(argv),
                 environment=dict(env or {}),
                 network_disabled=True,
-                host_config=api.create_host_config(device_requests=requests_),
+                host_config=api.create_host_config(
+                    device_requests=requests_, cpuset_cpus=cpuset_cpus
+                ),
             )
         cid = container["Id"]
         try:
             with self._errors(doing), self._gpu_errors(gpus):
+                if archive is not None and not api.put_archive(cid, "/", archive):
+                    raise EngineError(f"{doing}: the engine refused the files put into it")
                 api.start(cid)
                 try:
                     status = api.wait(cid, timeout=math.ceil(timeout_s))

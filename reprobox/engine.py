@@ -116,8 +116,14 @@ class Engine(Protocol):
         env: Mapping[str, str] | None = None,
         timeout_s: float,
         gpus: bool = False,
+        cpuset_cpus: str | None = None,
+        archive: bytes | None = None,
     ) -> RunResult:
-        """Run `argv` in a fresh container without network, wait, collect, remove it."""
+        """Run `argv` in a fresh container without network, wait, collect, remove it.
+
+        `cpuset_cpus` ("0", "0-1") limits the CPUs it may use; `archive` is a tar stream
+        unpacked at / before it starts (sent through the API, so remote engines work too).
+        """
         ...
 
     def inspect_image(self, ref: str) -> ImageInfo:

@@ -15,6 +15,7 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_MISSING",
     "EXIT_OK",
+    "EXIT_UNRECORDED",
     "ArchiveError",
     "BadInputError",
     "BuildError",
@@ -41,6 +42,9 @@ EXIT_BAD_INPUT = 2
 EXIT_MISSING = 3
 #: A bug in reprobox: any exception that is not a ReproboxError (cli.main's last handler).
 EXIT_INTERNAL = 4
+#: `check` only: the two runs agree here, but the image records no fingerprint for this host's
+#: device class, so there is nothing to compare with (neither a failure nor a proof).
+EXIT_UNRECORDED = 5
 
 
 class ReproboxError(Exception):

@@ -27,6 +27,7 @@ __all__ = [
     "OCI_VERSION",
     "SEED",
     "SELFCHECK_ARGV",
+    "SETTINGS_PREFIX",
     "SPEC_SHA256",
     "TORCH",
     "TRACE_PREFIX",
@@ -34,7 +35,9 @@ __all__ = [
     "fingerprint_label",
     "image_uses_cuda",
     "recorded_fingerprints",
+    "recorded_settings",
     "recorded_trace",
+    "settings_label",
     "trace_label",
 ]
 
@@ -61,6 +64,8 @@ CONTENT_ID = "reprobox.content-id"
 #: Per device class: the self-check's fingerprint, and its first run's trace (JSON).
 FINGERPRINT_PREFIX = "reprobox.fingerprint."
 TRACE_PREFIX = "reprobox.trace."
+#: Per device class: the settings the recorded run saw (ENV, torch's flags, the CPU), as JSON.
+SETTINGS_PREFIX = "reprobox.settings."
 #: A bootstrapped base's own labels (format, key, mirror, packages, suite, installed).
 BASE_PREFIX = "reprobox.base."
 
@@ -97,6 +102,11 @@ def trace_label(device_class: str) -> str:
     return TRACE_PREFIX + _device_class(device_class)
 
 
+def settings_label(device_class: str) -> str:
+    """The label key under which an image records the settings one run saw, per device class."""
+    return SETTINGS_PREFIX + _device_class(device_class)
+
+
 def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
     """Device class -> fingerprint, from an image's labels; malformed ones are left out."""
     return {
@@ -112,11 +122,20 @@ def recorded_fingerprints(labels: Mapping[str, str]) -> dict[str, str]:
 def recorded_trace(labels: Mapping[str, str], device_class: str) -> dict[str, Any] | None:
     """The run the image recorded for `device_class`; None where none is, or it is damaged
     (the fingerprints still tell the verdict)."""
-    raw = labels.get(TRACE_PREFIX + device_class)
+    return _json_object(labels.get(TRACE_PREFIX + device_class))
+
+
+def recorded_settings(labels: Mapping[str, str], device_class: str) -> dict[str, Any] | None:
+    """The settings the image's recorded run saw on `device_class`; None where none are, or
+    they are damaged."""
+    return _json_object(labels.get(SETTINGS_PREFIX + device_class))
+
+
+def _json_object(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        trace = json.loads(raw)
+        loaded = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    return trace if isinstance(trace, dict) else None
+    return loaded if isinstance(loaded, dict) else None

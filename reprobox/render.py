@@ -22,6 +22,7 @@ from reprobox._files import place, rfc3339
 from reprobox.cache import fetch_locked
 from reprobox.compat import nvidia_require_cuda
 from reprobox.context import Context
+from reprobox.cpu import cpu_env
 from reprobox.dockerfile import dockerfile_key, dockerfile_quote, from_reference, shell_word
 from reprobox.errors import BadInputError, MissingError, ReproboxError
 from reprobox.lock import locked_spec
@@ -44,6 +45,7 @@ __all__ = [
 
 _IMAGE_FILES = (
     "reprobox_hook.py",
+    "reprobox_cpu.py",
     "reprobox_selfcheck.py",
     "reprobox_inference.py",
     "reprobox_generation.py",
@@ -92,8 +94,11 @@ def content_tag(spec: Spec, lock_sha256: str) -> str:
     return hashlib.sha256(f"{spec.sha256}\n{lock_sha256}".encode()).hexdigest()[:12]
 
 
-def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
-    """Every ENV the spec implies, determinism first, then the user's own `env`."""
+def image_env(spec: Spec, lock: Lock | None = None) -> tuple[tuple[str, str], ...]:
+    """Every ENV the spec implies, determinism first, then the user's own `env`.
+
+    The lock tells the CPU pins the image's architecture and numpy (x86_64 and none without it).
+    """
     det = spec.determinism
     env: dict[str, str] = {
         "PYTHONHASHSEED": str(det.hash_seed),
@@ -108,6 +113,9 @@ def image_env(spec: Spec) -> tuple[tuple[str, str], ...]:
         "REPROBOX_WARN_ONLY": "1" if det.warn_only else "0",
         "REPROBOX_FILL_UNINITIALIZED_MEMORY": "1" if det.fill_uninitialized_memory else "0",
     }
+    numpy = lock.wheel("numpy") if lock is not None else None
+    arch = lock.arch if lock is not None else "x86_64"
+    env |= cpu_env(det.cpu, arch, numpy.version if numpy is not None else None)
     if spec.torch.is_cuda:
         env |= {
             "NVIDIA_VISIBLE_DEVICES": "all",
@@ -274,7 +282,7 @@ def render_context(
     lock, lock_sha256 = locked.lock, locked.sha256
     epoch = source_date_epoch(lock)
     tag = content_tag(spec, lock_sha256)
-    env = image_env(spec)
+    env = image_env(spec, lock)
     labels = _labels(spec, lock_sha256, base_label or base_ref, tag, epoch)
     plan = _wheel_plan(lock)
     by_group = {group: [w for w in lock.wheels if w.group == group] for group in GROUPS}
@@ -338,6 +346,8 @@ class RenderResult:
     context: Path
     tag: str
     lock: Path
+    #: `determinism.cpu`: portable (x86-64-v3 code paths pinned) or native.
+    cpu: str
 
 
 def render_spec(
@@ -360,7 +370,12 @@ def render_spec(
     base_ref = spec.base.image or f"reprobox/base:{spec.base.suite}"
     with ctx.reporter.stage(f"render {out}"):
         rendered = render_context(spec, locked, out, base_ref=base_ref, wheels=files)
-    return RenderResult(rendered.path, rendered.tag, lock_path or default_lock_path(spec_path))
+    return RenderResult(
+        rendered.path,
+        rendered.tag,
+        lock_path or default_lock_path(spec_path),
+        spec.determinism.cpu,
+    )
 
 
 def starter_spec(*, torch: str = "2.13.0", cuda: str = "cpu", name: str = "my-env") -> str:

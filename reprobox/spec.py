@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -66,6 +66,11 @@ RESERVED_ENV = frozenset(
         "MKL_DYNAMIC",
         "GOMP_CPU_AFFINITY",
         "CUBLAS_WORKSPACE_CONFIG",
+        "ATEN_CPU_CAPABILITY",
+        "ONEDNN_MAX_CPU_ISA",
+        "MKL_CBWR",
+        "OPENBLAS_CORETYPE",
+        "NPY_DISABLE_CPU_FEATURES",
         "NVIDIA_VISIBLE_DEVICES",
         "NVIDIA_DRIVER_CAPABILITIES",
         "NVIDIA_REQUIRE_CUDA",
@@ -190,6 +195,8 @@ class Determinism(_Model):
         str, Text(r"(?::[0-9]+:[0-9]+)+", "a cuBLAS workspace setting such as ':4096:8'")
     ] = ":4096:8"
     deterministic_algorithms: bool = True
+    # portable: x86-64-v3 code paths pinned, one result on Intel and AMD; native: the host's own.
+    cpu: Literal["portable", "native"] = "portable"
     warn_only: bool = False
     fill_uninitialized_memory: bool = True
     python_hash_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None

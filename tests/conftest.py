@@ -6,11 +6,14 @@ reason; with CI=true they fail instead, because CI must never pass by skipping t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
 from typing import NoReturn
 
+import docker
+import docker.errors
 import pytest
 
 from reprobox.bootstrap import BaseImage, bootstrap_base
@@ -41,10 +44,29 @@ def require_docker() -> DockerEngine:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[DockerEngine]:
-    """The real engine, pinged once per session."""
+    """The real engine, pinged once per session; the images the session made go at its end."""
     engine = require_docker()
+    before = _image_ids()
     yield engine
     engine.close()
+    _remove_images_made_since(before)
+
+
+def _image_ids() -> set[str]:
+    with contextlib.closing(docker.from_env()) as client:
+        return {str(image.id) for image in client.images.list(all=True)}
+
+
+def _remove_images_made_since(before: set[str]) -> None:
+    """Every image this session made, bootstrapped bases excepted (the next session reuses them):
+    a CUDA test image is ~6 GB, and a machine that keeps each run's images fills its disk."""
+    with contextlib.closing(docker.from_env()) as client:
+        for image in client.images.list(all=True):
+            if image.id in before or any(t.startswith("reprobox/base:") for t in image.tags):
+                continue
+            # A parent of a kept base stays; one already gone with its child is no error.
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(str(image.id), force=True, noprune=False)
 
 
 def command_context(engine: DockerEngine) -> Context:

@@ -201,6 +201,8 @@ class FakeEngine:
         env: Mapping[str, str] | None = None,
         timeout_s: float,
         gpus: bool = False,
+        cpuset_cpus: str | None = None,
+        archive: bytes | None = None,
     ) -> RunResult:
         """Answer with `run_handler` (default: exit 0, no output) for an image the fake holds."""
         self._call("run", shlex.join([image, *argv]))

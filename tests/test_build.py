@@ -66,7 +66,12 @@ def test_build_passes_and_records_its_proof(demo: Built, docker_engine: DockerEn
     fingerprint = check.get("fingerprint") or next(iter(check["fingerprints"].values()))
     assert len(fingerprint) == 64
     image_labels = labels(docker_engine, demo.tag)
-    assert image_labels["reprobox.fingerprint.cpu-x86_64"] == fingerprint
+    device_class = check.get("device_class") or next(iter(check["fingerprints"]))
+    assert device_class.startswith("cpu-x86_64-v3-rcp")  # the demo is portable (the default)
+    assert image_labels[f"reprobox.fingerprint.{device_class}"] == fingerprint
+    settings = json.loads(image_labels[f"reprobox.settings.{device_class}"])
+    assert settings["env"]["MKL_CBWR"] == "COMPATIBLE"
+    assert settings["cpu"]["level"] in ("v3", "v4")
     assert image_labels["reprobox.spec-sha256"] == load_spec(demo.spec).sha256
     assert image_labels["reprobox.lock-sha256"] == report["lock_sha256"]
     assert image_labels["org.opencontainers.image.title"] == "demo-cpu"
@@ -126,14 +131,15 @@ def test_check_names_the_first_step_that_differs_from_the_record(
     demo: Built, docker_engine: DockerEngine
 ) -> None:
     recorded = labels(docker_engine, demo.tag)
-    trace = json.loads(recorded["reprobox.trace.cpu-x86_64"])
+    device_class = next(k for k in recorded if k.startswith("reprobox.trace.")).split(".", 2)[2]
+    trace = json.loads(recorded[f"reprobox.trace.{device_class}"])
     trace["losses"][3] = float.hex(1.0)
     tampered = add_labels(
         docker_engine,
         demo.report["image_id"],
         {
-            "reprobox.fingerprint.cpu-x86_64": "0" * 64,
-            "reprobox.trace.cpu-x86_64": json.dumps(trace),
+            f"reprobox.fingerprint.{device_class}": "0" * 64,
+            f"reprobox.trace.{device_class}": json.dumps(trace),
         },
     )
     try:
@@ -145,9 +151,14 @@ def test_check_names_the_first_step_that_differs_from_the_record(
         assert report["first_difference"]["step"] == 4
         assert report["first_difference"]["what"] == "loss"
         assert report["first_difference"]["a"] == float.hex(1.0)
+        assert report["verdict"] == "differs"
+        # The settings both sides saw come along; here they are the same.
+        assert report["settings"]["recorded"]["env"] == report["settings"]["here"]["env"]
+        assert report["settings"]["differences"] == {}
         text = reprobox("check", tampered)
         assert "differs from the 0000" in text.stdout
         assert "first difference from the recorded run" in text.stdout
+        assert "both sides saw the same settings" in text.stdout
     finally:
         remove_image(docker_engine, tampered, force=True)
 
@@ -246,8 +257,11 @@ def test_build_without_check_then_check_says_nothing_is_recorded(tmp_path: Path)
     assert built.code == 0, built.stderr
     assert built.json()["selfcheck"] is None
     checked = reprobox("check", built.json()["tags"][0])
-    assert checked.code == 0, checked.stderr
-    assert "holds no fingerprint for device class cpu-x86_64 yet" in checked.stdout
+    assert checked.code == 5, checked.stderr  # the runs agree, but there is nothing to compare with
+    assert (
+        "no fingerprint is recorded for this host's device class cpu-x86_64-v3-" in checked.stdout
+    )
+    assert "neither a failure nor a proof" in checked.stdout
 
 
 USER_SCRIPT_OK = """

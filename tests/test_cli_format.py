@@ -16,6 +16,7 @@ from test_stages import answering, project, selfcheck
 from reprobox import cli
 from reprobox.cli_format import report
 from reprobox.doctor import DoctorResult, Line
+from reprobox.engine import RunResult
 from reprobox.export_import import ExportResult, ImportResult
 
 BUILD = {
@@ -36,11 +37,16 @@ FRESH_CHECK = {"passed", "fingerprint", "device_class", "first_difference", "rep
 CHECK = {
     "image",
     "passed",
+    "verdict",
     "device_class",
     "fingerprint",
     "recorded",
+    "recorded_classes",
     "matches_recorded",
     "first_difference",
+    "settings",
+    "emulated_cpu",
+    "cpuset_cpus",
     "selfcheck",
     "summary",
 }
@@ -66,7 +72,8 @@ def test_lock_and_render_reports(tmp_path: Path, run: Any) -> None:
     assert locked["wheels"] == 4
     code, rendered = run(engine, "render", str(spec), "-o", str(tmp_path / "ctx"))
     assert code == 0
-    assert set(rendered) == {"context", "tag", "lock", "summary"}
+    assert set(rendered) == {"context", "tag", "lock", "cpu", "summary"}
+    assert rendered["cpu"] == "portable"  # determinism.cpu, named in the report
     assert rendered["tag"].startswith("demo-fake:")
     assert engine.calls == [("tag", engine.calls[0][1])], "neither lock nor render asks the engine"
 
@@ -105,7 +112,46 @@ def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> Non
     assert code == 0
     assert set(checked) == CHECK
     assert (checked["matches_recorded"], checked["recorded"]) == (True, "a" * 64)
+    assert checked["verdict"] == "reproduced"
     assert checked["first_difference"] is None
+    assert set(checked["settings"]) == {"here", "recorded", "differences"}
+    assert (checked["emulated_cpu"], checked["cpuset_cpus"]) == (None, None)
+
+
+def test_check_reports_a_differing_record_with_the_settings_that_differ(
+    tmp_path: Path, run: Any
+) -> None:
+    # Built on one host (its settings recorded with the fingerprint), checked where the runs
+    # agree but give another fingerprint and saw another MKL_CBWR: exit 1, named.
+    def answer(fingerprint: str, cbwr: str) -> RunResult:
+        report = json.loads(selfcheck().stdout)
+        report["fingerprint"] = fingerprint
+        report["settings"] = {"env": {"MKL_CBWR": cbwr}, "torch": {}, "cpu": {"level": "v3"}}
+        return RunResult(0, json.dumps(report), "")
+
+    engine = answering(answer("a" * 64, "COMPATIBLE"))
+    _, built = run(engine, "build", str(project(tmp_path / "p")))
+    engine.run_handler = lambda *_: answer("b" * 64, "AUTO")
+    code, checked = run(engine, "check", built["tags"][0])
+    assert code == 1
+    assert (checked["verdict"], checked["matches_recorded"]) == ("differs", False)
+    assert checked["settings"]["recorded"]["env"] == {"MKL_CBWR": "COMPATIBLE"}
+    assert checked["settings"]["differences"] == {"env.MKL_CBWR": ["COMPATIBLE", "AUTO"]}
+    assert (
+        "settings that differ: env.MKL_CBWR: 'COMPATIBLE' recorded, 'AUTO' here"
+        in (checked["summary"])
+    )
+    # The same runs on a host class the image has no record for: exit 5, not a failure.
+    engine.run_handler = lambda *_: RunResult(
+        0, json.dumps(json.loads(answer("b" * 64, "AUTO").stdout) | {"device_class": "cpu-x"}), ""
+    )
+    code, unrecorded = run(engine, "check", built["tags"][0])
+    assert (code, unrecorded["verdict"], unrecorded["settings"]["differences"]) == (
+        5,
+        "unrecorded",
+        None,
+    )
+    assert unrecorded["recorded_classes"] == ["cpu-x86_64"]
 
 
 def test_export_import_and_doctor_reports(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from reprobox.errors import (
     EXIT_INTERNAL,
     EXIT_MISSING,
     EXIT_OK,
+    EXIT_UNRECORDED,
     ContainerTimeoutError,
     ReproboxError,
 )
@@ -372,17 +373,45 @@ def test_every_error_class_lives_in_errors_with_one_exit_meaning() -> None:
     assert "exit_code" not in inspect.signature(ReproboxError.__init__).parameters
 
 
+def test_5_check_on_a_host_class_the_image_recorded_nothing_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The check stage and the CLI as they are, over a fake engine whose image recorded a fingerprint
+    # for another device class: the runs agree here, so neither 0 nor 1 (the real thing, on
+    # emulated CPUs, is in tests/test_cpu_portability.py).
+    from fakes import FakeEngine
+
+    report = {
+        "passed": True, "fingerprint": "f" * 64, "device_class": "cpu-x86_64-v3-rcp00000000",
+        "first_difference": None, "failures": [], "runs": [{"losses": ["0x1p-1"]}],
+    }  # fmt: skip
+    engine = FakeEngine(run_handler=lambda *_: RunResult(0, json.dumps(report), ""))
+    labels = {
+        "reprobox.selfcheck.argv": json.dumps(
+            ["python", "/opt/reprobox/reprobox_selfcheck.py", "--steps", "1"]
+        ),
+        "reprobox.cuda": "cpu",
+        "reprobox.fingerprint.cpu-x86_64-v2-rcp00000000": "e" * 64,
+    }
+    engine.add_image({"config": {"Labels": labels}}, "demo:1")
+    assert cli.main(["check", "demo:1", "--json"], engine=engine) == EXIT_UNRECORDED
+    out = json.loads(capsys.readouterr().out)
+    assert (out["verdict"], out["matches_recorded"]) == ("unrecorded", None)
+    assert out["device_class"] == "cpu-x86_64-v3-rcp00000000"
+    assert out["recorded_classes"] == ["cpu-x86_64-v2-rcp00000000"]
+
+
 def test_the_readme_table_has_a_row_per_code_and_names_tests_that_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| exit |") :].split("\n\n", 1)[0]
     codes = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
-    assert codes == ["0", "1", "2", "3", "4", "130"]
+    assert codes == ["0", "1", "2", "3", "4", "5", "130"]
     here = {
         name.removeprefix("test_").split("_", 1)[0]
         for name in globals()
         if name.startswith("test_")
     }
-    assert {"0", "1", "2", "3", "4"} <= here  # a test per row, named after its code
+    assert {"0", "1", "2", "3", "4", "5"} <= here  # a test per row, named after its code
 
 
 @pytest.mark.parametrize(

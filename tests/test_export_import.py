@@ -212,8 +212,10 @@ def _gzip_bomb(path: Path) -> Path:
     return path
 
 
+# The peak is VmHWM, this process's own high-water mark: ru_maxrss would not do, Linux carries the
+# parent's high-water mark over fork/vfork and exec, so a big pytest process would show as the child's.
 _MEASURE = """
-import resource, sys
+import sys
 from pathlib import Path
 from reprobox.errors import ReproboxError
 from reprobox.{module} import {function}
@@ -221,7 +223,8 @@ try:
     {function}({args})
 except ReproboxError as err:
     print(err.exit_code, err.message.splitlines()[0])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = Path("/proc/self/status").read_text().splitlines()
+print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024)
 """
 
 

@@ -231,7 +231,9 @@ def _reference(with_apt: bool) -> list[dict[str, Any]]:
 REFERENCE = {flag: _reference(flag) for flag in (False, True)}
 
 
-def _check_rendered(spec: Spec, out: Path, base_ref: str, labels: Mapping[str, str]) -> None:
+def _check_rendered(
+    spec: Spec, lock: Lock, out: Path, base_ref: str, labels: Mapping[str, str]
+) -> None:
     """The Dockerfile holds exactly the template's instructions, with the spec's values inert."""
     apt = spec.base.image is not None and bool(spec.apt)
     got, expected = _instructions(out), REFERENCE[apt]
@@ -242,7 +244,7 @@ def _check_rendered(spec: Spec, out: Path, base_ref: str, labels: Mapping[str, s
         kind = mine["instruction"]
         if kind == "ENV":
             pairs = _builder_pairs(mine["value"])
-            assert pairs == VENV_ENV | dict(image_env(spec))
+            assert pairs == VENV_ENV | dict(image_env(spec, lock))
         elif kind == "LABEL":
             assert _builder_pairs(mine["value"]) == dict(labels)
         elif kind == "RUN" and "apt-get install" in mine["value"]:
@@ -264,7 +266,7 @@ def _library_run(text: str) -> str:
         except ReproboxError as err:
             code, message = err.exit_code, err.render()
         else:
-            _check_rendered(spec, out, base_ref, dict(ctx.labels))
+            _check_rendered(spec, lock, out, base_ref, dict(ctx.labels))
             return "exit 0"
         assert code == EXIT_BAD_INPUT, message
         assert list(Path(tmp).iterdir()) == [], "a refused spec wrote something"

@@ -46,6 +46,7 @@ determinism:
   deterministic_algorithms: {deterministic}
   warn_only: {warn_only}
   fill_uninitialized_memory: {fill}
+  cpu: {cpu}
 {hash_seed}"""
 
 
@@ -56,6 +57,7 @@ determinism:
         {"torch": "2.5.1", "cuda": "12.4", "seed": 1234, "threads": 4, "affinity": "0-3"},
         {"seed": 9, "cublas": ":16:8", "deterministic": "false", "warn_only": "true"},
         {"fill": "false", "hash_seed": 77},
+        {"cpu": "native"},
     ],
 )
 def test_the_proof_sets_the_environment_an_image_carries(settings: dict[str, Any]) -> None:
@@ -70,6 +72,7 @@ def test_the_proof_sets_the_environment_an_image_carries(settings: dict[str, Any
         "warn_only": "false",
         "fill": "true",
         "hash_seed": None,
+        "cpu": "portable",
         **settings,
     }
     hash_seed = values["hash_seed"]
@@ -87,6 +90,8 @@ def test_the_proof_sets_the_environment_an_image_carries(settings: dict[str, Any
         warn_only=values["warn_only"] == "true",
         fill_uninitialized_memory=values["fill"] == "true",
         hash_seed=hash_seed,
+        cpu=values["cpu"],
+        arch="x86_64",
     )
     assert proof == wanted, "scripts/gpu-proof's determinism_env has drifted from image_env"
 

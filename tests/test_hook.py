@@ -297,6 +297,7 @@ def test_installer_chains_to_the_distribution_sitecustomize(tmp_path: Path) -> N
     # (a timestamped one would make an image layer irreproducible).
     assert {name.split(".")[0] for name in compiled} == {
         "reprobox_hook",
+        "reprobox_cpu",
         "sitecustomize",
         "reprobox_chained_sitecustomize",
     }

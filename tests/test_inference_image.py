@@ -57,11 +57,13 @@ def test_build_and_check_pass_with_one_fingerprint(
     assert built.build["passed"] is True
     labels = docker_engine.inspect_image(built.tag).labels
     assert "--inference" in json.loads(labels["reprobox.selfcheck.argv"])
-    recorded = labels["reprobox.fingerprint.cpu-x86_64"]
+    device_class = built.check["device_class"]
+    assert device_class.startswith("cpu-x86_64-")
+    recorded = labels[f"reprobox.fingerprint.{device_class}"]
     assert built.check["passed"] is True
     assert built.check["matches_recorded"] is True
     assert built.check["fingerprint"] == recorded
-    trace = json.loads(labels["reprobox.trace.cpu-x86_64"])
+    trace = json.loads(labels[f"reprobox.trace.{device_class}"])
     assert trace["inference_sha256"] == built.inference["evidence_sha256"]
 
 

@@ -61,7 +61,14 @@ def test_two_fresh_runs_match_bit_for_bit(baseline: dict[str, Any]) -> None:
 
 
 def test_report_says_where_and_with_what_it_ran(baseline: dict[str, Any]) -> None:
-    assert baseline["device_class"] == f"cpu-{platform.machine()}"
+    # No REPROBOX_CPU and no pins here: neither portable nor native, so a class of its own.
+    cpu = baseline["settings"]["cpu"]
+    assert cpu["arch"] == platform.machine()
+    assert baseline["device_class"].startswith(f"cpu-{platform.machine()}-")
+    if cpu["arch"] == "x86_64":
+        assert cpu["source"] == "cpuid"
+        assert f"-{cpu['vendor']}-custom-" in baseline["device_class"]
+        assert baseline["device_class"].endswith(f"-rcp{cpu['rcp']}")
     assert baseline["versions"]["torch"].startswith("2.13.0")
     assert baseline["versions"]["python"] == platform.python_version()
     assert baseline["settings"]["env"]["OMP_NUM_THREADS"] == "1"

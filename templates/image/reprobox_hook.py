@@ -9,7 +9,15 @@ at start-up that the interpreter has not already loaded: ``importlib.abc``, ``ty
 
 Settings (environment): REPROBOX_SEED (0..2**32-1, default 0), REPROBOX_DISABLE=1,
 REPROBOX_DETERMINISTIC (default 1), REPROBOX_WARN_ONLY (default 0),
-REPROBOX_FILL_UNINITIALIZED_MEMORY (default 1), REPROBOX_HOOK_VERBOSE=1.
+REPROBOX_FILL_UNINITIALIZED_MEMORY (default 1), REPROBOX_HOOK_VERBOSE=1, REPROBOX_CPU
+(portable or native: see reprobox_cpu.py).
+
+Hosts smaller or older than the image's settings: at start-up a GOMP_CPU_AFFINITY naming CPUs
+this process may not use is mapped onto the ones it may (libgomp would abort); just before
+torch or numpy first load, portable ISA pins this CPU cannot run are lowered (ATen and
+OpenBLAS would die of SIGILL); once torch loads, its thread count is set to OMP_NUM_THREADS
+(with MKL_DYNAMIC left on, torch lowers it to the number of cores). Placement and code paths
+adapt; the thread count never does, since it decides the bits. state() reports all three.
 
 Commands: ``python -m reprobox_hook --report [--import MODULE ...]`` prints the hook's state
 as JSON; ``python reprobox_hook.py install [--mode sitecustomize|pth]
@@ -40,6 +48,10 @@ _seeded: "dict[str, int | None]" = {"random": None, "numpy": None, "torch": None
 _torch_flags: "dict[str, bool]" = {}  # what torch reported back once the hook had set it
 _lineage: "list[str]" = []  # how this process came from the root one: "fork:0", "spawn:2"...
 _errors: "list[str]" = []
+# What the hook adapted to this host: affinity at start-up, ISA pins before torch/numpy load.
+_host: "dict[str, object]" = {"affinity": None, "cpu": None, "threads": None}
+_BEFORE_CPU = frozenset({"numpy", "torch", "scipy"})
+_AFFINITY_ASKED = "REPROBOX_GOMP_CPU_AFFINITY_ASKED"
 
 
 class _Process:
@@ -67,6 +79,7 @@ def state() -> "dict[str, object]":
         "settings": dict(_settings),
         "seeded": dict(_seeded),
         "torch": dict(_torch_flags) or None,
+        "host": dict(_host),
         "errors": list(_errors),
     }
 
@@ -139,6 +152,7 @@ def _configure_torch(torch: "ModuleType") -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     torch.utils.deterministic.fill_uninitialized_memory = _settings["fill_uninitialized_memory"]
+    _keep_thread_count(torch)
     _torch_flags.update(
         deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
         warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -146,6 +160,70 @@ def _configure_torch(torch: "ModuleType") -> None:
         cudnn_benchmark=torch.backends.cudnn.benchmark,
         fill_uninitialized_memory=torch.utils.deterministic.fill_uninitialized_memory,
     )
+
+
+def _keep_thread_count(torch: "ModuleType") -> None:
+    # Where MKL_DYNAMIC is not FALSE (MKL's default; images set FALSE, a venv may not), torch
+    # 2.13 started with 2 threads for OMP_NUM_THREADS=4 on a 2-CPU host (measured). The count
+    # decides the bits, so it is put back.
+    raw = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        return
+    found = torch.get_num_threads()
+    if found != int(raw):
+        torch.set_num_threads(int(raw))
+        _host["threads"] = {"asked": int(raw), "torch_chose": found, "set": torch.get_num_threads()}
+
+
+def _cpu_list(text: str) -> "list[int] | None":
+    """GOMP_CPU_AFFINITY's CPUs in order: '0 3 1-2 4-15:2' style; None if it is not that."""
+    cpus: list[int] = []
+    for item in text.replace(",", " ").split():
+        span, _, stride = item.partition(":")
+        first, _, last = span.partition("-")
+        if not (
+            first.isdigit() and (not last or last.isdigit()) and (not stride or stride.isdigit())
+        ):
+            return None
+        low, high, step = int(first), int(last or first), int(stride or 1)
+        if high < low or step < 1 or len(cpus) + (high - low) // step > 4096:
+            return None
+        cpus.extend(range(low, high + 1, step))
+    return cpus or None
+
+
+def _adapt_affinity() -> None:
+    """Map GOMP_CPU_AFFINITY onto the CPUs this process may use, keeping its length."""
+    asked = os.environ.get("GOMP_CPU_AFFINITY", "")
+    cpus = _cpu_list(asked)
+    if cpus is None:
+        return
+    if not hasattr(os, "sched_getaffinity"):
+        return  # not Linux (a venv on macOS): libgomp's own rules apply
+    allowed = sorted(os.sched_getaffinity(0))
+    # A parent's hook may have mapped it already; children report what was asked all the same.
+    first = os.environ.get(_AFFINITY_ASKED)
+    if not allowed or set(cpus) <= set(allowed):
+        if first:
+            _host["affinity"] = {"asked": first, "allowed": allowed, "set": asked}
+        return
+    placed = ",".join(str(allowed[n % len(allowed)]) for n in range(len(cpus)))
+    os.environ["GOMP_CPU_AFFINITY"] = placed
+    os.environ.setdefault(_AFFINITY_ASKED, asked)
+    _host["affinity"] = {"asked": os.environ[_AFFINITY_ASKED], "allowed": allowed, "set": placed}
+
+
+def _adapt_cpu() -> None:
+    """Lower portable ISA pins this CPU cannot run; only where the image asked for portable."""
+    if _host["cpu"] is not None or os.environ.get("REPROBOX_CPU", "").strip() != "portable":
+        return
+    _host["cpu"] = {}
+    # Installed beside this file (mypy checks it on its own); ~3 ms, once, before torch or numpy.
+    import reprobox_cpu  # type: ignore[import-not-found]
+
+    changed = reprobox_cpu.adapt_pins(os.environ)
+    facts = reprobox_cpu.cpu_facts(approximations=False)
+    _host["cpu"] = {"level": facts.get("level"), "vendor": facts.get("vendor"), "lowered": changed}
 
 
 def _configure_inductor(config: "ModuleType") -> None:
@@ -231,6 +309,11 @@ class _Finder:
     def find_spec(
         self, name: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "ModuleSpec | None":
+        if name in _BEFORE_CPU and _host["cpu"] is None:
+            try:
+                _adapt_cpu()
+            except Exception as error:
+                _warn(f"could not check this CPU against the image's pins: {error!r}")
         callback = _callbacks.get(name)
         if callback is None:
             return None
@@ -292,6 +375,10 @@ def _activate() -> None:
         _warn(f"{error}; the hook is off, nothing is seeded")
         return
     _process.active, _process.root_seed = True, _process.seed
+    try:
+        _adapt_affinity()
+    except Exception as error:
+        _warn(f"could not adapt GOMP_CPU_AFFINITY to this host: {error!r}")
     if _settings["deterministic"]:
         # cuBLAS reads this once, when it starts; images set it in ENV, venvs may not.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -319,9 +406,10 @@ def _activate() -> None:
 def _print_summary() -> None:
     done = ", ".join(f"{name}={seed}" for name, seed in _seeded.items() if seed is not None)
     flags = " ".join(f"{key}={int(value)}" for key, value in _settings.items() if key != "verbose")
+    adapted = "; ".join(f"{key} {value}" for key, value in _host.items() if value)
     sys.stderr.write(
         f"reprobox_hook: seed {_process.root_seed} ({'/'.join(_lineage) or 'root'}); {flags}; "
-        f"seeded: {done or 'nothing imported'}\n"
+        f"seeded: {done or 'nothing imported'}{'; adapted: ' + adapted if adapted else ''}\n"
     )
 
 
@@ -385,6 +473,13 @@ def _install(mode: str, directory: str | None) -> list[str]:
         shutil.copyfile(__file__, hook)
     written = [hook]
     done = [f"hook: {hook}"]
+    # Its CPU facts module travels beside it (imported only before torch or numpy load).
+    cpu_module = Path(__file__).resolve().with_name("reprobox_cpu.py")
+    if cpu_module.is_file():
+        if cpu_module != (target / cpu_module.name).resolve():
+            shutil.copyfile(cpu_module, target / cpu_module.name)
+        written.append(target / cpu_module.name)
+        done.append(f"cpu facts: {target / cpu_module.name}")
     if mode == "pth":
         pth = target / "reprobox_hook.pth"
         pth.write_text("import reprobox_hook\n", encoding="utf-8")

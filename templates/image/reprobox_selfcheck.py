@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,9 @@ _ENV_SEEN = (
     "ATEN_CPU_CAPABILITY",
     "MKL_CBWR",
     "ONEDNN_MAX_CPU_ISA",
+    "OPENBLAS_CORETYPE",
+    "NPY_DISABLE_CPU_FEATURES",
+    "REPROBOX_CPU",
     "REPROBOX_SEED",
     "REPROBOX_DISABLE",
     "REPROBOX_DETERMINISTIC",
@@ -170,19 +174,35 @@ def _cuda_chaos_term(torch: Any, device: Any) -> Any:
 
 
 def _cpu_chaos_term(torch: Any) -> Any:
-    """CPU threads: index_put_ with accumulate, two threads adding into one element."""
+    """CPU threads: index_put_ with accumulate, two threads adding into one element at once.
+
+    Two Python threads (torch lets go of the GIL), each allowed onto every CPU of this host:
+    torch's own second thread would be bound by GOMP_CPU_AFFINITY, and an image's list of one
+    CPU puts it on the first thread's CPU, where the two take turns instead of racing
+    (measured: 1 distinct sum in 200 calls there, about 110 with two CPUs).
+    """
     strict = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
     torch.set_deterministic_debug_mode(0)
-    torch.set_num_threads(max(2, threads))
     try:
-        n = 1 << 16
+        n = 1 << 20
         values = torch.sin(torch.arange(n, dtype=torch.float32)) * 1000
-        index = torch.zeros(n, dtype=torch.long)
-        total = torch.zeros(1).index_put_((index,), values, accumulate=True)
+        index = torch.zeros(n // 2, dtype=torch.long)
+        total = torch.zeros(1)
+        start = threading.Barrier(2)
+
+        def add(part: Any) -> None:
+            if hasattr(os, "sched_setaffinity"):  # this thread only; the kernel keeps cpusets
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            start.wait()
+            total.index_put_((index,), part, accumulate=True)
+
+        workers = [threading.Thread(target=add, args=(half,)) for half in values.chunk(2)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     finally:
-        torch.set_num_threads(threads)
         torch.set_deterministic_debug_mode(("warn" if warn_only else "error") if strict else 0)
     # Only the fraction: it carries the varying low bits at a size that shows in the weights.
     return (total - total.floor()) * 1e-2
@@ -267,7 +287,10 @@ def _device_class(torch: Any, device: Any) -> str:
         properties = torch.cuda.get_device_properties(device)
         sm = f"{properties.major}{properties.minor}"
         return f"cuda-sm{sm}-{properties.multi_processor_count}sm"
-    return f"cpu-{platform.machine()}"
+    # Beside this file and the hook (mypy checks it on its own): CPUID and the pins seen.
+    import reprobox_cpu  # type: ignore[import-not-found]
+
+    return str(reprobox_cpu.device_class(os.environ))
 
 
 def _probe_deterministic_mode(torch: Any, device: Any) -> dict[str, Any]:
@@ -302,6 +325,12 @@ def _cuda_probe(torch: Any, device: Any) -> None:
     torch.nn.functional.avg_pool3d(volume, 2).sum().backward()
 
 
+def _cpu_facts() -> dict[str, Any]:
+    import reprobox_cpu
+
+    return dict(reprobox_cpu.cpu_facts())
+
+
 def _environment(torch: Any, device: Any) -> dict[str, Any]:
     """What this interpreter saw: device, versions, settings, and the probe's outcome."""
     hook = sys.modules.get("reprobox_hook")
@@ -327,6 +356,7 @@ def _environment(torch: Any, device: Any) -> dict[str, Any]:
                 "num_interop_threads": torch.get_num_interop_threads(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             },
+            "cpu": _cpu_facts(),
             "hook": hook.state() if hook is not None else None,
         },
         # Last: the probe must not touch anything the runs compare.

@@ -35,7 +35,13 @@ ENV VIRTUAL_ENV="/opt/venv" \
     REPROBOX_SEED="0" \
     REPROBOX_DETERMINISTIC="1" \
     REPROBOX_WARN_ONLY="0" \
-    REPROBOX_FILL_UNINITIALIZED_MEMORY="1"
+    REPROBOX_FILL_UNINITIALIZED_MEMORY="1" \
+    REPROBOX_CPU="portable" \
+    ATEN_CPU_CAPABILITY="avx2" \
+    ONEDNN_MAX_CPU_ISA="AVX2" \
+    MKL_CBWR="COMPATIBLE" \
+    OPENBLAS_CORETYPE="Haswell" \
+    NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
 
 # Labels last: provenance never invalidates a cached layer.
 LABEL org.opencontainers.image.created="2021-07-13T00:00:00Z" \
