@@ -400,6 +400,16 @@ def test_a_local_file_larger_than_the_lock_says_is_refused(tmp_path: Path) -> No
     assert WheelCache(tmp_path / "cache").fetch([exact])  # the control: the right size passes
 
 
+# `python -m reprobox` as at a terminal: a shell's background job (a CI script started with `&`)
+# inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+_AS_AT_A_TERMINAL = """
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv[0] = "reprobox"
+runpy.run_module("reprobox", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.parametrize("path", ["big.whl", "stall"])
 def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
     endless: tuple[str, threading.Event], tmp_path: Path, path: str
@@ -424,7 +434,15 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
     )
     cache = tmp_path / "cache"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reprobox", "render", str(spec_path), "-o", str(tmp_path / "ctx")],
+        [
+            sys.executable,
+            "-c",
+            _AS_AT_A_TERMINAL,
+            "render",
+            str(spec_path),
+            "-o",
+            str(tmp_path / "ctx"),
+        ],
         env={**os.environ, "REPROBOX_CACHE_DIR": str(cache)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -439,6 +457,7 @@ def test_ctrl_c_stops_a_download_at_once_and_leaves_nothing(
         took = time.monotonic() - sent
     finally:
         proc.kill()
+        proc.communicate()  # reap it and close its pipes, whatever happened above
     assert proc.returncode == 130, err
     assert took < 4, f"Ctrl-C took {took:.1f} s to stop the download"
     assert "interrupted" in err
