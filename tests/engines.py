@@ -28,6 +28,7 @@ ROOTFS_IMAGE = "reprobox-test/engine:sid"
 _PACKAGES = "docker.io,ca-certificates,iproute2,iptables,procps"
 _MIRROR = "http://deb.debian.org/debian"
 _READY_S = 120
+_TCP_PORT = 2375
 
 
 @dataclass
@@ -85,9 +86,19 @@ def _ensure_rootfs_image(outer: DockerEngine, cache_root: Path) -> None:
 
 
 def start_inner_engine(
-    outer: DockerEngine, cache_root: Path, socket_dir: Path, *, name: str, containerd: bool
+    outer: DockerEngine,
+    cache_root: Path,
+    socket_dir: Path,
+    *,
+    name: str,
+    containerd: bool,
+    tcp: bool = False,
 ) -> InnerEngine:
-    """Start dockerd from the sid image (containerd store on or off) and wait until it answers."""
+    """Start dockerd from the sid image (containerd store on or off) and wait until it answers.
+
+    With `tcp` the tests reach it as a remote engine: dockerd also listens on TCP (no TLS: the
+    port is published on 127.0.0.1 only) and the returned client speaks `tcp://127.0.0.1:PORT`.
+    """
     _ensure_rootfs_image(outer, cache_root)
     socket_dir.mkdir(parents=True, exist_ok=True)
     config = {"features": {"containerd-snapshotter": containerd}}
@@ -108,6 +119,7 @@ def start_inner_engine(
                 volume: {"bind": "/var/lib/docker", "mode": "rw"},
                 str(socket_dir): {"bind": "/run/inner", "mode": "rw"},
             },
+            port_bindings={_TCP_PORT: ("127.0.0.1", None)} if tcp else None,
         )
         host_config.update(
             MaskedPaths=[], ReadonlyPaths=[]
@@ -118,15 +130,19 @@ def start_inner_engine(
             command=[
                 "dockerd",
                 "--host=unix:///run/inner/docker.sock",
+                *([f"--host=tcp://0.0.0.0:{_TCP_PORT}", "--tls=false"] if tcp else []),
                 "--config-file=/run/inner/daemon.json",
                 f"--cgroup-parent=/{name}",
             ],
+            ports=[_TCP_PORT] if tcp else None,
             host_config=host_config,
         )
         api.start(container["Id"])
-    inner = InnerEngine(
-        DockerEngine(f"unix://{socket_dir}/docker.sock"), container["Id"], volume, outer
-    )
+        host = f"unix://{socket_dir}/docker.sock"
+        if tcp:
+            published = api.port(container["Id"], _TCP_PORT)
+            host = f"tcp://127.0.0.1:{published[0]['HostPort']}"
+    inner = InnerEngine(DockerEngine(host), container["Id"], volume, outer)
     deadline = time.monotonic() + _READY_S
     while True:
         try:
