@@ -193,13 +193,23 @@ def _init_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="SPEC", help="write the spec there, not to stdout")
 
 
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"reprobox {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--context",
+        metavar="NAME",
+        help="the Docker context whose engine to use (default: DOCKER_HOST, DOCKER_CONTEXT, "
+        "then Docker's current context)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reprobox",
         description="Build container images in which PyTorch training is bit-for-bit reproducible, and prove it.",
     )
-    parser.add_argument("--version", action="version", version=f"reprobox {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
@@ -331,7 +341,7 @@ def main(argv: Sequence[str] | None = None, *, engine: Engine | None = None) -> 
     try:
         from reprobox.context import Context
 
-        return func(args, Context.for_command(engine))
+        return func(args, Context.for_command(engine, docker_context=args.context))
     except ReproboxError as exc:
         if args.debug:
             traceback.print_exc()

@@ -92,11 +92,15 @@ class Context:
     _info: EngineInfo | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def for_command(cls, engine: Engine | None = None) -> Context:
-        """The context of a CLI command: the Docker Engine at DOCKER_HOST unless `engine`."""
-        from reprobox.docker_engine import DockerEngine
+    def for_command(
+        cls, engine: Engine | None = None, *, docker_context: str | None = None
+    ) -> Context:
+        """The context of a CLI command: `engine`, else the Docker Engine the docker CLI would
+        use (`--context`, DOCKER_HOST, DOCKER_CONTEXT, the current context), connected lazily."""
+        from reprobox.docker_engine import engine_for
 
-        return cls(engine or DockerEngine(), CacheLayout(default_cache_dir()), Reporter())
+        chosen = engine or engine_for(docker_context)
+        return cls(chosen, CacheLayout(default_cache_dir()), Reporter())
 
     def engine_info(self) -> EngineInfo:
         """Who the engine is, asked once per command; EngineError (exit 3) when none answers."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shlex
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from reprobox._files import CHUNK, atomic_path
 from reprobox.build_log import BuildLog
 from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
 from reprobox.errors import (
+    BadInputError,
     ContainerTimeoutError,
     EngineError,
     GpuUnavailableError,
@@ -30,7 +32,7 @@ from reprobox.errors import (
 if TYPE_CHECKING:
     import docker
 
-__all__ = ["DockerEngine", "engine_info", "gpu_request_error", "image_info"]
+__all__ = ["DockerEngine", "engine_for", "engine_info", "gpu_request_error", "image_info"]
 
 _DEFAULT_HOST = "unix:///var/run/docker.sock"
 _PING_TIMEOUT_S = 10
@@ -150,13 +152,60 @@ def engine_info(host: str, version: Mapping[str, Any], info: Mapping[str, Any]) 
     )
 
 
+#: Docker's own rule for a context's name.
+_CONTEXT_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.+-]{0,127}")
+
+
+def engine_for(context: str | None) -> DockerEngine:
+    """The engine the docker CLI would talk to: `--context NAME`, else DOCKER_HOST, else the
+    DOCKER_CONTEXT variable, else the current context of Docker's config (`docker context use`).
+
+    The context is read on first use (commands that need no engine never import docker).
+    """
+    if context is None and os.environ.get("DOCKER_HOST"):
+        return DockerEngine()
+    return DockerEngine(context=context or os.environ.get("DOCKER_CONTEXT") or "")
+
+
+def _from_context(name: str) -> tuple[str | None, Any]:
+    """A Docker context's host and TLS material; "" is Docker's current context, and `default`
+    DOCKER_HOST or the local socket. Read from DOCKER_CONFIG (or ~/.docker)'s contexts."""
+    from docker.context import ContextAPI
+
+    name = name or str(ContextAPI.get_current_context().Name)
+    if not _CONTEXT_NAME.fullmatch(name):
+        raise BadInputError(f"{name!r} is not a Docker context name")
+    if name == "default":
+        return None, None
+    found = ContextAPI.get_context(name)
+    host = found.Host if found is not None else None
+    if found is None or not isinstance(host, str) or not host:
+        raise BadInputError(
+            f"no Docker context named {name!r} with a Docker endpoint",
+            hint="`docker context ls` lists the contexts; DOCKER_CONFIG names the config folder",
+        )
+    # The docker CLI writes `unix://...`; docker-py's create_context writes `http+unix://...`.
+    if host.startswith("http+unix://"):
+        host = "unix://" + host.removeprefix("http+unix://")
+    return host, found.TLSConfig
+
+
 class DockerEngine:
     """The real engine: Docker's low-level API client, made on first use."""
 
-    def __init__(self, base_url: str | None = None, *, timeout_s: int = 900) -> None:
+    def __init__(
+        self, base_url: str | None = None, *, timeout_s: int = 900, context: str | None = None
+    ) -> None:
         self._base_url = base_url
         self._timeout_s = timeout_s
+        self._context = context  # a Docker context to read on first use ("" = the current one)
+        self._tls: Any = None  # a docker.tls.TLSConfig from that context, or None
         self._api: docker.APIClient | None = None
+
+    def _resolve_context(self) -> None:
+        if self._context is not None:
+            name, self._context = self._context, None
+            self._base_url, self._tls = _from_context(name)
 
     def close(self) -> None:
         """Close the client's connections (a later call opens new ones)."""
@@ -167,15 +216,19 @@ class DockerEngine:
     @property
     def host(self) -> str:
         """The address this engine talks to."""
+        self._resolve_context()
         return self._base_url or os.environ.get("DOCKER_HOST") or _DEFAULT_HOST
 
     def _client(self) -> docker.APIClient:
         if self._api is None:
             import docker  # here, not at the top: ~0.2 s that only engine commands should pay
 
+            self._resolve_context()
             kwargs: dict[str, Any] = dict(docker.utils.kwargs_from_env())
             if self._base_url is not None:
                 kwargs["base_url"] = self._base_url
+            if self._tls is not None:
+                kwargs["tls"] = self._tls
             _check_socket(self.host)
             try:
                 api = docker.APIClient(version="auto", timeout=_PING_TIMEOUT_S, **kwargs)
