@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reprobox._files import write_text_atomic
 from reprobox._registry import check_image_ref
+from reprobox.assemble import assemble, load_assembled
 from reprobox.base_image import base_refs
 from reprobox.cache import fetch_locked
 from reprobox.check import (
@@ -58,6 +59,8 @@ class BuildOptions:
     nocache: bool = False
     check: bool = True
     refetch: bool = False
+    #: Write the layers from the wheels (`assemble`) instead of building the recipe.
+    assemble: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,15 @@ class ReuseIndex:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self._path(built_id), json.dumps(record, sort_keys=True))
 
+    def recent_images(self, count: int = 8) -> list[str]:
+        """The images the `count` latest records name (their layers may still be in the engine)."""
+        try:
+            paths = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime)[-count:]
+        except OSError:
+            return []
+        found = (self.get(p.stem) for p in reversed(paths))
+        return [r["content_id"] for r in found if r is not None and "content_id" in r]
+
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -144,18 +156,42 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
     base_ref, base_label = base_refs(ctx, spec)
+    labels = {SELFCHECK_ARGV: json.dumps(selfcheck_argv(spec))}
     with _context_dir(ctx) as ctx_dir:
-        rendered = render_context(
-            spec, locked, ctx_dir, base_ref=base_ref, wheels=files, base_label=base_label
-        )
-        with ctx.reporter.stage("build"):
-            built_id = ctx.engine.build(
-                rendered.path,
-                nocache=options.nocache,
-                labels={SELFCHECK_ARGV: json.dumps(selfcheck_argv(spec))},
-                on_event=ctx.reporter.build_event,
+        if options.assemble:
+            rendered = render_context(
+                spec, locked, ctx_dir, base_ref=base_ref, base_label=base_label
             )
-    outcome = _outcome(ctx, spec, rendered, built_id, options)
+            assembled = assemble(
+                ctx, spec, locked, rendered, files, labels=labels, nocache=options.nocache
+            )
+            built_id = assembled.content_id
+            index = ReuseIndex(ctx.cache.builds)
+            outcome = _outcome(
+                ctx,
+                spec,
+                rendered,
+                built_id,
+                options,
+                make=lambda: load_assembled(
+                    ctx, assembled, [] if options.nocache else index.recent_images()
+                ),
+            )
+        else:
+            rendered = render_context(
+                spec, locked, ctx_dir, base_ref=base_ref, wheels=files, base_label=base_label
+            )
+            with ctx.reporter.stage("build"):
+                built_id = ctx.engine.build(
+                    rendered.path,
+                    nocache=options.nocache,
+                    labels=labels,
+                    on_event=ctx.reporter.build_event,
+                )
+    if not options.assemble:
+        outcome = _outcome(
+            ctx, spec, rendered, built_id, options, make=lambda: _normalize(ctx, rendered, built_id)
+        )
     result = BuildResult(
         spec=spec_path,
         lock=options.lock_path or default_lock_path(spec_path),
@@ -175,7 +211,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     )
     if not outcome.passed:
         return result
-    reproducible = _compare_recorded(locked, outcome.content_id)
+    # The lock records the recipe's image ID; an assembled image is another (installer metadata).
+    reproducible = None if options.assemble else _compare_recorded(locked, outcome.content_id)
     for ref in result.tags:
         ctx.engine.tag(outcome.image_id, ref)
     seconds = round(time.monotonic() - started, 1)
@@ -190,8 +227,25 @@ def _context_dir(ctx: Context) -> Iterator[Path]:
         yield Path(tmp) / "context"
 
 
+def _normalize(ctx: Context, rendered: RenderedContext, built_id: str) -> NormalizedImage:
+    with ctx.reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
+        return normalize_image(
+            ctx.engine,
+            built_id,
+            source_date_epoch=rendered.source_date_epoch,
+            workdir=ctx.cache.work,
+            base_image=rendered.base_ref,
+        )
+
+
 def _outcome(
-    ctx: Context, spec: Spec, rendered: RenderedContext, built_id: str, options: BuildOptions
+    ctx: Context,
+    spec: Spec,
+    rendered: RenderedContext,
+    built_id: str,
+    options: BuildOptions,
+    *,
+    make: Callable[[], NormalizedImage],
 ) -> _Outcome:
     """The image this raw build becomes: reused from the index, or normalised and proven now."""
     index = ReuseIndex(ctx.cache.builds)
@@ -201,7 +255,7 @@ def _outcome(
     if record is not None:
         _gpu_preflight(ctx, record)
     try:
-        outcome = _prove(ctx, spec, rendered, built_id, check=options.check)
+        outcome = _prove(ctx, spec, make, check=options.check)
     except _UnprovenError as unproven:
         # Built and normalised, not proven: a later `--no-check` reuses it in seconds.
         index.put(
@@ -234,17 +288,10 @@ def _reused(ctx: Context, record: Mapping[str, str]) -> _Outcome:
 
 
 def _prove(
-    ctx: Context, spec: Spec, rendered: RenderedContext, built_id: str, *, check: bool
+    ctx: Context, spec: Spec, make: Callable[[], NormalizedImage], *, check: bool
 ) -> _Outcome:
-    """Normalise the raw build, self-check the normalised image, then label it (no rewrite)."""
-    with ctx.reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
-        normalized = normalize_image(
-            ctx.engine,
-            built_id,
-            source_date_epoch=rendered.source_date_epoch,
-            workdir=ctx.cache.work,
-            base_image=rendered.base_ref,
-        )
+    """Make the normalised image, self-check it, then label it (no rewrite)."""
+    normalized = make()
     content_id = normalized.image_id  # the config digest, the same on every engine
     cuda = image_uses_cuda(ctx.engine.inspect_image(normalized.ref).labels, content_id)
     if not check:

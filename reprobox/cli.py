@@ -80,6 +80,7 @@ def _cmd_build(args: argparse.Namespace, ctx: Context) -> int:
         nocache=args.no_cache,
         check=not args.no_check,
         refetch=args.refetch,
+        assemble=args.assemble,
     )
     result = build(ctx, Path(args.spec), options)
     return _emit(args, result, EXIT_OK if result.passed else EXIT_CHECK_FAILED)
@@ -261,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="build every layer again")
     p.add_argument(
         "--no-check", action="store_true", help="skip the self-check (the image is not proven)"
+    )
+    p.add_argument(
+        "--assemble",
+        action="store_true",
+        help="write the image's layers from the verified wheels instead of `docker build` "
+        "(faster; a different image ID than the recipe's; classic image store only)",
     )
     lock_options(p)
 

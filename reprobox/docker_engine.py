@@ -9,18 +9,26 @@ becomes `ImageInfo` and `EngineInfo` here, and its refusals the errors a user ca
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
 import shlex
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from reprobox._files import CHUNK, atomic_path
 from reprobox.build_log import BuildLog
-from reprobox.engine import BuildEvent, EngineInfo, ImageInfo, RegistrySettings, RunResult
+from reprobox.engine import (
+    BuildEvent,
+    Change,
+    EngineInfo,
+    ImageInfo,
+    RegistrySettings,
+    RunResult,
+)
 from reprobox.errors import (
     BadInputError,
     ContainerTimeoutError,
@@ -366,6 +374,52 @@ class DockerEngine:
         )
 
     @contextlib.contextmanager
+    def run_kept(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        timeout_s: float,
+        files: Iterable[bytes] | None = None,
+    ) -> Iterator[_Finished]:
+        """Run `argv` without network, `files` (a tar stream) unpacked at / first; keep the
+        exited container for the `with` block, then remove it."""
+        import requests
+
+        api = self._client()
+        doing = f"running `{shlex.join(argv)}` in {image}"
+        with self._errors(doing):
+            cid = api.create_container(image, command=list(argv), network_disabled=True)["Id"]
+        try:
+            with self._errors(doing):
+                if files is not None and not api.put_archive(cid, "/", files):
+                    raise EngineError(f"{doing}: the engine refused the files put into it")
+                api.start(cid)
+                try:
+                    status = api.wait(cid, timeout=math.ceil(timeout_s))
+                except (
+                    requests.exceptions.ReadTimeout,
+                    requests.exceptions.ConnectionError,
+                ) as err:
+                    raise ContainerTimeoutError(
+                        f"{doing}: still running after {timeout_s:g} s, stopped",
+                        hint="raise the time limit, or make the command do less",
+                    ) from err
+                result = RunResult(
+                    exit_code=int(status["StatusCode"]),
+                    stdout=api.logs(cid, stdout=True, stderr=False).decode("utf-8", "replace"),
+                    stderr=api.logs(cid, stdout=False, stderr=True).decode("utf-8", "replace"),
+                )
+            yield _Finished(self, cid, result)
+        finally:
+            with self._errors(f"removing the container of {doing}"):
+                api.remove_container(cid, force=True)
+
+    def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:
+        """`docker load` of an archive sent as it is generated (chunked transfer encoding)."""
+        return self._load(chunks, what)
+
+    @contextlib.contextmanager
     def _gpu_errors(self, gpus: bool) -> Iterator[None]:
         import docker.errors
 
@@ -427,10 +481,14 @@ class DockerEngine:
 
     def load(self, archive: Path) -> list[str]:
         """`docker load` an archive; the IDs of the images it held."""
+        with archive.open("rb") as data:
+            return self._load(data, str(archive))
+
+    def _load(self, data: Any, what: str) -> list[str]:
         api = self._client()
         ids: list[str] = []
         errors: list[str] = []
-        with self._errors(f"loading {archive}"), archive.open("rb") as data:
+        with self._errors(f"loading {what}"):
             for chunk in api.load_image(data):  # type: ignore[no-untyped-call]
                 if "error" in chunk:
                     errors.append(str(chunk["error"]))
@@ -441,7 +499,7 @@ class DockerEngine:
                         ref = line.removeprefix("Loaded image: ").strip()
                         ids.append(self.inspect_image(ref).id)
         if errors:
-            raise EngineError(f"loading {archive}: the Docker Engine said: {errors[0]}")
+            raise EngineError(f"loading {what}: the Docker Engine said: {errors[0]}")
         return sorted(set(ids))
 
     def push(
@@ -492,3 +550,51 @@ class DockerEngine:
                 hint="check the reference and `docker login` to its registry",
             )
         return self.inspect_image(ref).id
+
+
+_CHANGE_KINDS: dict[int, Literal["added", "changed", "deleted"]] = {
+    0: "changed",
+    1: "added",
+    2: "deleted",
+}
+
+
+class _Finished:
+    """An exited container of `DockerEngine.run_kept`: read its files through the API."""
+
+    def __init__(self, engine: DockerEngine, cid: str, result: RunResult) -> None:
+        self._engine, self._cid, self.result = engine, cid, result
+
+    def get_archive(self, path: str, dest: Path) -> None:
+        """`path` as a tar at `dest` (streamed)."""
+        api = self._engine._client()
+        with self._engine._errors(f"reading {path} from a container"), dest.open("wb") as out:
+            chunks, _ = api.get_archive(self._cid, path, chunk_size=CHUNK)
+            for chunk in chunks:
+                out.write(chunk)
+
+    def changes(self) -> tuple[Change, ...]:
+        """The container's changes (Docker's kinds 0 changed, 1 added, 2 deleted)."""
+        api = self._engine._client()
+        with self._engine._errors("listing a container's changes"):
+            raw = api.diff(self._cid) or []
+        return tuple(
+            Change(_CHANGE_KINDS[int(entry["Kind"])], str(entry["Path"]))
+            for entry in raw
+            if int(entry.get("Kind", -1)) in _CHANGE_KINDS
+        )
+
+    def stat(self, path: str) -> tuple[int, float]:
+        """Mode bits and mtime, from the archive endpoint's stat header (HEAD, no data)."""
+        import base64
+        import datetime
+
+        api = self._engine._client()
+        url = f"{api.base_url}/v{api.api_version}/containers/{self._cid}/archive"
+        with self._engine._errors(f"reading the mode of {path} in a container"):
+            response = api.head(url, params={"path": path}, timeout=api.timeout)
+            response.raise_for_status()
+        found = json.loads(base64.b64decode(response.headers["X-Docker-Container-Path-Stat"]))
+        # Go's time: RFC 3339 with nanoseconds; the seconds are what a tar header keeps.
+        when = datetime.datetime.fromisoformat(str(found["mtime"])[:19] + "+00:00")
+        return int(found["mode"]) & 0o7777, when.timestamp()

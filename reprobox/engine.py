@@ -7,15 +7,18 @@ tests/fakes.py has a FakeEngine that follows the same protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 __all__ = [
     "BuildEvent",
+    "Change",
     "Engine",
     "EngineInfo",
+    "FinishedContainer",
     "ImageInfo",
     "RegistrySettings",
     "RunResult",
@@ -89,6 +92,32 @@ class RunResult:
     stderr: str
 
 
+@dataclass(frozen=True)
+class Change:
+    """A path a container added, changed or deleted, against its image."""
+
+    kind: Literal["added", "changed", "deleted"]
+    path: str
+
+
+class FinishedContainer(Protocol):
+    """A container that ran and exited, kept until the `with` block ends, to read files from."""
+
+    result: RunResult
+
+    def get_archive(self, path: str, dest: Path) -> None:
+        """Write `path` (a file or a directory, recursively) as a tar to `dest`."""
+        ...
+
+    def changes(self) -> tuple[Change, ...]:
+        """What the container changed against its image."""
+        ...
+
+    def stat(self, path: str) -> tuple[int, float]:
+        """`path`'s mode bits and mtime (seconds) in the container."""
+        ...
+
+
 class Engine(Protocol):
     """What reprobox needs from a container engine, and nothing more."""
 
@@ -124,6 +153,22 @@ class Engine(Protocol):
         `cpuset_cpus` ("0", "0-1") limits the CPUs it may use; `archive` is a tar stream
         unpacked at / before it starts (sent through the API, so remote engines work too).
         """
+        ...
+
+    def run_kept(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        timeout_s: float,
+        files: Iterable[bytes] | None = None,
+    ) -> AbstractContextManager[FinishedContainer]:
+        """Run `argv` like `run` (no network), with `files` (a tar stream) unpacked at / first,
+        and keep the exited container for the `with` block: its files can be read."""
+        ...
+
+    def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:
+        """`load`, from a docker-archive generated as it is sent (never written to disk)."""
         ...
 
     def inspect_image(self, ref: str) -> ImageInfo:

@@ -15,7 +15,9 @@ import json
 import re
 import shlex
 import tarfile
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from reprobox.engine import (
     BuildEvent,
     Engine,
     EngineInfo,
+    FinishedContainer,
     ImageInfo,
     RegistrySettings,
     RunResult,
@@ -318,6 +321,26 @@ class FakeEngine:
                 image_id = shown.get(_bytes_id(raw), _bytes_id(raw))
                 ids.append(self.add_image(json.loads(raw), *tags, image_id=image_id))
         return sorted(set(ids))
+
+    def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:
+        """`load` of an archive given as chunks (spooled to a temporary file first)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "stream.tar"
+            with archive.open("wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            return self.load(archive)
+
+    def run_kept(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        timeout_s: float,
+        files: Iterable[bytes] | None = None,
+    ) -> AbstractContextManager[FinishedContainer]:
+        """Not faked: containers whose files are read run on a real engine only."""
+        raise NotImplementedError("FakeEngine keeps no containers (use a real engine)")
 
     def push(
         self,

@@ -1,0 +1,397 @@
+"""The assemble stage (`reprobox build --assemble`): the image written by reprobox, not built.
+
+No `docker build`, no `docker save`, no normalising pass: the layers are born normalised.
+
+| layer | what | made by |
+| --- | --- | --- |
+| the base's | as the recipe's FROM | the base stage |
+| 1 | /opt/venv: the venv skeleton, torch and its closure, their pycs | `pylayer` (+ one compile container) |
+| 2 | /opt/venv: every other locked wheel (pip included), their pycs | `pylayer` (+ one compile container) |
+| 3 | /opt/reprobox: hook, self-check, spec, lock, the user's script | this host |
+| 4 | the hook installed into the base's Python (what `reprobox_hook.py install` changes) | one container, its changes read back |
+
+reprobox writes the config (the base's, with the image's ENV, labels, one history entry per
+layer, all times at SOURCE_DATE_EPOCH) and streams one `docker load`. The content ID is the
+sha256 of the config bytes, known before the load and checked after it. Layers 1, 2 and 4 are
+kept under the cache by the hash of their inputs; a small pin change rewrites layer 2 only and
+sends the engine only the layers it lacks. `--no-cache` ignores them and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from reprobox._files import rfc3339, write_text_atomic
+from reprobox.archive import index_members, manifest_entries, read_image
+from reprobox.context import Context
+from reprobox.engine import Change, FinishedContainer
+from reprobox.errors import BadInputError, EngineError
+from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
+from reprobox.lockfile import LockFile
+from reprobox.normalize import NormalizedImage, normalize_config
+from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
+from reprobox.render import RenderedContext
+from reprobox.spec import Spec
+
+__all__ = ["Assembled", "assemble", "load_assembled"]
+
+#: Bumped whenever the bytes a layer is made of could change: it is part of every layer key.
+FORMAT = "assemble-1"
+_HOOK_FILES = ("reprobox_hook.py", "reprobox_cpu.py")
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """An image written but not yet loaded: its config, the base's layers and the new ones."""
+
+    config: bytes
+    base_diff_ids: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    epoch: int
+
+    @property
+    def content_id(self) -> str:
+        """The config digest: what the lock records and the classic store shows."""
+        return "sha256:" + hashlib.sha256(self.config).hexdigest()
+
+    @property
+    def diff_ids(self) -> tuple[str, ...]:
+        return (*self.base_diff_ids, *(layer.diff_id for layer in self.layers))
+
+    def normalized(self) -> NormalizedImage:
+        """The loaded image as the later stages (self-check, labels) take it."""
+        return NormalizedImage(
+            image_id=self.content_id,
+            source_id=self.content_id,
+            diff_ids=self.diff_ids,
+            source_date_epoch=self.epoch,
+            removed=(),
+            config=self.config,
+        )
+
+
+class _LayerCache:
+    """Layer files by the hash of their inputs: `<key>.tar` and `<key>.json` (diff ID, size)."""
+
+    def __init__(self, root: Path, *, enabled: bool) -> None:
+        self.root, self.enabled = root, enabled
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> Layer | None:
+        if not self.enabled:
+            return None
+        try:
+            meta = json.loads((self.root / f"{key}.json").read_text(encoding="utf-8"))
+            layer = Layer(str(meta["diff_id"]), self.root / f"{key}.tar", int(meta["size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not layer.path.is_file() or layer.path.stat().st_size != layer.size:
+            return None
+        return layer
+
+    def put(self, key: str, layer: Layer) -> Layer:
+        kept = Layer(layer.diff_id, self.root / f"{key}.tar", layer.size)
+        layer.path.replace(kept.path)
+        write_text_atomic(
+            self.root / f"{key}.json", json.dumps({"diff_id": layer.diff_id, "size": layer.size})
+        )
+        return kept
+
+    def scratch(self, name: str) -> Path:
+        return self.root / f".{name}.{os.getpid()}.partial"
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def assemble(
+    ctx: Context,
+    spec: Spec,
+    locked: LockFile,
+    rendered: RenderedContext,
+    files: Mapping[str, Path],
+    *,
+    labels: Mapping[str, str],
+    nocache: bool,
+) -> Assembled:
+    """Write every layer above the base (or take it from the cache) and the config."""
+    info = ctx.engine_info()
+    if info.containerd_store:
+        raise EngineError(
+            "`--assemble` loads only the layers the engine lacks, which the containerd image "
+            "store refuses (it wants every layer in the archive); not supported there yet",
+            hint="build without `--assemble`",
+        )
+    if spec.base.image is not None and spec.apt:
+        raise BadInputError(
+            "`--assemble` does not install `apt:` packages on a pinned `base.image` yet",
+            hint="build without `--assemble`, or bootstrap a Debian base (`base.bootstrap`)",
+        )
+    base = rendered.base_ref
+    base_id = ctx.engine.inspect_image(base).id
+    root = ctx.cache.root / "assemble"
+    base_dir = root / "bases" / base_id.removeprefix("sha256:")
+    base_config = _base_config(ctx, base, base_dir)
+    cache = _LayerCache(root / "layers", enabled=not nocache)
+    epoch = rendered.source_date_epoch
+    with ctx.reporter.stage("the base's python3 (venv paths)"):
+        target = probe_target(ctx.engine, base, base_dir)
+    lock = locked.lock
+    groups = {
+        "torch": [w for w in lock.wheels if w.group == "torch"],
+        "rest": [w for w in lock.wheels if w.group in {"rest", "installer"}],
+    }
+    layers: list[Layer] = []
+    history: list[str] = []
+    for group, wheels in groups.items():
+        bottom = group == "torch"
+        key = _key(
+            FORMAT,
+            base_id,
+            _target_key(target),
+            group,
+            bottom,
+            epoch,
+            version("installer"),
+            sorted(w.sha256 for w in wheels),
+        )
+        layer = cache.get(key)
+        if layer is None:
+            with ctx.reporter.stage(f"write the {group} layer ({len(wheels)} wheels, pycs)"):
+                layer = python_layer(
+                    ctx.engine,
+                    base,
+                    target,
+                    wheels,
+                    files,
+                    dest=cache.scratch(group),
+                    epoch=epoch,
+                    bottom=bottom,
+                )
+                layer = cache.put(key, layer)
+        else:
+            ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
+        layers.append(layer)
+        history.append(
+            f"reprobox assemble: {VENV}, {group} ({len(wheels)} wheels, inputs {key[:16]})"
+        )
+    # Written beside the rendered context (a temporary folder): it changes with every lock.
+    layers.append(_files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch))
+    history.append("reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)")
+    # The hook's install copies itself and its CPU facts module into the base's stdlib.
+    hook_files = [rendered.path / "image" / name for name in _HOOK_FILES]
+    hook_key = _key(FORMAT, base_id, "hook", epoch, [_sha256(path) for path in hook_files])
+    hook = cache.get(hook_key)
+    if hook is None:
+        with ctx.reporter.stage("install the hook (one container)"):
+            hook = cache.put(
+                hook_key,
+                _hook_layer(ctx, base, hook_files, cache.scratch("hook"), epoch),
+            )
+    layers.append(hook)
+    history.append("reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install")
+    config = _config(
+        base_config,
+        rendered,
+        labels,
+        [*_base_diff_ids(base_config), *(layer.diff_id for layer in layers)],
+        history,
+    )
+    return Assembled(config, _base_diff_ids(base_config), tuple(layers), epoch)
+
+
+def load_assembled(
+    ctx: Context, assembled: Assembled, chains_from: Sequence[str]
+) -> NormalizedImage:
+    """Stream the image into the engine: only the layers whose chain it lacks are sent.
+
+    `chains_from` names images (earlier builds) whose layers the engine may hold.
+    """
+    have = _chains(ctx, [*chains_from])
+    chain: list[str] = list(assembled.base_diff_ids)
+    send: list[tuple[str, Path | None, int]] = [(d, None, 0) for d in assembled.base_diff_ids]
+    for layer in assembled.layers:
+        chain.append(layer.diff_id)
+        held = tuple(chain) in have
+        send.append((layer.diff_id, None if held else layer.path, layer.size))
+    sent = sum(size for _, path, size in send if path is not None)
+    with ctx.reporter.stage(f"load ({sent / 1e6:.1f} MB sent, one streamed archive)"):
+        loaded = ctx.engine.load_stream(
+            archive_stream(send, assembled.config, assembled.epoch), "the assembled image"
+        )
+    if loaded != [assembled.content_id]:
+        raise EngineError(
+            f"the engine loaded {', '.join(loaded) or 'nothing'} for the assembled image "
+            f"{assembled.content_id}"
+        )
+    return assembled.normalized()
+
+
+def _chains(ctx: Context, images: list[str]) -> set[tuple[str, ...]]:
+    """Every layer chain (bottom-up prefix of diff IDs) of the images the engine still holds."""
+    chains: set[tuple[str, ...]] = set()
+    for image in images:
+        if not ctx.engine.image_exists(image):
+            continue
+        diff_ids = ctx.engine.inspect_image(image).diff_ids
+        chains.update(tuple(diff_ids[:end]) for end in range(1, len(diff_ids) + 1))
+    return chains
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _target_key(target: TargetPython) -> list[str]:
+    return [
+        target.purelib,
+        target.platlib,
+        target.scripts,
+        target.data,
+        target.include,
+        target.cache_tag,
+        _sha256(target.skeleton),
+    ]
+
+
+def _base_config(ctx: Context, base: str, cache: Path) -> dict[str, Any]:
+    """The base's config as the engine holds it (one `docker save`, then kept by its ID)."""
+    kept = cache / "config.json"
+    if not kept.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            saved = Path(tmp) / "base.tar"
+            ctx.engine.save([base], saved)
+            with tarfile.open(saved) as tar:
+                members = index_members(tar)
+                entries = manifest_entries(tar, members)
+                if len(entries) != 1:
+                    raise EngineError(f"saving the base {base} gave {len(entries)} images")
+                image = read_image(tar, members, entries[0])
+            write_text_atomic(kept, json.dumps(image.config, sort_keys=True))
+    config: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+    return config
+
+
+def _base_diff_ids(config: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or [])
+
+
+def _config(
+    base: Mapping[str, Any],
+    rendered: RenderedContext,
+    labels: Mapping[str, str],
+    diff_ids: Sequence[str],
+    history: Sequence[str],
+) -> bytes:
+    """The image config: the base's, with the recipe's ENV and labels, one entry per layer."""
+    out: dict[str, Any] = json.loads(json.dumps(base))
+    inner = out.get("config") or {}
+    env: dict[str, str] = {}
+    for item in inner.get("Env") or []:
+        key, _, value = str(item).partition("=")
+        env[key] = value
+    env["VIRTUAL_ENV"] = VENV
+    env["PATH"] = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env.update(dict(rendered.env))
+    inner["Env"] = [f"{key}={value}" for key, value in env.items()]
+    inner["Labels"] = {**(inner.get("Labels") or {}), **dict(rendered.labels), **labels}
+    out["config"] = inner
+    created = rfc3339(rendered.source_date_epoch)
+    out["history"] = [
+        *(out.get("history") or []),
+        *({"created": created, "created_by": line} for line in history),
+    ]
+    return normalize_config(out, diff_ids=diff_ids, source_date_epoch=rendered.source_date_epoch)
+
+
+def _files_layer(image_dir: Path, dest: Path, epoch: int) -> Layer:
+    """/opt/reprobox: the rendered `image/` folder, sorted, 0644 files and 0755 folders."""
+    writer = LayerWriter(dest, epoch, root="opt/reprobox")
+    try:
+        writer.directory("opt/reprobox")
+        for path in sorted(image_dir.rglob("*"), key=lambda p: p.relative_to(image_dir).as_posix()):
+            name = "opt/reprobox/" + path.relative_to(image_dir).as_posix()
+            if path.is_dir():
+                writer.directory(name)
+            else:
+                with path.open("rb") as data:
+                    writer.file(name, data, path.stat().st_size)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _hook_layer(ctx: Context, base: str, sources: Sequence[Path], dest: Path, epoch: int) -> Layer:
+    """What `python3 reprobox_hook.py install` changes in the base, as a layer.
+
+    Times are clamped to the epoch (the normaliser's rule); folders keep the container's modes
+    and, where older than the epoch, their times.
+    """
+    files = tar_stream([(f"opt/reprobox/{path.name}", path) for path in sources], epoch)
+    argv = ["python3", "/opt/reprobox/reprobox_hook.py", "install"]
+    with ctx.engine.run_kept(base, argv, timeout_s=300, files=files) as box:
+        if box.result.exit_code != 0:
+            raise EngineError(
+                f"installing the hook in {base} failed (exit {box.result.exit_code}): "
+                f"{box.result.stderr.strip()[-2000:]}"
+            )
+        paths = _hook_paths(box.changes())
+        dir_meta: dict[str, tuple[int, float]] = {}
+        for parent in sorted({a for p in paths for a in ancestors(p)}):
+            dir_meta[parent] = box.stat("/" + parent)
+        writer = LayerWriter(dest, epoch, root="", dir_meta=dir_meta)
+        try:
+            for name in paths:
+                _copy_from(box, name, writer, dest.with_suffix(".part"))
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _hook_paths(changes: Sequence[Change]) -> list[str]:
+    """The files and links the hook's install added or changed (not /opt: that is layer 3)."""
+    deleted = [c.path for c in changes if c.kind == "deleted"]
+    if deleted:
+        raise EngineError(f"installing the hook deleted {', '.join(deleted[:5])}: not expected")
+    paths = {
+        c.path.lstrip("/")
+        for c in changes
+        if c.path.strip("/") and not (c.path == "/opt" or c.path.startswith("/opt/"))
+    }
+    # A changed path that is the parent of another is a folder: it comes as an ancestor.
+    return sorted(p for p in paths if not any(q.startswith(p + "/") for q in paths))
+
+
+def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Path) -> None:
+    box.get_archive("/" + name, part)
+    try:
+        with tarfile.open(part) as tar:
+            member = tar.getmember(Path(name).name)
+            data = tar.extractfile(member) if member.isfile() else None
+            if member.isdir():
+                writer.directory(name)
+            elif member.issym():
+                writer.symlink(name, member.linkname, mtime=member.mtime)
+            elif data is not None:
+                writer.file(name, data, member.size, mode=member.mode & 0o7777, mtime=member.mtime)
+            else:
+                _not_a_file(name)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _not_a_file(name: str) -> None:
+    raise EngineError(f"installing the hook made /{name}, not a file, link or folder")

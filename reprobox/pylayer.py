@@ -1,0 +1,296 @@
+"""Python layers written straight from the verified wheels: no build container installs them.
+
+pypa/installer runs in reprobox's own process with a destination whose one file-writing method
+is replaced: every file it would write (wheel members, generated console scripts, the RECORD it
+rewrites) becomes an entry of the layer tar, in the installer's own order (wheels sorted by
+name; in a wheel, its scripts, then the zip's member order), a pure function of the wheel bytes.
+No installed tree ever exists on this host.
+
+Bytecode is the base's Python's to write: the group's `.py` files (only they) go into one short
+container of the base without network, which compiles them with `PYTHONPYCACHEPREFIX` as today's
+install step does (one process, a sorted list, unchecked-hash pycs); only the pycs come back, and
+are appended in sorted order. Their code objects name `/opt/venv/...`, as an in-place compile does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import shlex
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from installer import install
+from installer.destinations import SchemeDictionaryDestination
+from installer.records import Hash, RecordEntry
+from installer.scripts import Script
+from installer.sources import WheelFile
+from installer.utils import Scheme, copyfileobj_with_hashing
+
+from reprobox.engine import Engine
+from reprobox.errors import BadInputError, EngineError
+from reprobox.layer_tar import Layer, LayerWriter, installed_mode, tar_stream
+from reprobox.locked import LockedWheel
+
+__all__ = ["VENV", "TargetPython", "probe_target", "python_layer", "write_wheels"]
+
+#: Where the image's venv lives (the recipe's path too).
+VENV = "/opt/venv"
+#: Files larger than this pass through one temporary file on disk, not memory.
+_SPOOL_BYTES = 16 << 20
+#: The compile container's time limit (a CUDA group compiles in about half a minute here).
+_COMPILE_TIMEOUT_S = 3600.0
+
+_PROBE = f"""set -eu
+python3 -m venv --without-pip {VENV}
+{VENV}/bin/python - <<'EOF'
+import json, sys, sysconfig
+paths = sysconfig.get_paths()
+base = sysconfig.get_config_var("base")
+paths["include_base"] = sysconfig.get_path("include", vars={{"installed_base": base}})
+paths["cache_tag"] = sys.implementation.cache_tag
+print(json.dumps(paths, sort_keys=True))
+EOF
+"""
+
+_COMPILE = f"""set -eu
+export PYTHONDONTWRITEBYTECODE=1
+python3 -m venv --without-pip {VENV}
+mkdir -p /reprobox-pyc
+# Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
+# source-only, as today's install step and pip's own compile step leave them.
+PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python -m compileall -q -j 1 \\
+  --invalidation-mode unchecked-hash -i /reprobox-build/compile-list || true
+"""
+
+
+@dataclass(frozen=True)
+class TargetPython:
+    """The venv the base's Python makes: install paths, its pyc tag, its skeleton (a tar)."""
+
+    purelib: str
+    platlib: str
+    scripts: str
+    data: str
+    include: str
+    cache_tag: str
+    skeleton: Path
+
+    def scheme(self, project: str) -> dict[str, str]:
+        """pypa/installer's scheme for `project`, as its CLI computes it in the venv."""
+        paths = {
+            "purelib": self.purelib,
+            "platlib": self.platlib,
+            "scripts": self.scripts,
+            "data": self.data,
+            "headers": posixpath.join(self.include, project),
+        }
+        for key, value in paths.items():
+            if not (value == VENV or value.startswith(VENV + "/")):
+                raise EngineError(f"the base's Python puts {key} at {value}, outside {VENV}")
+        return {key: value.lstrip("/") for key, value in paths.items()}
+
+
+def probe_target(engine: Engine, base: str, cache: Path) -> TargetPython:
+    """The base's venv (from one container run, kept under `cache` by the base's ID)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    paths_file, skeleton = cache / "paths.json", cache / "skeleton.tar"
+    if not (paths_file.is_file() and skeleton.is_file()):
+        with engine.run_kept(base, ["/bin/sh", "-c", _PROBE], timeout_s=300) as box:
+            if box.result.exit_code != 0:
+                raise EngineError(
+                    f"making a venv with the base's python3 failed "
+                    f"(exit {box.result.exit_code}): {box.result.stderr.strip()[-2000:]}",
+                    hint="the base needs python3 with its venv module",
+                )
+            with tempfile.NamedTemporaryFile(dir=cache, delete=False) as partial:
+                box.get_archive(VENV, Path(partial.name))
+            Path(partial.name).replace(skeleton)
+        paths_file.write_text(box.result.stdout.strip() + "\n", encoding="utf-8")
+    found: dict[str, Any] = json.loads(paths_file.read_text(encoding="utf-8"))
+    return TargetPython(
+        purelib=str(found["purelib"]),
+        platlib=str(found["platlib"]),
+        scripts=str(found["scripts"]),
+        data=str(found["data"]),
+        include=str(found["include_base"]),
+        cache_tag=str(found["cache_tag"]),
+        skeleton=skeleton,
+    )
+
+
+class _TarDestination(SchemeDictionaryDestination):
+    """pypa/installer's destination, writing into the layer (and `.py` copies) instead of disk."""
+
+    def __init__(
+        self,
+        layer: LayerWriter,
+        sources: tarfile.TarFile,
+        spool_dir: Path,
+        scheme_dict: dict[str, str],
+    ) -> None:
+        super().__init__(
+            scheme_dict=scheme_dict,
+            interpreter=f"{VENV}/bin/python",
+            script_kind="posix",
+            bytecode_optimization_levels=[],
+        )
+        self._layer, self._sources, self._spool_dir = layer, sources, spool_dir
+        self.python_files: list[str] = []
+
+    def write_to_fs(
+        self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
+    ) -> RecordEntry:
+        name = posixpath.normpath(posixpath.join(self.scheme_dict[scheme], path))
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
+            digest, size = copyfileobj_with_hashing(
+                stream, cast(BinaryIO, buf), self.hash_algorithm
+            )
+            buf.seek(0)
+            mode = 0o755 if is_executable else 0o644
+            added = self._layer.file(name, buf, size, mode=mode, sha256=digest)
+            if added and name.endswith(".py"):
+                buf.seek(0)
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = size, 0o644, self._layer.epoch
+                self._sources.addfile(info, buf)
+                self.python_files.append("/" + name)
+        return RecordEntry(path, Hash(self.hash_algorithm, digest), size)
+
+    def write_script(self, name: str, module: str, attr: str, section: str) -> RecordEntry:
+        # The parent's version chmods the file it wrote on disk; here the mode is in the header.
+        script = Script(name, module, attr, section)  # type: ignore[arg-type]
+        script_name, data = script.generate(self.interpreter, self.script_kind)
+        with io.BytesIO(data) as stream:
+            return self.write_to_fs(Scheme("scripts"), script_name, stream, is_executable=True)
+
+
+def python_layer(
+    engine: Engine,
+    base: str,
+    target: TargetPython,
+    wheels: Sequence[LockedWheel],
+    files: Mapping[str, Path],
+    *,
+    dest: Path,
+    epoch: int,
+    bottom: bool,
+) -> Layer:
+    """The layer of `wheels` installed into the venv, with their pycs; the skeleton if `bottom`.
+
+    `files` maps a wheel's sha256 to its verified file. The layer is written to `dest`.
+    """
+    layer = LayerWriter(dest, epoch, root=VENV.lstrip("/"))
+    work = Path(tempfile.mkdtemp(prefix="pylayer-", dir=dest.parent))
+    try:
+        if bottom:
+            _add_skeleton(layer, target.skeleton)
+        sources_path = work / "sources.tar"
+        with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
+            python_files = write_wheels(
+                layer, sources, spool_dir=work, target=target, wheels=wheels, files=files
+            )
+        _add_pycs(
+            engine, base, layer, sources=sources_path, python_files=sorted(python_files), work=work
+        )
+        return layer.close()
+    except BaseException:
+        layer.abort()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_wheels(
+    layer: LayerWriter,
+    sources: tarfile.TarFile,
+    *,
+    spool_dir: Path,
+    target: TargetPython,
+    wheels: Sequence[LockedWheel],
+    files: Mapping[str, Path],
+) -> list[str]:
+    """Install `wheels` into `layer` with pypa/installer (sorted by name); a copy of each `.py`
+    file goes into `sources`. The `.py` files' absolute paths in the image, in the order written.
+    """
+    python_files: list[str] = []
+    for wheel in sorted(wheels, key=lambda w: (w.name, w.filename)):
+        destination = _TarDestination(layer, sources, spool_dir, target.scheme(wheel.name))
+        with zipfile.ZipFile(files[wheel.sha256]) as archive:
+            archive.filename = wheel.filename  # the cache names files by their hash
+            try:
+                install(WheelFile(archive), destination, additional_metadata={})
+            except (ValueError, KeyError, zipfile.BadZipFile) as err:
+                raise BadInputError(f"{wheel.filename}: not an installable wheel: {err}") from err
+        python_files += destination.python_files
+    return python_files
+
+
+def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
+    """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), sorted."""
+    with tarfile.open(skeleton) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
+            name = name.lstrip("/")
+            if member.isdir():
+                layer.directory(name)
+            elif member.issym():
+                layer.symlink(name, member.linkname)
+            elif member.isfile():
+                data = tar.extractfile(member)
+                assert data is not None
+                layer.file(name, data, member.size, mode=installed_mode(member.mode))
+            else:
+                raise EngineError(f"the base's venv holds {member.name}, not a file or link")
+
+
+def _add_pycs(
+    engine: Engine,
+    base: str,
+    layer: LayerWriter,
+    *,
+    sources: Path,
+    python_files: list[str],
+    work: Path,
+) -> None:
+    if not python_files:
+        return
+    listing = work / "compile-list"
+    listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
+    files = _concat(tar_stream([("reprobox-build/compile-list", listing)], layer.epoch), sources)
+    argv = ["/bin/sh", "-c", _COMPILE]
+    with engine.run_kept(base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files) as box:
+        if box.result.exit_code != 0:
+            raise EngineError(
+                f"compiling bytecode in {base} failed (exit {box.result.exit_code}, "
+                f"`{shlex.join(argv[:2])} ...`): {box.result.stderr.strip()[-2000:]}"
+            )
+        pycs = work / "pycs.tar"
+        box.get_archive("/reprobox-pyc", pycs)
+    with tarfile.open(pycs) as tar:
+        members = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
+        for member in members:
+            # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc -> opt/venv/.../pkg/__pycache__/...
+            folder, _, filename = member.name.removeprefix("reprobox-pyc/").rpartition("/")
+            data = tar.extractfile(member)
+            assert data is not None
+            layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
+    pycs.unlink()
+
+
+def _concat(head: Iterator[bytes], tar_path: Path) -> Iterator[bytes]:
+    """One tar stream of `head`'s members, then those of the tar at `tar_path`."""
+    pending = b""
+    for chunk in head:
+        pending += chunk
+    yield pending[: len(pending) - 1024]  # without head's end-of-archive blocks
+    with tar_path.open("rb") as data:
+        while chunk := data.read(1 << 20):
+            yield chunk

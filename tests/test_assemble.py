@@ -1,0 +1,165 @@
+"""`reprobox build --assemble` end to end on the real engine, against the recipe's own build.
+
+The assembled image must hold what a `docker build` of the rendered Dockerfile holds (the same
+packages, bytecode, /opt/reprobox and hook), differ only in what the installer records about
+itself, train to the same fingerprint, and come out the same twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli import reprobox
+
+from reprobox.docker_engine import DockerEngine
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "images" / "demo-cpu.yaml"
+
+# What pip records about an install and pypa/installer does not (or writes otherwise): the
+# INSTALLER and REQUESTED markers, RECORD (which lists them), and the console-script launchers
+# (each installer has its own template; pip also adds `pip3.X`).
+_INSTALLER_METADATA = re.compile(
+    r"^/opt/venv/(lib/python3\.\d+/site-packages/[^/]+\.dist-info/(INSTALLER|REQUESTED|RECORD)"
+    r"|bin/[A-Za-z0-9_.-]+)$"
+)
+# Config rows a builder writes differently: history text and the content-ID label.
+_CONFIG_PATHS = re.compile(
+    r'^(history\[\d+\](\.created_by)?|config\.Labels\["reprobox\.content-id"\])$'
+)
+
+
+@dataclass(frozen=True)
+class Built:
+    spec: Path
+    report: dict[str, Any]
+    stderr: str
+
+
+def _spec(folder: Path, replace: tuple[str, str] | None = None) -> Path:
+    text = DEMO.read_text()
+    if replace is not None:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def _build(spec: Path, *options: str) -> Built:
+    result = reprobox("build", str(spec), "--json", *options)
+    assert result.code == 0, result.stderr
+    return Built(spec, result.json(), result.stderr)
+
+
+@pytest.fixture(scope="module")
+def recipe(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The demo, built from its rendered Dockerfile (the recipe) and normalised."""
+    return _build(_spec(tmp_path_factory.mktemp("assemble") / "demo"))
+
+
+@pytest.fixture(scope="module")
+def assembled(recipe: Built) -> Built:
+    """The same spec and lock, assembled, ignoring every cache."""
+    return _build(recipe.spec, "--assemble", "--no-cache")
+
+
+def _fingerprint(report: dict[str, Any]) -> str:
+    check = report["selfcheck"]
+    return str(check.get("fingerprint") or next(iter(check["fingerprints"].values())))
+
+
+def _diff(a: str, b: str) -> list[dict[str, Any]]:
+    result = reprobox("diff", a, b, "--json")
+    assert result.code in (0, 1), result.stderr
+    rows: list[dict[str, Any]] = result.json()["differences"]
+    return rows
+
+
+def _unexplained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that installer metadata, the history text and the layers it changes do not explain."""
+    out = []
+    for row in rows:
+        if row["section"] == "file" and _INSTALLER_METADATA.match(row["path"]):
+            continue
+        if row["section"] == "config" and _CONFIG_PATHS.match(row["path"]):
+            continue
+        if row["section"] == "layer" and row["field"] == "diff_id" and row["layer"] in (2, 3):
+            continue  # the two /opt/venv layers: their metadata files differ
+        out.append(row)
+    return out
+
+
+def test_the_assembled_image_trains_to_the_recipes_fingerprint(
+    recipe: Built, assembled: Built, docker_engine: DockerEngine
+) -> None:
+    assert assembled.report["passed"] is True
+    assert _fingerprint(assembled.report) == _fingerprint(recipe.report)
+    assert assembled.report["content_id"] != recipe.report["content_id"]  # metadata differs
+    assert "docker build" not in assembled.stderr
+    assert "write the torch layer" in assembled.stderr  # --no-cache: written, not reused
+    probe = docker_engine.run(
+        assembled.report["image_id"],
+        [
+            "sh",
+            "-c",
+            "find / -name '*.whl' -not -path '/proc/*' -not -path '/usr/share/python-wheels/*'"
+            " | head -3; pip list --format json",
+        ],
+        timeout_s=120,
+    )
+    assert ".whl" not in probe.stdout
+    versions = {p["name"]: p["version"] for p in json.loads(probe.stdout)}
+    assert (versions["torch"], versions["numpy"], versions["pip"]) == (
+        "2.13.0+cpu",
+        "2.4.6",
+        "26.3",
+    )
+
+
+def test_the_assembled_image_holds_the_recipes_files(recipe: Built, assembled: Built) -> None:
+    rows = _diff(recipe.report["image_id"], assembled.report["image_id"])
+    assert _unexplained(rows) == []
+    # Not vacuous: pip's INSTALLER markers are there in the recipe's image only.
+    assert any(r["path"].endswith("torch-2.13.0+cpu.dist-info/INSTALLER") for r in rows)
+    layer_rows = {r["layer"] for r in rows if r["section"] == "layer"}
+    assert layer_rows == {2, 3}  # base, /opt/reprobox and the hook layer: byte for byte equal
+
+
+def test_assembling_twice_without_any_cache_gives_the_same_image(
+    recipe: Built, assembled: Built
+) -> None:
+    again = _build(recipe.spec, "--assemble", "--no-cache")
+    assert again.report["content_id"] == assembled.report["content_id"]
+    assert again.report["image_id"] == assembled.report["image_id"]
+    reused = _build(recipe.spec, "--assemble")
+    assert reused.report["image_id"] == assembled.report["image_id"]
+    assert reused.report["selfcheck"]["reused"] is True
+    assert "load (" not in reused.stderr  # nothing sent to the engine
+
+
+def test_a_small_pin_change_rewrites_only_the_rest_layer(
+    recipe: Built, assembled: Built, docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    spec = _spec(tmp_path / "pin", ("numpy==2.4.6", "numpy==2.4.5"))
+    changed = _build(spec, "--assemble")
+    assert re.search(r"torch layer sha256:[0-9a-f]+ from the cache", changed.stderr)
+    assert "write the rest layer" in changed.stderr
+    sent = re.search(r"load \(([0-9.]+) MB sent", changed.stderr)
+    assert sent is not None
+    assert float(sent[1]) < 200  # not torch's ~900 MB
+    before = docker_engine.inspect_image(assembled.report["image_id"]).diff_ids
+    after = docker_engine.inspect_image(changed.report["image_id"]).diff_ids
+    assert after[:2] == before[:2]
+    assert after[2] != before[2]
+    # The negative control of the files test: another numpy is more than installer metadata.
+    unexplained = _unexplained(_diff(recipe.report["image_id"], changed.report["image_id"]))
+    assert any("numpy" in r["path"] for r in unexplained)

@@ -1,0 +1,322 @@
+"""The assemble route's parts that need no engine: layer tars, wheels into a layer, the config.
+
+The route end to end (a real engine, the demo spec, the same files as the recipe) is in
+test_assemble.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from fakes import FakeEngine
+from installer import install
+from installer.destinations import SchemeDictionaryDestination
+from installer.sources import WheelFile
+
+from reprobox.assemble import _config, _hook_paths
+from reprobox.engine import Change
+from reprobox.errors import BadInputError, EngineError
+from reprobox.layer_tar import LayerWriter, archive_stream
+from reprobox.locked import LockedWheel
+from reprobox.pylayer import TargetPython, write_wheels
+from reprobox.render import RenderedContext
+
+EPOCH = 1_600_000_000
+SITE = "/opt/venv/lib/python3.11/site-packages"
+
+
+def _members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def test_a_layer_writes_each_folder_once_before_its_children_with_fixed_headers(
+    tmp_path: Path,
+) -> None:
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    writer.file("opt/venv/a/b/c.py", io.BytesIO(b"x = 1\n"), 6, mtime=EPOCH + 99)
+    writer.file("opt/venv/a/d.py", io.BytesIO(b""), 0, mode=0o755)
+    writer.symlink("opt/venv/bin/python", "python3")
+    layer = writer.close()
+    names = [m.name for m in _members(layer.path)]
+    assert names == [
+        "opt",
+        "opt/venv",
+        "opt/venv/a",
+        "opt/venv/a/b",
+        "opt/venv/a/b/c.py",
+        "opt/venv/a/d.py",
+        "opt/venv/bin",
+        "opt/venv/bin/python",
+    ]
+    for member in _members(layer.path):
+        assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
+        assert member.mtime == EPOCH  # never later than SOURCE_DATE_EPOCH
+        assert not ({"atime", "ctime"} & set(member.pax_headers))
+    modes = {m.name: m.mode for m in _members(layer.path)}
+    assert (modes["opt/venv/a"], modes["opt/venv/a/b/c.py"], modes["opt/venv/a/d.py"]) == (
+        0o755,
+        0o644,
+        0o755,
+    )
+    data = layer.path.read_bytes()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert layer.size == len(data)
+
+
+def test_a_layer_is_the_same_bytes_every_time_and_on_every_host(tmp_path: Path) -> None:
+    """A golden diff ID: if a Python's tarfile ever writes these headers differently, every
+    assembled image's ID changes, and this says so first."""
+
+    def write(path: Path) -> str:
+        writer = LayerWriter(path, EPOCH, root="opt/venv")
+        writer.file("opt/venv/pkg/__init__.py", io.BytesIO(b"VALUE = 1\n"), 10)
+        writer.symlink("opt/venv/lib64", "lib")
+        return writer.close().diff_id
+
+    first, second = write(tmp_path / "1.tar"), write(tmp_path / "2.tar")
+    assert first == second
+    assert first == "sha256:e8e2d324fda9002d6bd0831fc743c05040d7ca86cb0a076e8104193949ab4fa4"
+
+
+def test_the_same_file_twice_is_written_once_and_a_different_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    digest = hashlib.sha256(b"").hexdigest()
+    assert writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b""), 0, sha256=digest)
+    assert not writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b""), 0, sha256=digest)
+    with pytest.raises(BadInputError, match="two different files"):
+        writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b"x"), 1, sha256="0" * 64)
+    writer.abort()
+    assert not (tmp_path / "l.tar").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["opt/venv/../etc/passwd", "etc/passwd", "opt/venvx/a", "opt/venv//a", "opt/venv/./a"]
+)
+def test_an_entry_outside_the_venv_is_refused(tmp_path: Path, name: str) -> None:
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    with pytest.raises(BadInputError, match="outside"):
+        writer.file(name, io.BytesIO(b""), 0)
+    writer.abort()
+
+
+def _wheel(path: Path) -> Path:
+    """A small wheel with what an installer must handle: a package, a console script, a
+    `.data/scripts` file with a `#!python` line, data and headers."""
+    dist = "demo_pkg-1.0"
+    files = {
+        "demo_pkg/__init__.py": b"def main():\n    return 0\n",
+        "demo_pkg/sub/mod.py": b"X = 2\n",
+        "demo_pkg/table.bin": b"\x00\x01",
+        f"{dist}.data/scripts/demo-tool": b"#!python\nprint('tool')\n",
+        f"{dist}.data/data/share/demo/readme.txt": b"data\n",
+        f"{dist}.data/headers/demo.h": b"#define DEMO 1\n",
+        f"{dist}.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n",
+        f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}.dist-info/entry_points.txt": b"[console_scripts]\ndemo = demo_pkg:main\n",
+    }
+    record = [f"{name},sha256={_urlsafe(data)},{len(data)}" for name, data in files.items()] + [
+        f"{dist}.dist-info/RECORD,,"
+    ]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def _urlsafe(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _target(skeleton: Path) -> TargetPython:
+    return TargetPython(
+        purelib=SITE,
+        platlib=SITE,
+        scripts="/opt/venv/bin",
+        data="/opt/venv",
+        include="/opt/venv/include/python3.11",
+        cache_tag="cpython-311",
+        skeleton=skeleton,
+    )
+
+
+def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(tmp_path: Path) -> None:
+    wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
+    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    locked = LockedWheel(
+        name="demo-pkg",
+        version="1.0",
+        filename=wheel_path.name,
+        sha256=digest,
+        url="https://example.invalid/demo_pkg-1.0-py3-none-any.whl",
+        group="rest",
+    )
+    target = _target(tmp_path / "unused")
+    layer_path, sources_path = tmp_path / "layer.tar", tmp_path / "sources.tar"
+    writer = LayerWriter(layer_path, EPOCH, root="opt/venv")
+    with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
+        python_files = write_wheels(
+            writer,
+            sources,
+            spool_dir=tmp_path,
+            target=target,
+            wheels=[locked],
+            files={digest: wheel_path},
+        )
+    writer.close()
+    assert python_files == [f"{SITE}/demo_pkg/__init__.py", f"{SITE}/demo_pkg/sub/mod.py"]
+
+    # The same wheel through pypa/installer's own destination onto this disk, under `root`.
+    root = tmp_path / "root"
+    scheme = {key: str(root / value) for key, value in target.scheme("demo-pkg").items()}
+    on_disk = SchemeDictionaryDestination(
+        scheme,
+        interpreter="/opt/venv/bin/python",
+        script_kind="posix",
+        bytecode_optimization_levels=[],
+    )
+    with zipfile.ZipFile(wheel_path) as archive:
+        install(WheelFile(archive), on_disk, additional_metadata={})
+    disk = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
+            disk[path.relative_to(root).as_posix()] = (path.read_bytes(), mode)
+    layer = {}
+    with tarfile.open(layer_path) as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member)
+                assert data is not None
+                layer[member.name] = (data.read(), member.mode)
+    assert layer == disk
+    assert f"{SITE[1:]}/demo_pkg-1.0.dist-info/RECORD" in layer
+    assert layer["opt/venv/bin/demo-tool"][0].startswith(b"#!/opt/venv/bin/python\n")
+    assert layer["opt/venv/bin/demo"][1] == 0o755
+    assert "opt/venv/include/python3.11/demo-pkg/demo.h" in layer
+    assert "opt/venv/share/demo/readme.txt" in layer
+    with tarfile.open(sources_path) as tar:
+        assert sorted(tar.getnames()) == [p.lstrip("/") for p in python_files]
+
+
+def test_a_wheel_that_would_write_outside_the_venv_is_refused(tmp_path: Path) -> None:
+    wheel_path = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel_path, "w") as archive:
+        archive.writestr("evil-1.0.data/data/../../../etc/cron.d/x", b"* * * * * root sh\n")
+        archive.writestr("evil-1.0.dist-info/METADATA", b"Name: evil\nVersion: 1.0\n")
+        archive.writestr("evil-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
+        archive.writestr("evil-1.0.dist-info/RECORD", b"")
+    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    locked = LockedWheel(
+        name="evil",
+        version="1.0",
+        filename=wheel_path.name,
+        sha256=digest,
+        url="https://example.invalid/evil-1.0-py3-none-any.whl",
+        group="rest",
+    )
+    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv")
+    with (
+        tarfile.open(tmp_path / "s.tar", "w") as sources,
+        pytest.raises(BadInputError),
+    ):
+        write_wheels(
+            writer,
+            sources,
+            spool_dir=tmp_path,
+            target=_target(tmp_path / "unused"),
+            wheels=[locked],
+            files={digest: wheel_path},
+        )
+    writer.abort()
+
+
+def test_the_streamed_archive_loads_as_the_config_digest(tmp_path: Path) -> None:
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/reprobox")
+    writer.file("opt/reprobox/spec.yaml", io.BytesIO(b"name: x\n"), 8)
+    layer = writer.close()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    engine = FakeEngine()
+    loaded = engine.load_stream(
+        archive_stream([(layer.diff_id, layer.path, layer.size)], config, EPOCH), "test"
+    )
+    assert loaded == ["sha256:" + hashlib.sha256(config).hexdigest()]
+
+
+def test_the_hooks_changes_are_its_files_not_opt_and_nothing_deleted() -> None:
+    changes = [
+        Change("changed", "/usr"),
+        Change("changed", "/usr/lib/python3.11"),
+        Change("changed", "/usr/lib/python3.11/sitecustomize.py"),
+        Change("added", "/usr/lib/python3.11/reprobox_chained_sitecustomize.py"),
+        Change("added", "/opt"),
+        Change("added", "/opt/reprobox/reprobox_hook.py"),
+        Change("changed", "/var/lib/dpkg/diversions"),
+    ]
+    assert _hook_paths(changes) == [
+        "usr/lib/python3.11/reprobox_chained_sitecustomize.py",
+        "usr/lib/python3.11/sitecustomize.py",
+        "var/lib/dpkg/diversions",
+    ]
+    with pytest.raises(EngineError, match="deleted"):
+        _hook_paths([*changes, Change("deleted", "/etc/python3.11/sitecustomize.py")])
+
+
+def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_path: Path) -> None:
+    base = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2020-01-01T00:00:00Z",
+        "config": {"Env": ["PATH=/usr/bin:/bin", "LANG=C.UTF-8"], "Cmd": ["bash"]},
+        "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "base"}],
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]},
+    }
+    rendered = RenderedContext(
+        path=tmp_path,
+        base_ref="sha256:" + "b" * 64,
+        name="demo",
+        content_tag="0" * 12,
+        labels=(("reprobox.version", "1"),),
+        env=(("OMP_NUM_THREADS", "1"), ("PYTHONHASHSEED", "0")),
+        lock_sha256="c" * 64,
+        source_date_epoch=EPOCH,
+    )
+    diff_ids = ["sha256:" + "a" * 64, "sha256:" + "d" * 64]
+    raw = _config(base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"])
+    config = json.loads(raw)
+    assert config["config"]["Env"] == [
+        "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG=C.UTF-8",
+        "VIRTUAL_ENV=/opt/venv",
+        "OMP_NUM_THREADS=1",
+        "PYTHONHASHSEED=0",
+    ]
+    assert config["config"]["Labels"] == {"reprobox.version": "1", "reprobox.selfcheck-argv": "[]"}
+    assert config["config"]["Cmd"] == ["bash"]
+    assert [h["created_by"] for h in config["history"]] == ["base", "one layer"]
+    assert {h["created"] for h in config["history"]} == {"2020-09-13T12:26:40Z"}
+    assert config["created"] == "2020-09-13T12:26:40Z"
+    assert config["rootfs"]["diff_ids"] == diff_ids
+    assert raw == _config(
+        base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"]
+    )
