@@ -1,29 +1,43 @@
 """Build figures for the README: reprobox beside a plain hand-written Dockerfile, in one run.
 
-Cold build, rebuild with nothing changed, rebuild after one small pin changed, final image size
-against base + installed packages, and self-check time. Both builds use the same engine, the
-same base and the same verified wheels (containers here cannot reach PyPI, so the plain
-Dockerfile installs from copied wheels as well, as a hand-written offline build would).
+Three ways to the same packages, measured side by side on one engine, from one base and the same
+verified wheels (containers here cannot reach PyPI, so the plain Dockerfile installs from copied
+wheels as well, as a hand-written offline build would):
+
+- plain: COPY the wheels, pip install them in one RUN (no proof, wheels stay in a layer);
+- recipe: `reprobox build` (the rendered Dockerfile, normalised, self-checked);
+- assemble: `reprobox build --assemble` (layers written from the wheels, self-checked).
+
+Rows: cold build, rebuild with nothing changed, rebuild after one small pin changed, final size
+against base + installed packages, reprobox's peak memory. Ratios are reprobox / plain. With
+BENCH_CUDA=1, the CUDA example with `--no-check` (about 3 GB of wheels) is measured the same way.
+Every figure moves with the machine's load: the load average is printed beside the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import docker
 
 from reprobox.cache import WheelCache
 from reprobox.context import default_cache_dir
 from reprobox.docker_engine import DockerEngine
 from reprobox.lockfile import read_lockfile
+from reprobox.spec_load import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "images" / "demo-cpu.yaml"
+CUDA = ROOT / "images" / "cuda-12.4.yaml"
 SMALL_PIN = ("numpy==2.4.6", "numpy==2.4.5")
 
 PLAIN = """\
@@ -35,23 +49,32 @@ ENV PATH=/opt/venv/bin:$PATH
 """
 
 
-def _reprobox(*argv: str) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "reprobox", *argv, "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        sys.exit(f"reprobox {' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    rss_mb: float
+    report: dict[str, Any]
 
 
-def _timed_reprobox(*argv: str) -> tuple[float, dict[str, Any]]:
+def _reprobox(*argv: str) -> Run:
+    """`reprobox ARGV --json`, timed, with its peak resident memory (its own, from wait4)."""
     started = time.monotonic()
-    report = _reprobox(*argv)
-    return time.monotonic() - started, report
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "reprobox", *argv, "--json"], stdout=out, stderr=err
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - started
+        out.seek(0)
+        err.seek(0)
+        if child.returncode != 0:
+            sys.exit(
+                f"reprobox {' '.join(argv)} failed ({child.returncode}):\n"
+                f"{err.read().decode(errors='replace')[-3000:]}"
+            )
+        report: dict[str, Any] = json.loads(out.read())
+    return Run(seconds, usage.ru_maxrss / 1024, report)
 
 
 def _mb(n: float) -> str:
@@ -77,99 +100,189 @@ def _timed_build(engine: DockerEngine, ctx: Path, *, nocache: bool) -> tuple[flo
     return time.monotonic() - started, image
 
 
-def _size(engine: DockerEngine, ref: str) -> int:
-    return engine.inspect_image(ref).size
-
-
 def _installed_bytes(engine: DockerEngine, ref: str) -> int:
     result = engine.run(ref, ["du", "-sb", "/opt/venv", "/opt/reprobox"], timeout_s=300)
     return sum(int(line.split()[0]) for line in result.stdout.splitlines())
-
-
-def _from_earlier_run(engine: DockerEngine, ref: str, started: str) -> str:
-    """A note when `ref` was made before this run began: its time is a cache hit, not a build."""
-    created = engine.inspect_image(ref).created
-    return " [layer cache from an earlier run]" if created < started else ""
 
 
 def _layers(engine: DockerEngine, ref: str) -> list[str]:
     return list(engine.inspect_image(ref).diff_ids)
 
 
-def main() -> int:
-    """Run both builds and print one table."""
-    engine = DockerEngine()
-    engine.ping()
-    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    rows: list[tuple[str, str, str]] = []
-    with tempfile.TemporaryDirectory(prefix="reprobox-bench-") as tmp:
-        folder = Path(tmp)
-        spec = folder / "spec.yaml"
-        spec.write_text(DEMO.read_text())
-        _reprobox("lock", str(spec))
+def _forget_earlier_images(specs: list[Path]) -> None:
+    """Remove earlier images of these specs: an engine that holds their layers would make a
+    `--no-cache` assemble load faster than a cold one is."""
+    with contextlib.closing(docker.from_env()) as client:
+        for spec in specs:
+            label = f"reprobox.spec-sha256={load_spec(spec).sha256}"
+            for image in client.images.list(all=True, filters={"label": label}):
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(str(image.id), force=True)
 
-        cold, report = _timed_reprobox("build", str(spec), "--no-cache")
-        check_s = report["selfcheck"]["report"].get("seconds")
-        warm, again = _timed_reprobox("build", str(spec))
-        base = report["base"]
 
-        spec.write_text(DEMO.read_text().replace(*SMALL_PIN))
-        pin, changed = _timed_reprobox("build", str(spec), "--relock")
-        torch_kept = (
-            _layers(engine, report["image_id"])[1] == _layers(engine, changed["image_id"])[1]
-        )
+def _ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x"
 
-        spec.write_text(DEMO.read_text())
-        _reprobox("lock", str(spec), "--relock")
-        ctx = _plain_context(folder, spec, base)
-        plain_cold, plain = _timed_build(engine, ctx, nocache=True)
-        plain_warm, _ = _timed_build(engine, ctx, nocache=False)
-        spec.write_text(DEMO.read_text().replace(*SMALL_PIN))
-        _reprobox("lock", str(spec), "--relock")
-        ctx = _plain_context(folder, spec, base)
-        plain_pin, plain_changed = _timed_build(engine, ctx, nocache=False)
-        plain_note = _from_earlier_run(engine, plain_changed, started)
-        plain_torch = (
-            "kept"
-            if _layers(engine, plain)[-1] == _layers(engine, plain_changed)[-1]
-            else "reinstalled"
-        )
-        ours_note = _from_earlier_run(engine, changed["built_id"], started)
 
-        image_size = _size(engine, report["image_id"])
-        base_size = _size(engine, base)
-        installed = _installed_bytes(engine, report["image_id"])
-        plain_size = _size(engine, plain)
-        plain_installed = _installed_bytes(engine, plain)
+def _size_note(size: int, base: int, installed: int) -> str:
+    return f"{_mb(size)} ({100 * (size / (base + installed) - 1):+.1f}% over base + installed)"
 
-    rows += [
+
+def _cpu_rows(engine: DockerEngine, folder: Path) -> tuple[list[tuple[str, ...]], bool]:
+    spec = folder / "spec.yaml"
+    pinned = folder / "pinned" / "spec.yaml"
+    pinned.parent.mkdir()
+    spec.write_text(DEMO.read_text())
+    pinned.write_text(DEMO.read_text().replace(*SMALL_PIN))
+    _reprobox("lock", str(spec))
+    _reprobox("lock", str(pinned))
+    _forget_earlier_images([spec, pinned])
+
+    assemble_cold = _reprobox("build", str(spec), "--assemble", "--no-cache")
+    assemble_warm = _reprobox("build", str(spec), "--assemble")
+    assemble_pin = _reprobox("build", str(pinned), "--assemble")
+    recipe_cold = _reprobox("build", str(spec), "--no-cache")
+    recipe_warm = _reprobox("build", str(spec))
+    recipe_pin = _reprobox("build", str(pinned))
+    base = recipe_cold.report["base"]
+
+    ctx = _plain_context(folder, spec, base)
+    plain_cold, plain = _timed_build(engine, ctx, nocache=True)
+    plain_warm, _ = _timed_build(engine, ctx, nocache=False)
+    ctx = _plain_context(folder, pinned, base)
+    plain_pin, plain_changed = _timed_build(engine, ctx, nocache=False)
+
+    a_id, r_id = assemble_cold.report["image_id"], recipe_cold.report["image_id"]
+    torch_kept = {
+        "assemble": _layers(engine, a_id)[1] == _layers(engine, assemble_pin.report["image_id"])[1],
+        "recipe": _layers(engine, r_id)[1] == _layers(engine, recipe_pin.report["image_id"])[1],
+        "plain": _layers(engine, plain)[-1] == _layers(engine, plain_changed)[-1],
+    }
+    same_twice = _reprobox("build", str(spec), "--assemble", "--no-cache")
+    same_id = same_twice.report["content_id"] == assemble_cold.report["content_id"]
+    base_size = engine.inspect_image(base).size
+
+    def check_s(run: Run) -> str:
+        return str(run.report["selfcheck"]["report"].get("seconds"))
+
+    def kept(route: str) -> str:
+        return "torch kept" if torch_kept[route] else "torch REBUILT"
+
+    rows: list[tuple[str, ...]] = [
         (
-            "cold build (no layer cache)",
-            f"{cold:.0f} s (self-check {check_s} s)",
+            "cold build (no cache)",
             f"{plain_cold:.0f} s (no check)",
+            f"{recipe_cold.seconds:.0f} s (check {check_s(recipe_cold)} s)",
+            _ratio(recipe_cold.seconds, plain_cold),
+            f"{assemble_cold.seconds:.0f} s (check {check_s(assemble_cold)} s)",
+            _ratio(assemble_cold.seconds, plain_cold),
         ),
         (
             "rebuild, nothing changed",
-            f"{warm:.1f} s (self-check reused: {again['selfcheck'].get('reused')})",
             f"{plain_warm:.1f} s",
+            f"{recipe_warm.seconds:.1f} s",
+            _ratio(recipe_warm.seconds, plain_warm),
+            f"{assemble_warm.seconds:.1f} s",
+            _ratio(assemble_warm.seconds, plain_warm),
         ),
         (
             f"rebuild, {SMALL_PIN[0]} -> {SMALL_PIN[1]}",
-            f"{pin:.0f} s, torch layer reused: {'yes' if torch_kept else 'NO'} (relock + self-check included){ours_note}",
-            f"{plain_pin:.0f} s (torch {plain_torch}){plain_note}",
+            f"{plain_pin:.0f} s ({kept('plain')})",
+            f"{recipe_pin.seconds:.0f} s ({kept('recipe')}; relock, check)",
+            _ratio(recipe_pin.seconds, plain_pin),
+            f"{assemble_pin.seconds:.0f} s ({kept('assemble')}; relock, check)",
+            _ratio(assemble_pin.seconds, plain_pin),
         ),
         (
             "final image size",
-            f"{_mb(image_size)} = base {_mb(base_size)} + installed {_mb(installed)} "
-            f"{100 * (image_size / (base_size + installed) - 1):+.1f}%",
-            f"{_mb(plain_size)}, {100 * (plain_size / (base_size + plain_installed) - 1):+.1f}% over base + installed",
+            _size_note(
+                engine.inspect_image(plain).size, base_size, _installed_bytes(engine, plain)
+            ),
+            _size_note(engine.inspect_image(r_id).size, base_size, _installed_bytes(engine, r_id)),
+            "",
+            _size_note(engine.inspect_image(a_id).size, base_size, _installed_bytes(engine, a_id)),
+            "",
+        ),
+        (
+            "reprobox peak memory (cold)",
+            "",
+            f"{recipe_cold.rss_mb:.0f} MB",
+            "",
+            f"{assemble_cold.rss_mb:.0f} MB",
+            "",
+        ),
+        (
+            "same ID twice (--no-cache)",
+            "",
+            "(tests/test_reproducible.py)",
+            "",
+            "yes" if same_id else "NO",
+            "",
         ),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'':{width}}  reprobox | plain Dockerfile")
-    for label, ours, theirs in rows:
-        print(f"{label:{width}}  {ours} | {theirs}")
-    return 0 if torch_kept else 1
+    ok = bool(torch_kept["assemble"] and torch_kept["recipe"] and same_id)
+    return rows, ok
+
+
+def _cuda_rows(engine: DockerEngine, folder: Path) -> list[tuple[str, ...]]:
+    spec = folder / "cuda" / "spec.yaml"
+    spec.parent.mkdir()
+    spec.write_text(CUDA.read_text())
+    _reprobox("lock", str(spec))
+    _forget_earlier_images([spec])
+    assembled = _reprobox("build", str(spec), "--assemble", "--no-cache", "--no-check")
+    image = assembled.report["image_id"]
+    base = assembled.report["base"]
+    size = engine.inspect_image(image).size
+    installed = _installed_bytes(engine, image)
+    base_size = engine.inspect_image(base).size
+    with contextlib.closing(docker.from_env()) as client:
+        client.images.remove(image, force=True)  # 5 GB: room for the plain build's 8 GB
+    ctx = _plain_context(folder / "cuda", spec, base)
+    plain_cold, plain = _timed_build(engine, ctx, nocache=True)
+    plain_size = engine.inspect_image(plain).size
+    plain_installed = _installed_bytes(engine, plain)
+    with contextlib.closing(docker.from_env()) as client:
+        client.images.remove(plain, force=True)
+    return [
+        (
+            "CUDA example, cold, --no-check",
+            f"{plain_cold:.0f} s",
+            "",
+            "",
+            f"{assembled.seconds:.0f} s, peak memory {assembled.rss_mb:.0f} MB",
+            _ratio(assembled.seconds, plain_cold),
+        ),
+        (
+            "CUDA example, image size",
+            _size_note(plain_size, base_size, plain_installed),
+            "",
+            "",
+            _size_note(size, base_size, installed),
+            "",
+        ),
+    ]
+
+
+def main() -> int:
+    """Run every build and print one table."""
+    engine = DockerEngine()
+    engine.ping()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="reprobox-bench-") as tmp:
+        rows, ok = _cpu_rows(engine, Path(tmp))
+        if os.environ.get("BENCH_CUDA") == "1":
+            rows += _cuda_rows(engine, Path(tmp))
+    load_after = os.getloadavg()
+    header = ("", "plain Dockerfile", "reprobox (recipe)", "ratio", "reprobox --assemble", "ratio")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(
+        f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
+        f"{os.cpu_count()} CPUs"
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

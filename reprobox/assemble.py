@@ -22,19 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from reprobox._files import rfc3339, write_text_atomic
-from reprobox.archive import index_members, manifest_entries, read_image
+from reprobox._files import CHUNK, HashingWriter, rfc3339, write_text_atomic
+from reprobox.archive import index_members, manifest_entries, member_stream, read_image
 from reprobox.context import Context
 from reprobox.engine import Change, FinishedContainer
 from reprobox.errors import BadInputError, EngineError
+from reprobox.identity import manifest_digest
 from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
@@ -42,7 +44,7 @@ from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
-__all__ = ["Assembled", "assemble", "load_assembled"]
+__all__ = ["Assembled", "assemble", "load_assembled", "refuse_unsupported"]
 
 #: Bumped whenever the bytes a layer is made of could change: it is part of every layer key.
 FORMAT = "assemble-1"
@@ -57,6 +59,9 @@ class Assembled:
     base_diff_ids: tuple[str, ...]
     layers: tuple[Layer, ...]
     epoch: int
+    #: The base as the engine names it, and where its config (and layers) are kept.
+    base_ref: str
+    base_dir: Path
 
     @property
     def content_id(self) -> str:
@@ -125,23 +130,13 @@ def assemble(
     nocache: bool,
 ) -> Assembled:
     """Write every layer above the base (or take it from the cache) and the config."""
-    info = ctx.engine_info()
-    if info.containerd_store:
-        raise EngineError(
-            "`--assemble` loads only the layers the engine lacks, which the containerd image "
-            "store refuses (it wants every layer in the archive); not supported there yet",
-            hint="build without `--assemble`",
-        )
-    if spec.base.image is not None and spec.apt:
-        raise BadInputError(
-            "`--assemble` does not install `apt:` packages on a pinned `base.image` yet",
-            hint="build without `--assemble`, or bootstrap a Debian base (`base.bootstrap`)",
-        )
+    refuse_unsupported(spec)
     base = rendered.base_ref
-    base_id = ctx.engine.inspect_image(base).id
     root = ctx.cache.root / "assemble"
-    base_dir = root / "bases" / base_id.removeprefix("sha256:")
-    base_config = _base_config(ctx, base, base_dir)
+    # Kept by the engine's ID of the base; layer keys use its config digest, the same on
+    # every engine, so that engines share the layer cache.
+    base_dir = root / "bases" / ctx.engine.inspect_image(base).id.removeprefix("sha256:")
+    base_config, base_id = _base_config(ctx, base, base_dir)
     cache = _LayerCache(root / "layers", enabled=not nocache)
     epoch = rendered.source_date_epoch
     with ctx.reporter.stage("the base's python3 (venv paths)"):
@@ -182,9 +177,8 @@ def assemble(
         else:
             ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
         layers.append(layer)
-        history.append(
-            f"reprobox assemble: {VENV}, {group} ({len(wheels)} wheels, inputs {key[:16]})"
-        )
+        # No cache key here: the layer's diff ID already names what it holds.
+        history.append(f"reprobox assemble: {VENV}, {group} ({len(wheels)} wheels)")
     # Written beside the rendered context (a temporary folder): it changes with every lock.
     layers.append(_files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch))
     history.append("reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)")
@@ -207,34 +201,52 @@ def assemble(
         [*_base_diff_ids(base_config), *(layer.diff_id for layer in layers)],
         history,
     )
-    return Assembled(config, _base_diff_ids(base_config), tuple(layers), epoch)
+    return Assembled(config, _base_diff_ids(base_config), tuple(layers), epoch, base, base_dir)
+
+
+def refuse_unsupported(spec: Spec) -> None:
+    """What `--assemble` cannot build yet: a BadInputError (exit 2) before any work."""
+    if spec.base.image is not None and spec.apt:
+        raise BadInputError(
+            "`--assemble` does not install `apt:` packages on a pinned `base.image` yet",
+            hint="build without `--assemble`, or bootstrap a Debian base (`base.bootstrap`)",
+        )
 
 
 def load_assembled(
     ctx: Context, assembled: Assembled, chains_from: Sequence[str]
 ) -> NormalizedImage:
-    """Stream the image into the engine: only the layers whose chain it lacks are sent.
+    """Stream the image into the engine: on the classic store only the layers whose chain it
+    lacks; on the containerd store every layer, the base's too (it takes none from its store).
 
-    `chains_from` names images (earlier builds) whose layers the engine may hold.
+    `chains_from` names images (earlier builds) whose layers the engine may hold; none, and
+    every layer above the base is sent.
     """
-    have = _chains(ctx, [*chains_from])
-    chain: list[str] = list(assembled.base_diff_ids)
-    send: list[tuple[str, Path | None, int]] = [(d, None, 0) for d in assembled.base_diff_ids]
-    for layer in assembled.layers:
-        chain.append(layer.diff_id)
-        held = tuple(chain) in have
-        send.append((layer.diff_id, None if held else layer.path, layer.size))
+    send: list[tuple[str, Path | None, int]]
+    if ctx.engine_info().containerd_store:
+        send = [*_base_layer_files(ctx, assembled.base_ref, assembled.base_dir)]
+        send += [(layer.diff_id, layer.path, layer.size) for layer in assembled.layers]
+        shown = manifest_digest(assembled.config, [(d, size) for d, _, size in send])
+    else:
+        have = _chains(ctx, [*chains_from])
+        chain: list[str] = list(assembled.base_diff_ids)
+        send = [(d, None, 0) for d in assembled.base_diff_ids]
+        for layer in assembled.layers:
+            chain.append(layer.diff_id)
+            send.append((layer.diff_id, None if tuple(chain) in have else layer.path, layer.size))
+        shown = assembled.content_id
     sent = sum(size for _, path, size in send if path is not None)
     with ctx.reporter.stage(f"load ({sent / 1e6:.1f} MB sent, one streamed archive)"):
         loaded = ctx.engine.load_stream(
             archive_stream(send, assembled.config, assembled.epoch), "the assembled image"
         )
-    if loaded != [assembled.content_id]:
+    if loaded != [shown]:
         raise EngineError(
             f"the engine loaded {', '.join(loaded) or 'nothing'} for the assembled image "
-            f"{assembled.content_id}"
+            f"{assembled.content_id} (expected it as {shown})"
         )
-    return assembled.normalized()
+    image = assembled.normalized()
+    return image if shown == image.image_id else replace(image, engine_id=shown)
 
 
 def _chains(ctx: Context, images: list[str]) -> set[tuple[str, ...]]:
@@ -252,6 +264,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _skeleton_digest(skeleton: Path) -> str:
+    """What the venv skeleton holds, as the layer keeps it (names, kinds, links, modes, bytes),
+    not the bytes of the engine's tar of it (its times and order are the engine's)."""
+    entries = []
+    with tarfile.open(skeleton) as tar:
+        for member in tar:
+            data = tar.extractfile(member) if member.isfile() else None
+            content = hashlib.sha256(data.read()).hexdigest() if data is not None else ""
+            entries.append(
+                (member.name, member.type.decode(), member.linkname, member.mode & 0o111, content)
+            )
+    return _key(sorted(entries))
+
+
 def _target_key(target: TargetPython) -> list[str]:
     return [
         target.purelib,
@@ -260,27 +286,51 @@ def _target_key(target: TargetPython) -> list[str]:
         target.data,
         target.include,
         target.cache_tag,
-        _sha256(target.skeleton),
+        _skeleton_digest(target.skeleton),
     ]
 
 
-def _base_config(ctx: Context, base: str, cache: Path) -> dict[str, Any]:
-    """The base's config as the engine holds it (one `docker save`, then kept by its ID)."""
-    kept = cache / "config.json"
+def _base_config(ctx: Context, base: str, cache: Path) -> tuple[dict[str, Any], str]:
+    """The base's config and its digest (one `docker save`, then kept by the engine's ID)."""
+    kept = cache / "base.json"
     if not kept.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            saved = Path(tmp) / "base.tar"
-            ctx.engine.save([base], saved)
-            with tarfile.open(saved) as tar:
-                members = index_members(tar)
-                entries = manifest_entries(tar, members)
-                if len(entries) != 1:
-                    raise EngineError(f"saving the base {base} gave {len(entries)} images")
-                image = read_image(tar, members, entries[0])
-            write_text_atomic(kept, json.dumps(image.config, sort_keys=True))
-    config: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
-    return config
+        _save_base(ctx, base, cache)
+    found: dict[str, Any] = json.loads(kept.read_text(encoding="utf-8"))
+    return found["config"], str(found["digest"])
+
+
+def _base_layer_files(ctx: Context, base: str, cache: Path) -> list[tuple[str, Path, int]]:
+    """The base's layers as files on this host (the containerd store wants them sent)."""
+    diff_ids = _base_diff_ids(_base_config(ctx, base, cache)[0])
+    files = [cache / "layers" / f"{d.removeprefix('sha256:')}.tar" for d in diff_ids]
+    if not all(path.is_file() for path in files):
+        _save_base(ctx, base, cache)
+    return [(d, path, path.stat().st_size) for d, path in zip(diff_ids, files, strict=True)]
+
+
+def _save_base(ctx: Context, base: str, cache: Path) -> None:
+    """Save the base once: its config (as JSON) and its layer tars, each checked by its diff ID."""
+    (cache / "layers").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        saved = Path(tmp) / "base.tar"
+        ctx.engine.save([base], saved)
+        with tarfile.open(saved) as tar:
+            members = index_members(tar)
+            entries = manifest_entries(tar, members)
+            if len(entries) != 1:
+                raise EngineError(f"saving the base {base} gave {len(entries)} images")
+            image = read_image(tar, members, entries[0])
+            for name, diff_id in zip(image.layers, image.diff_ids, strict=True):
+                dest = cache / "layers" / f"{diff_id.removeprefix('sha256:')}.tar"
+                partial = Path(tmp) / "layer.tar"
+                with member_stream(tar, members, name) as data, partial.open("wb") as out:
+                    sink = HashingWriter(out)
+                    shutil.copyfileobj(data, sink, CHUNK)
+                if f"sha256:{sink.hexdigest()}" != diff_id:
+                    raise EngineError(f"the saved base's layer {name} is not {diff_id}")
+                partial.replace(dest)
+        record = {"config": image.config, "digest": image.image_id}
+        write_text_atomic(cache / "base.json", json.dumps(record, sort_keys=True))
 
 
 def _base_diff_ids(config: Mapping[str, Any]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reprobox._files import write_text_atomic
 from reprobox._registry import check_image_ref
-from reprobox.assemble import assemble, load_assembled
+from reprobox.assemble import assemble, load_assembled, refuse_unsupported
 from reprobox.base_image import base_refs
 from reprobox.cache import fetch_locked
 from reprobox.check import (
@@ -45,6 +45,7 @@ from reprobox.lockfile import LockFile, default_lock_path, record_image_id
 from reprobox.normalize import NormalizedImage, normalize_image, relabel
 from reprobox.render import RenderedContext, render_context
 from reprobox.spec import Spec
+from reprobox.spec_load import load_spec
 
 __all__ = ["BuildOptions", "BuildResult", "ReuseIndex", "build"]
 
@@ -153,6 +154,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         check_image_ref(options.tag, "--tag")
     ctx.cache.usable()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
     ctx.note_engine()
+    if options.assemble:
+        refuse_unsupported(load_spec(spec_path))
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
     base_ref, base_label = base_refs(ctx, spec)
@@ -211,8 +214,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     )
     if not outcome.passed:
         return result
-    # The lock records the recipe's image ID; an assembled image is another (installer metadata).
-    reproducible = None if options.assemble else _compare_recorded(locked, outcome.content_id)
+    reproducible = _compare_recorded(locked, outcome.content_id, assembled=options.assemble)
     for ref in result.tags:
         ctx.engine.tag(outcome.image_id, ref)
     seconds = round(time.monotonic() - started, 1)
@@ -355,9 +357,11 @@ def _needs_gpu(err: GpuUnavailableError, image_id: str) -> GpuUnavailableError:
     )
 
 
-def _compare_recorded(locked: LockFile, content_id: str) -> Verdict:
-    """Did this build give the image ID the lock recorded? Record it where none is."""
-    verdict = Verdict(here=content_id, recorded=locked.image_id)
+def _compare_recorded(locked: LockFile, content_id: str, *, assembled: bool) -> Verdict:
+    """Did this build give the image ID the lock recorded (for its route: an assembled image
+    differs from the recipe's in installer metadata)? Record it where none is."""
+    recorded = locked.assembled_image_id if assembled else locked.image_id
+    verdict = Verdict(here=content_id, recorded=recorded)
     if verdict.recorded is None:
-        record_image_id(locked, content_id)
+        record_image_id(locked, content_id, assembled=assembled)
     return verdict

@@ -42,7 +42,10 @@ _NOTE = re.compile(r"^\s+# (?P<key>group|file|url|size): (?P<value>\S+)$")
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*\.whl$")
 _ASSUMED = " (assumed: the glibc of a base.image is not known)"
 _HEADER = re.compile(r"^# (?P<key>[a-z0-9-]+): (?P<value>.*)$")
-_IMAGE_LINE = re.compile(r"^# image-id: (?P<id>sha256:[0-9a-f]{64})\n", re.MULTILINE)
+# The recipe's image ID, and the one `build --assemble` gives (it differs in installer metadata).
+_IMAGE_LINE = re.compile(
+    r"^# (?P<key>image-id|assembled-image-id): (?P<id>sha256:[0-9a-f]{64})\n", re.MULTILINE
+)
 # The recorded image ID goes right after this header line.
 _AFTER = re.compile(r"^# reprobox: .*\n", re.MULTILINE)
 # PEP 751: `pylock.toml`, or `pylock.<name>.toml` where the name holds no dot.
@@ -206,6 +209,8 @@ class LockFile:
     body: str
     image_id: str | None = None
     path: Path | None = None
+    #: The image ID `build --assemble` recorded.
+    assembled_image_id: str | None = None
 
     @classmethod
     def of(cls, lock: Lock) -> LockFile:
@@ -227,10 +232,16 @@ def default_lock_path(spec_path: Path) -> Path:
 
 def parse_lockfile(text: str, path: Path | None = None) -> LockFile:
     """A lock file's whole text (its image-id line too) as a LockFile."""
-    match = _IMAGE_LINE.search(text)
+    recorded = {match["key"]: match["id"] for match in _IMAGE_LINE.finditer(text)}
     body = _IMAGE_LINE.sub("", text)
     where = str(path) if path is not None else "<lock>"
-    return LockFile(parse_lock(body, where), body, None if match is None else match["id"], path)
+    return LockFile(
+        parse_lock(body, where),
+        body,
+        recorded.get("image-id"),
+        path,
+        recorded.get("assembled-image-id"),
+    )
 
 
 def read_lockfile(path: Path) -> LockFile:
@@ -253,14 +264,19 @@ def write_lockfile(path: Path, lock: Lock) -> LockFile:
     return written
 
 
-def record_image_id(lockfile: LockFile, image_id: str) -> LockFile:
-    """Write `image_id` into the lock's header, where it records none yet; the lock as it is now."""
-    if lockfile.image_id is not None or lockfile.path is None:
+def record_image_id(lockfile: LockFile, image_id: str, *, assembled: bool = False) -> LockFile:
+    """Write `image_id` into the lock's header, where it records none yet (for the recipe, or
+    for `build --assemble`); the lock as it is now."""
+    recorded = lockfile.assembled_image_id if assembled else lockfile.image_id
+    if recorded is not None or lockfile.path is None:
         return lockfile
-    body = lockfile.body
-    anchor = _AFTER.search(body)
+    text = lockfile.path.read_text(encoding="utf-8")
+    anchor = _AFTER.search(text)
     position = anchor.end() if anchor else 0
-    write_text_atomic(lockfile.path, f"{body[:position]}# image-id: {image_id}\n{body[position:]}")
+    key = "assembled-image-id" if assembled else "image-id"
+    write_text_atomic(lockfile.path, f"{text[:position]}# {key}: {image_id}\n{text[position:]}")
+    if assembled:
+        return replace(lockfile, assembled_image_id=image_id)
     return replace(lockfile, image_id=image_id)
 
 

@@ -140,6 +140,11 @@ def test_assembling_twice_without_any_cache_gives_the_same_image(
     again = _build(recipe.spec, "--assemble", "--no-cache")
     assert again.report["content_id"] == assembled.report["content_id"]
     assert again.report["image_id"] == assembled.report["image_id"]
+    # The lock records both routes' IDs, each compared with its own.
+    assert again.report["reproducible"]["matches"] is True
+    lock = recipe.spec.with_suffix(".lock").read_text()
+    assert f"# image-id: {recipe.report['content_id']}\n" in lock
+    assert f"# assembled-image-id: {assembled.report['content_id']}\n" in lock
     reused = _build(recipe.spec, "--assemble")
     assert reused.report["image_id"] == assembled.report["image_id"]
     assert reused.report["selfcheck"]["reused"] is True

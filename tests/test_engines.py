@@ -140,3 +140,31 @@ def test_an_export_from_20_10_imports_and_checks_on_the_containerd_store(
     checked = reprobox("check", demo.tag, "--json", env=on_current)
     assert checked.code == 0, checked.stdout + checked.stderr
     assert checked.json()["matches_recorded"] is True
+
+
+def test_an_assembled_image_is_one_identity_on_20_10_and_both_current_engines(
+    demo: Demo,
+    docker_engine: DockerEngine,
+    containerd_engine: DockerEngine,
+    remote_engine: DockerEngine,
+) -> None:
+    """`build --assemble` writes every byte itself: the engines only load and run it."""
+    here = reprobox("build", demo.spec, "--assemble", "--json")
+    assert here.code == 0, here.stderr
+    content_id = here.json()["content_id"]
+    assert content_id != demo.content_id  # the recipe's image: pip's metadata
+    reports = {}
+    for name, engine in (("remote", remote_engine), ("containerd", containerd_engine)):
+        there = reprobox(
+            "build", demo.spec, "--assemble", "--json", env={"DOCKER_HOST": engine.host}
+        )
+        assert there.code == 0, f"{name}: {there.stderr}"
+        reports[name] = report = there.json()
+        assert report["content_id"] == content_id, name
+        assert report["reproducible"]["matches"] is True, (name, report["reproducible"])
+    # The containerd store shows the manifest digest, which reprobox computed before the load.
+    shown = containerd_engine.inspect_image(reports["containerd"]["tags"][0]).id
+    assert shown == reports["containerd"]["image_id"]
+    assert shown != content_id
+    # The classic store over TCP shows the config digest: the very image 20.10 holds.
+    assert reports["remote"]["image_id"] == here.json()["image_id"]

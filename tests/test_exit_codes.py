@@ -218,6 +218,23 @@ def test_2_check_of_an_image_whose_selfcheck_label_is_not_json(
         remove_image(docker_engine, image, force=True)
 
 
+def test_2_assemble_of_what_it_cannot_build_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--assemble` with `apt:` on a pinned base.image: refused before locking, nothing written."""
+    spec_path = project(tmp_path / "p")  # a pinned base.image
+    spec_path.write_text(spec_path.read_text() + "apt:\n  - curl\n")
+    lock = spec_path.with_suffix(".lock")
+    lock.unlink(missing_ok=True)
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+    engine = FakeEngine()
+    assert cli.main(["build", str(spec_path), "--assemble"], engine=engine) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "`--assemble` does not install `apt:` packages on a pinned `base.image` yet" in err
+    assert not lock.exists()
+    assert engine.runs == []
+
+
 def test_2_a_build_step_that_fails_on_what_the_spec_asks_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

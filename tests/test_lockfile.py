@@ -63,3 +63,16 @@ def test_a_lock_that_is_not_one_is_a_lock_error(tmp_path: Path) -> None:
     path.write_text("# reprobox-lock: 1\n# spec-sha256: abc\n")
     with pytest.raises(LockError, match="not a lock this reprobox wrote"):
         read_lockfile(path)
+
+
+def test_the_assembled_image_id_is_recorded_beside_the_recipes(tmp_path: Path) -> None:
+    written = _written(tmp_path)
+    path = tmp_path / "spec.lock"
+    assembled = "sha256:" + "3" * 64
+    record_image_id(read_lockfile(path), IMAGE)
+    record_image_id(read_lockfile(path), assembled, assembled=True)
+    record_image_id(read_lockfile(path), "sha256:" + "4" * 64, assembled=True)  # never moved
+    again = read_lockfile(path)
+    assert (again.image_id, again.assembled_image_id) == (IMAGE, assembled)
+    assert again.sha256 == written.sha256
+    assert again.body == written.body
