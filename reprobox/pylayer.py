@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -127,14 +128,19 @@ def probe_target(engine: Engine, base: str, cache: Path) -> TargetPython:
 
 
 class _TarDestination(SchemeDictionaryDestination):
-    """pypa/installer's destination, writing into the layer (and `.py` copies) instead of disk."""
+    """pypa/installer's destination, writing into the layer and/or a tar of the `.py` files.
+
+    Without a layer (the first, quick pass) only the `.py` files are read from the wheel; the
+    others are never decompressed.
+    """
 
     def __init__(
         self,
-        layer: LayerWriter,
-        sources: tarfile.TarFile,
+        layer: LayerWriter | None,
+        sources: tarfile.TarFile | None,
         spool_dir: Path,
         scheme_dict: dict[str, str],
+        seen: dict[str, str],
     ) -> None:
         super().__init__(
             scheme_dict=scheme_dict,
@@ -143,23 +149,29 @@ class _TarDestination(SchemeDictionaryDestination):
             bytecode_optimization_levels=[],
         )
         self._layer, self._sources, self._spool_dir = layer, sources, spool_dir
+        self._seen = seen  # .py files already in `sources`, by name: their sha256
         self.python_files: list[str] = []
 
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
         name = posixpath.normpath(posixpath.join(self.scheme_dict[scheme], path))
+        if self._layer is None and not name.endswith(".py"):
+            return RecordEntry(path, None, None)
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
             digest, size = copyfileobj_with_hashing(
                 stream, cast(BinaryIO, buf), self.hash_algorithm
             )
-            buf.seek(0)
-            mode = 0o755 if is_executable else 0o644
-            added = self._layer.file(name, buf, size, mode=mode, sha256=digest)
-            if added and name.endswith(".py"):
+            if self._layer is not None:
+                buf.seek(0)
+                mode = 0o755 if is_executable else 0o644
+                self._layer.file(name, buf, size, mode=mode, sha256=digest)
+            if self._sources is not None and name.endswith(".py") and name not in self._seen:
+                # A second copy (namespace packages) is the layer's to accept or refuse.
+                self._seen[name] = digest
                 buf.seek(0)
                 info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = size, 0o644, self._layer.epoch
+                info.size, info.mode, info.mtime = size, 0o644, 0
                 self._sources.addfile(info, buf)
                 self.python_files.append("/" + name)
         return RecordEntry(path, Hash(self.hash_algorithm, digest), size)
@@ -190,16 +202,28 @@ def python_layer(
     layer = LayerWriter(dest, epoch, root=VENV.lstrip("/"))
     work = Path(tempfile.mkdtemp(prefix="pylayer-", dir=dest.parent))
     try:
-        if bottom:
-            _add_skeleton(layer, target.skeleton)
+        # First the `.py` files alone (a tenth of the bytes), so that the base's Python compiles
+        # them in its container while this process writes the layer from the wheels.
         sources_path = work / "sources.tar"
         with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
             python_files = write_wheels(
-                layer, sources, spool_dir=work, target=target, wheels=wheels, files=files
+                None, sources, spool_dir=work, target=target, wheels=wheels, files=files
             )
-        _add_pycs(
-            engine, base, layer, sources=sources_path, python_files=sorted(python_files), work=work
-        )
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
+            compiling = pool.submit(
+                _compile,
+                engine,
+                base,
+                sources=sources_path,
+                python_files=sorted(python_files),
+                work=work,
+            )
+            if bottom:
+                _add_skeleton(layer, target.skeleton)
+            write_wheels(layer, None, spool_dir=work, target=target, wheels=wheels, files=files)
+            pycs = compiling.result()
+        if pycs is not None:
+            _append_pycs(layer, pycs)
         return layer.close()
     except BaseException:
         layer.abort()
@@ -209,20 +233,21 @@ def python_layer(
 
 
 def write_wheels(
-    layer: LayerWriter,
-    sources: tarfile.TarFile,
+    layer: LayerWriter | None,
+    sources: tarfile.TarFile | None,
     *,
     spool_dir: Path,
     target: TargetPython,
     wheels: Sequence[LockedWheel],
     files: Mapping[str, Path],
 ) -> list[str]:
-    """Install `wheels` into `layer` with pypa/installer (sorted by name); a copy of each `.py`
-    file goes into `sources`. The `.py` files' absolute paths in the image, in the order written.
+    """Install `wheels` (sorted by name) with pypa/installer into `layer`, and/or a copy of each
+    `.py` file into `sources`; the `.py` files' absolute paths in the image, in the order met.
     """
     python_files: list[str] = []
+    seen: dict[str, str] = {}
     for wheel in sorted(wheels, key=lambda w: (w.name, w.filename)):
-        destination = _TarDestination(layer, sources, spool_dir, target.scheme(wheel.name))
+        destination = _TarDestination(layer, sources, spool_dir, target.scheme(wheel.name), seen)
         with zipfile.ZipFile(files[wheel.sha256]) as archive:
             archive.filename = wheel.filename  # the cache names files by their hash
             try:
@@ -251,20 +276,15 @@ def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
                 raise EngineError(f"the base's venv holds {member.name}, not a file or link")
 
 
-def _add_pycs(
-    engine: Engine,
-    base: str,
-    layer: LayerWriter,
-    *,
-    sources: Path,
-    python_files: list[str],
-    work: Path,
-) -> None:
+def _compile(
+    engine: Engine, base: str, *, sources: Path, python_files: list[str], work: Path
+) -> Path | None:
+    """The pycs of `sources`, compiled by the base's Python in one container: a tar, or None."""
     if not python_files:
-        return
+        return None
     listing = work / "compile-list"
     listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
-    files = _concat(tar_stream([("reprobox-build/compile-list", listing)], layer.epoch), sources)
+    files = _concat(tar_stream([("reprobox-build/compile-list", listing)], 0), sources)
     argv = ["/bin/sh", "-c", _COMPILE]
     with engine.run_kept(base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files) as box:
         if box.result.exit_code != 0:
@@ -274,6 +294,11 @@ def _add_pycs(
             )
         pycs = work / "pycs.tar"
         box.get_archive("/reprobox-pyc", pycs)
+    return pycs
+
+
+def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
+    """The compiled files into the layer, sorted, each into its `__pycache__`."""
     with tarfile.open(pycs) as tar:
         members = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
         for member in members:
