@@ -46,6 +46,7 @@ COPY wheels/ /wheels/
 RUN python3 -m venv --without-pip /opt/venv \\
  && /opt/venv/bin/python /wheels/{pip}/pip install --no-index --find-links /wheels {requirements}
 ENV PATH=/opt/venv/bin:$PATH
+LABEL reprobox.bench=plain
 """
 
 
@@ -110,11 +111,13 @@ def _layers(engine: DockerEngine, ref: str) -> list[str]:
 
 
 def _forget_earlier_images(specs: list[Path]) -> None:
-    """Remove earlier images of these specs: an engine that holds their layers would make a
-    `--no-cache` assemble load faster than a cold one is."""
+    """Remove earlier images of these specs and earlier plain builds (with their cached steps):
+    an engine that holds their layers would make a `--no-cache` assemble load faster than a cold
+    one is, and answer the plain pin change from its cache."""
     with contextlib.closing(docker.from_env()) as client:
-        for spec in specs:
-            label = f"reprobox.spec-sha256={load_spec(spec).sha256}"
+        labels = ["reprobox.bench=plain"]
+        labels += [f"reprobox.spec-sha256={load_spec(spec).sha256}" for spec in specs]
+        for label in labels:
             for image in client.images.list(all=True, filters={"label": label}):
                 with contextlib.suppress(docker.errors.APIError):
                     client.images.remove(str(image.id), force=True)
