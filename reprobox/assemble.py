@@ -19,17 +19,19 @@ sends the engine only the layers it lacks. `--no-cache` ignores them and gives t
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from reprobox._files import CHUNK, HashingWriter, rfc3339, write_text_atomic
 from reprobox.archive import index_members, manifest_entries, member_stream, read_image
@@ -47,7 +49,7 @@ from reprobox.spec import Spec
 __all__ = ["Assembled", "assemble", "load_assembled", "refuse_unsupported"]
 
 #: Bumped whenever the bytes a layer is made of could change: it is part of every layer key.
-FORMAT = "assemble-1"
+FORMAT = "assemble-2"
 _HOOK_FILES = ("reprobox_hook.py", "reprobox_cpu.py")
 
 
@@ -129,8 +131,10 @@ def assemble(
     labels: Mapping[str, str],
     nocache: bool,
 ) -> Assembled:
-    """Write every layer above the base (or take it from the cache) and the config."""
-    refuse_unsupported(spec)
+    """Write every layer above the base (or take it from the cache) and the config.
+
+    `build` has called `refuse_unsupported(spec)` before locking.
+    """
     base = rendered.base_ref
     root = ctx.cache.root / "assemble"
     # Kept by the engine's ID of the base; layer keys use its config digest, the same on
@@ -142,6 +146,11 @@ def assemble(
     with ctx.reporter.stage("the base's python3 (venv paths)"):
         target = probe_target(ctx.engine, base, base_dir)
     lock = locked.lock
+    if target.version != lock.python:
+        raise BadInputError(
+            f"the base's python3 is {target.version}; the lock is for Python {lock.python}",
+            hint="set `python:` to the base's version, or choose a base with that Python",
+        )
     groups = {
         "torch": [w for w in lock.wheels if w.group == "torch"],
         "rest": [w for w in lock.wheels if w.group in {"rest", "installer"}],
@@ -158,7 +167,7 @@ def assemble(
             bottom,
             epoch,
             version("installer"),
-            sorted(w.sha256 for w in wheels),
+            sorted((w.name, w.filename, w.sha256) for w in wheels),
         )
         layer = cache.get(key)
         if layer is None:
@@ -284,7 +293,7 @@ def _target_key(target: TargetPython) -> list[str]:
         target.platlib,
         target.scripts,
         target.data,
-        target.include,
+        target.version,
         target.cache_tag,
         _skeleton_digest(target.skeleton),
     ]
@@ -314,23 +323,36 @@ def _save_base(ctx: Context, base: str, cache: Path) -> None:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         saved = Path(tmp) / "base.tar"
         ctx.engine.save([base], saved)
-        with tarfile.open(saved) as tar:
-            members = index_members(tar)
-            entries = manifest_entries(tar, members)
-            if len(entries) != 1:
-                raise EngineError(f"saving the base {base} gave {len(entries)} images")
-            image = read_image(tar, members, entries[0])
-            for name, diff_id in zip(image.layers, image.diff_ids, strict=True):
-                dest = cache / "layers" / f"{diff_id.removeprefix('sha256:')}.tar"
-                partial = Path(tmp) / "layer.tar"
-                with member_stream(tar, members, name) as data, partial.open("wb") as out:
-                    sink = HashingWriter(out)
-                    shutil.copyfileobj(data, sink, CHUNK)
-                if f"sha256:{sink.hexdigest()}" != diff_id:
-                    raise EngineError(f"the saved base's layer {name} is not {diff_id}")
-                partial.replace(dest)
+        try:
+            with tarfile.open(saved) as tar:
+                members = index_members(tar)
+                entries = manifest_entries(tar, members)
+                if len(entries) != 1:
+                    raise EngineError(f"saving the base {base} gave {len(entries)} images")
+                image = read_image(tar, members, entries[0])
+                for name, diff_id in zip(image.layers, image.diff_ids, strict=True):
+                    dest = cache / "layers" / f"{diff_id.removeprefix('sha256:')}.tar"
+                    partial = Path(tmp) / "layer.tar"
+                    stream = _uncompressed(member_stream(tar, members, name))
+                    with stream as data, partial.open("wb") as out:
+                        sink = HashingWriter(out)
+                        shutil.copyfileobj(data, sink, CHUNK)
+                    if f"sha256:{sink.hexdigest()}" != diff_id:
+                        raise EngineError(f"the saved base's layer {name} is not {diff_id}")
+                    partial.replace(dest)
+        except (ValueError, tarfile.TarError, EOFError, OSError) as err:
+            raise EngineError(f"the engine's save of the base {base} is not usable: {err}") from err
         record = {"config": image.config, "digest": image.image_id}
         write_text_atomic(cache / "base.json", json.dumps(record, sort_keys=True))
+
+
+def _uncompressed(data: IO[bytes]) -> IO[bytes]:
+    """A layer as its uncompressed tar: a store may save it gzip-compressed, as it was pulled."""
+    head = data.read(2)
+    data.seek(0)
+    if head == b"\x1f\x8b":
+        return cast(IO[bytes], gzip.GzipFile(fileobj=data, mode="rb"))
+    return data
 
 
 def _base_diff_ids(config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -412,23 +434,27 @@ def _hook_layer(ctx: Context, base: str, sources: Sequence[Path], dest: Path, ep
 
 
 def _hook_paths(changes: Sequence[Change]) -> list[str]:
-    """The files and links the hook's install added or changed (not /opt: that is layer 3)."""
+    """The files and links the hook's install added or changed; not /opt/reprobox (layer 3,
+    put there for the install to run), but /opt/... elsewhere (a Python under /opt/conda)."""
     deleted = [c.path for c in changes if c.kind == "deleted"]
     if deleted:
         raise EngineError(f"installing the hook deleted {', '.join(deleted[:5])}: not expected")
     paths = {
-        c.path.lstrip("/")
+        c.path.strip("/")
         for c in changes
-        if c.path.strip("/") and not (c.path == "/opt" or c.path.startswith("/opt/"))
+        if c.path.strip("/")
+        and not (c.path == "/opt/reprobox" or c.path.startswith("/opt/reprobox/"))
     }
+    if not any(p.startswith("opt/") for p in paths):
+        paths.discard("opt")  # changed only by /opt/reprobox
     # A changed path that is the parent of another is a folder: it comes as an ancestor.
     return sorted(p for p in paths if not any(q.startswith(p + "/") for q in paths))
 
 
 def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Path) -> None:
-    box.get_archive("/" + name, part)
     try:
-        with tarfile.open(part) as tar:
+        box.get_archive("/" + name, part)
+        with _engine_tar(part) as tar:
             member = tar.getmember(Path(name).name)
             data = tar.extractfile(member) if member.isfile() else None
             if member.isdir():
@@ -441,6 +467,16 @@ def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Pat
                 _not_a_file(name)
     finally:
         part.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar the engine gave: a broken one is the engine's fault (exit 3)."""
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except (tarfile.TarError, EOFError, KeyError) as err:
+        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
 
 
 def _not_a_file(name: str) -> None:

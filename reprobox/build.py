@@ -118,13 +118,14 @@ class ReuseIndex:
         write_text_atomic(self._path(built_id), json.dumps(record, sort_keys=True))
 
     def recent_images(self, count: int = 8) -> list[str]:
-        """The images the `count` latest records name (their layers may still be in the engine)."""
+        """The images the `count` latest records name, labelled and not (their layers may still
+        be in the engine)."""
         try:
             paths = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime)[-count:]
         except OSError:
             return []
-        found = (self.get(p.stem) for p in reversed(paths))
-        return [r["content_id"] for r in found if r is not None and "content_id" in r]
+        found = [self.get(p.stem) for p in reversed(paths)]
+        return [r[k] for r in found if r is not None for k in ("image_id", "content_id") if k in r]
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
         "--assemble",
         action="store_true",
         help="write the image's layers from the verified wheels instead of `docker build` "
-        "(faster; a different image ID than the recipe's; classic image store only)",
+        "(faster; its image ID differs from the recipe's: installer metadata)",
     )
     lock_options(p)
 

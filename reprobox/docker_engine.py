@@ -578,23 +578,50 @@ class _Finished:
         api = self._engine._client()
         with self._engine._errors("listing a container's changes"):
             raw = api.diff(self._cid) or []
-        return tuple(
-            Change(_CHANGE_KINDS[int(entry["Kind"])], str(entry["Path"]))
-            for entry in raw
-            if int(entry.get("Kind", -1)) in _CHANGE_KINDS
-        )
+        try:
+            return tuple(
+                Change(_CHANGE_KINDS[int(entry["Kind"])], str(entry["Path"])) for entry in raw
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise EngineError(f"the engine listed a container's changes as {raw!r:.300}") from err
 
     def stat(self, path: str) -> tuple[int, float]:
         """Mode bits and mtime, from the archive endpoint's stat header (HEAD, no data)."""
         import base64
-        import datetime
+
+        import requests
 
         api = self._engine._client()
         url = f"{api.base_url}/v{api.api_version}/containers/{self._cid}/archive"
         with self._engine._errors(f"reading the mode of {path} in a container"):
             response = api.head(url, params={"path": path}, timeout=api.timeout)
-            response.raise_for_status()
-        found = json.loads(base64.b64decode(response.headers["X-Docker-Container-Path-Stat"]))
-        # Go's time: RFC 3339 with nanoseconds; the seconds are what a tar header keeps.
-        when = datetime.datetime.fromisoformat(str(found["mtime"])[:19] + "+00:00")
-        return int(found["mode"]) & 0o7777, when.timestamp()
+            try:
+                response.raise_for_status()
+                found = json.loads(
+                    base64.b64decode(response.headers["X-Docker-Container-Path-Stat"])
+                )
+                return _go_mode(int(found["mode"])), _go_time(str(found["mtime"]))
+            except (requests.exceptions.HTTPError, KeyError, TypeError, ValueError) as err:
+                raise EngineError(f"the engine gave no usable stat of {path}: {err}") from err
+
+
+# Go's os.FileMode keeps setuid, setgid and sticky above the permission bits.
+_GO_SPECIAL = ((1 << 23, 0o4000), (1 << 22, 0o2000), (1 << 20, 0o1000))
+# Go's RFC 3339 with nanoseconds, in the daemon's own time zone.
+_GO_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d{1,9})?(Z|[+-]\d\d:\d\d)")
+
+
+def _go_mode(mode: int) -> int:
+    """A Go file mode as tar's mode bits."""
+    return (mode & 0o777) | sum(bit for go, bit in _GO_SPECIAL if mode & go)
+
+
+def _go_time(text: str) -> float:
+    """A Go RFC 3339 time (any zone, up to nanoseconds) as whole seconds since the epoch."""
+    import datetime
+
+    match = _GO_TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r:.80} is not an RFC 3339 time")
+    zone = "+00:00" if match[2] == "Z" else match[2]
+    return datetime.datetime.fromisoformat(match[1] + zone).timestamp()

@@ -78,7 +78,8 @@ class LayerWriter:
         self._raw = path.open("wb")
         self._sink = _Counter(self._raw)
         self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
-        self._seen: dict[str, str] = {}  # name -> sha256 of a file, "" for anything else
+        # name -> "dir", "link", or a file's sha256 ("-" when not given)
+        self._seen: dict[str, str] = {}
 
     def _info(
         self, name: str, kind: bytes, mode: int, *, size: int = 0, linkname: str = "", mtime: float
@@ -97,12 +98,15 @@ class LayerWriter:
 
     def _parents(self, name: str) -> None:
         for parent in ancestors(name):
-            if parent not in self._seen:
+            kind = self._seen.get(parent)
+            if kind is None:
                 self._directory(parent)
+            elif kind != "dir":
+                raise BadInputError(f"/{name} in one layer under /{parent}, which is not a folder")
 
     def _directory(self, name: str) -> None:
         mode, mtime = self._dir_meta.get(name, (0o755, self.epoch))
-        self._seen[name] = ""
+        self._seen[name] = "dir"
         self._tar.addfile(self._info(name, tarfile.DIRTYPE, mode, mtime=mtime))
 
     def directory(self, name: str) -> None:
@@ -111,6 +115,8 @@ class LayerWriter:
         if name not in self._seen:
             self._parents(name)
             self._directory(name)
+        elif self._seen[name] != "dir":
+            raise BadInputError(f"/{name} is a folder and a file in one layer")
 
     def symlink(self, name: str, target: str, *, mtime: float | None = None) -> None:
         """A symbolic link (the venv's `bin/python`)."""
@@ -143,7 +149,7 @@ class LayerWriter:
         if name in self._seen:
             if sha256 and self._seen[name] == sha256:
                 return False
-            raise BadInputError(f"two different files at /{name} in one layer")
+            raise BadInputError(f"two different entries at /{name} in one layer")
         self._parents(name)
         self._seen[name] = sha256 or "-"
         info = self._info(

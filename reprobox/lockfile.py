@@ -271,6 +271,8 @@ def record_image_id(lockfile: LockFile, image_id: str, *, assembled: bool = Fals
     if recorded is not None or lockfile.path is None:
         return lockfile
     text = lockfile.path.read_text(encoding="utf-8")
+    if parse_lockfile(text, lockfile.path).body != lockfile.body:
+        return lockfile  # relocked meanwhile: this ID is not its image's
     anchor = _AFTER.search(text)
     position = anchor.end() if anchor else 0
     key = "assembled-image-id" if assembled else "image-id"

@@ -14,9 +14,11 @@ are appended in sorted order. Their code objects name `/opt/venv/...`, as an in-
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
+import re
 import shlex
 import shutil
 import tarfile
@@ -30,11 +32,13 @@ from typing import Any, BinaryIO, cast
 
 from installer import install
 from installer.destinations import SchemeDictionaryDestination
+from installer.exceptions import InstallerError
 from installer.records import Hash, RecordEntry
 from installer.scripts import Script
 from installer.sources import WheelFile
 from installer.utils import Scheme, copyfileobj_with_hashing
 
+from reprobox._files import atomic_path, write_text_atomic
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, EngineError
 from reprobox.layer_tar import Layer, LayerWriter, installed_mode, tar_stream
@@ -49,15 +53,19 @@ _SPOOL_BYTES = 16 << 20
 #: The compile container's time limit (a CUDA group compiles in about half a minute here).
 _COMPILE_TIMEOUT_S = 3600.0
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# The probe's one line of answer starts with this (a base's entrypoint may print a banner).
+_MARKER = "reprobox-venv-paths: "
+
 _PROBE = f"""set -eu
 python3 -m venv --without-pip {VENV}
 {VENV}/bin/python - <<'EOF'
 import json, sys, sysconfig
 paths = sysconfig.get_paths()
-base = sysconfig.get_config_var("base")
-paths["include_base"] = sysconfig.get_path("include", vars={{"installed_base": base}})
+paths["py_version_short"] = sysconfig.get_python_version()
 paths["cache_tag"] = sys.implementation.cache_tag
-print(json.dumps(paths, sort_keys=True))
+print("{_MARKER}" + json.dumps(paths, sort_keys=True))
 EOF
 """
 
@@ -67,8 +75,11 @@ python3 -m venv --without-pip {VENV}
 mkdir -p /reprobox-pyc
 # Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
 # source-only, as today's install step and pip's own compile step leave them.
+# compileall exits 1 when a file did not compile; anything else (killed, out of memory) fails.
+status=0
 PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python -m compileall -q -j 1 \\
-  --invalidation-mode unchecked-hash -i /reprobox-build/compile-list || true
+  --invalidation-mode unchecked-hash -i /reprobox-build/compile-list || status=$?
+[ "$status" -le 1 ]
 """
 
 
@@ -80,18 +91,19 @@ class TargetPython:
     platlib: str
     scripts: str
     data: str
-    include: str
+    #: "3.11": where pip puts a wheel's headers in a venv (`include/site/python3.11/NAME`).
+    version: str
     cache_tag: str
     skeleton: Path
 
     def scheme(self, project: str) -> dict[str, str]:
-        """pypa/installer's scheme for `project`, as its CLI computes it in the venv."""
+        """The scheme pip uses in the venv for `project` (the recipe installs with pip)."""
         paths = {
             "purelib": self.purelib,
             "platlib": self.platlib,
             "scripts": self.scripts,
             "data": self.data,
-            "headers": posixpath.join(self.include, project),
+            "headers": f"{VENV}/include/site/python{self.version}/{project}",
         }
         for key, value in paths.items():
             if not (value == VENV or value.startswith(VENV + "/")):
@@ -103,28 +115,47 @@ def probe_target(engine: Engine, base: str, cache: Path) -> TargetPython:
     """The base's venv (from one container run, kept under `cache` by the base's ID)."""
     cache.mkdir(parents=True, exist_ok=True)
     paths_file, skeleton = cache / "paths.json", cache / "skeleton.tar"
-    if not (paths_file.is_file() and skeleton.is_file()):
-        with engine.run_kept(base, ["/bin/sh", "-c", _PROBE], timeout_s=300) as box:
-            if box.result.exit_code != 0:
-                raise EngineError(
-                    f"making a venv with the base's python3 failed "
-                    f"(exit {box.result.exit_code}): {box.result.stderr.strip()[-2000:]}",
-                    hint="the base needs python3 with its venv module",
-                )
-            with tempfile.NamedTemporaryFile(dir=cache, delete=False) as partial:
-                box.get_archive(VENV, Path(partial.name))
-            Path(partial.name).replace(skeleton)
-        paths_file.write_text(box.result.stdout.strip() + "\n", encoding="utf-8")
-    found: dict[str, Any] = json.loads(paths_file.read_text(encoding="utf-8"))
-    return TargetPython(
-        purelib=str(found["purelib"]),
-        platlib=str(found["platlib"]),
-        scripts=str(found["scripts"]),
-        data=str(found["data"]),
-        include=str(found["include_base"]),
-        cache_tag=str(found["cache_tag"]),
-        skeleton=skeleton,
-    )
+    if paths_file.is_file() and skeleton.is_file():
+        with contextlib.suppress(EngineError, OSError):  # kept by an older reprobox: ask again
+            return _target(paths_file.read_text(encoding="utf-8"), skeleton)
+    with engine.run_kept(base, ["/bin/sh", "-c", _PROBE], timeout_s=300) as box:
+        if box.result.exit_code != 0:
+            raise EngineError(
+                f"making a venv with the base's python3 failed "
+                f"(exit {box.result.exit_code}): {box.result.stderr.strip()[-2000:]}",
+                hint="the base needs python3 with its venv module",
+            )
+        lines = [line for line in box.result.stdout.splitlines() if line.startswith(_MARKER)]
+        answer = lines[-1].removeprefix(_MARKER) if lines else ""
+        target = _target(answer, skeleton)  # checked before anything is kept
+        with atomic_path(skeleton) as partial:
+            box.get_archive(VENV, partial)
+    write_text_atomic(paths_file, answer + "\n")
+    return target
+
+
+def _target(answer: str, skeleton: Path) -> TargetPython:
+    """The probe's answer (JSON), checked: every path a string inside the venv, a version."""
+    try:
+        found: dict[str, Any] = json.loads(answer)
+        target = TargetPython(
+            purelib=found["purelib"],
+            platlib=found["platlib"],
+            scripts=found["scripts"],
+            data=found["data"],
+            version=found["py_version_short"],
+            cache_tag=found["cache_tag"],
+            skeleton=skeleton,
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise EngineError(f"the base's python3 did not say where a venv keeps what: {err}") from err
+    fields = (target.purelib, target.platlib, target.scripts, target.data, target.cache_tag)
+    if not all(isinstance(v, str) for v in fields) or not re.fullmatch(
+        r"3\.[0-9]{1,2}", str(target.version)
+    ):
+        raise EngineError(f"the base's python3 answered {answer[:300]!r}")
+    target.scheme("x")  # every path inside the venv
+    return target
 
 
 class _TarDestination(SchemeDictionaryDestination):
@@ -155,7 +186,12 @@ class _TarDestination(SchemeDictionaryDestination):
     def write_to_fs(
         self, scheme: Scheme, path: str, stream: BinaryIO, is_executable: bool
     ) -> RecordEntry:
-        name = posixpath.normpath(posixpath.join(self.scheme_dict[scheme], path))
+        folder = self.scheme_dict[scheme]
+        name = posixpath.normpath(posixpath.join(folder, path))
+        # pypa/installer's own check (its write_to_fs is replaced here), and no control
+        # characters: a name becomes a tar header and a line of the compile list.
+        if not name.startswith(folder + "/") or _CONTROL.search(path):
+            raise BadInputError(f"a wheel's file {path!r:.200} would land outside /{folder}")
         if self._layer is None and not name.endswith(".py"):
             return RecordEntry(path, None, None)
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
@@ -248,19 +284,19 @@ def write_wheels(
     seen: dict[str, str] = {}
     for wheel in sorted(wheels, key=lambda w: (w.name, w.filename)):
         destination = _TarDestination(layer, sources, spool_dir, target.scheme(wheel.name), seen)
-        with zipfile.ZipFile(files[wheel.sha256]) as archive:
-            archive.filename = wheel.filename  # the cache names files by their hash
-            try:
+        try:
+            with zipfile.ZipFile(files[wheel.sha256]) as archive:
+                archive.filename = wheel.filename  # the cache names files by their hash
                 install(WheelFile(archive), destination, additional_metadata={})
-            except (ValueError, KeyError, zipfile.BadZipFile) as err:
-                raise BadInputError(f"{wheel.filename}: not an installable wheel: {err}") from err
+        except (ValueError, KeyError, zipfile.BadZipFile, InstallerError) as err:
+            raise BadInputError(f"{wheel.filename}: not an installable wheel: {err}") from err
         python_files += destination.python_files
     return python_files
 
 
 def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
     """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), sorted."""
-    with tarfile.open(skeleton) as tar:
+    with _engine_tar(skeleton) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
             name = name.lstrip("/")
@@ -299,7 +335,7 @@ def _compile(
 
 def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
     """The compiled files into the layer, sorted, each into its `__pycache__`."""
-    with tarfile.open(pycs) as tar:
+    with _engine_tar(pycs) as tar:
         members = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
         for member in members:
             # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc -> opt/venv/.../pkg/__pycache__/...
@@ -308,6 +344,16 @@ def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
             assert data is not None
             layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
     pycs.unlink()
+
+
+@contextlib.contextmanager
+def _engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar the engine gave (get_archive): a broken one is the engine's fault (exit 3)."""
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except (tarfile.TarError, EOFError) as err:
+        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
 
 
 def _concat(head: Iterator[bytes], tar_path: Path) -> Iterator[bytes]:

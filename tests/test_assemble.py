@@ -29,8 +29,8 @@ DEMO = ROOT / "images" / "demo-cpu.yaml"
 # (each installer has its own template; pip also adds `pip3.X`).
 _INSTALLER_METADATA = re.compile(
     r"^/opt/venv/(lib/python3\.\d+/site-packages/[^/]+\.dist-info/(INSTALLER|REQUESTED|RECORD)"
-    r"|bin/[A-Za-z0-9_.-]+)$"
-)
+    r"|bin/(isympy|torchfrtrace|torchrun|f2py|numpy-config|pip|pip3|pip3\.\d+))$"
+)  # the demo's console scripts by name: python, activate and the rest of bin/ must be equal
 # Config rows a builder writes differently: history text and the content-ID label.
 _CONFIG_PATHS = re.compile(
     r'^(history\[\d+\](\.created_by)?|config\.Labels\["reprobox\.content-id"\])$'

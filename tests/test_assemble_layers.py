@@ -21,6 +21,7 @@ from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
 from reprobox.assemble import _config, _hook_paths
+from reprobox.docker_engine import _go_mode, _go_time
 from reprobox.engine import Change
 from reprobox.errors import BadInputError, EngineError
 from reprobox.layer_tar import LayerWriter, archive_stream
@@ -93,7 +94,7 @@ def test_the_same_file_twice_is_written_once_and_a_different_one_is_refused(
     digest = hashlib.sha256(b"").hexdigest()
     assert writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b""), 0, sha256=digest)
     assert not writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b""), 0, sha256=digest)
-    with pytest.raises(BadInputError, match="two different files"):
+    with pytest.raises(BadInputError, match="two different entries"):
         writer.file("opt/venv/nvidia/__init__.py", io.BytesIO(b"x"), 1, sha256="0" * 64)
     writer.abort()
     assert not (tmp_path / "l.tar").exists()
@@ -146,7 +147,7 @@ def _target(skeleton: Path) -> TargetPython:
         platlib=SITE,
         scripts="/opt/venv/bin",
         data="/opt/venv",
-        include="/opt/venv/include/python3.11",
+        version="3.11",
         cache_tag="cpython-311",
         skeleton=skeleton,
     )
@@ -205,16 +206,27 @@ def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(tmp_path
     assert f"{SITE[1:]}/demo_pkg-1.0.dist-info/RECORD" in layer
     assert layer["opt/venv/bin/demo-tool"][0].startswith(b"#!/opt/venv/bin/python\n")
     assert layer["opt/venv/bin/demo"][1] == 0o755
-    assert "opt/venv/include/python3.11/demo-pkg/demo.h" in layer
+    assert "opt/venv/include/site/python3.11/demo-pkg/demo.h" in layer  # where pip puts it
     assert "opt/venv/share/demo/readme.txt" in layer
     with tarfile.open(sources_path) as tar:
         assert sorted(tar.getnames()) == [p.lstrip("/") for p in python_files]
 
 
-def test_a_wheel_that_would_write_outside_the_venv_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("member", "with_layer"),
+    [
+        ("evil-1.0.data/data/../../../etc/cron.d/x", True),
+        # The first pass reads only .py files, for the compile container: checked there too.
+        ("evil-1.0.data/purelib/../../../../usr/lib/python3.11/sitecustomize.py", False),
+        ("evil/line\nbreak.py", False),
+    ],
+)
+def test_a_wheel_that_would_write_outside_its_folder_is_refused(
+    tmp_path: Path, member: str, with_layer: bool
+) -> None:
     wheel_path = tmp_path / "evil-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel_path, "w") as archive:
-        archive.writestr("evil-1.0.data/data/../../../etc/cron.d/x", b"* * * * * root sh\n")
+        archive.writestr(member, b"import os\n")
         archive.writestr("evil-1.0.dist-info/METADATA", b"Name: evil\nVersion: 1.0\n")
         archive.writestr("evil-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
         archive.writestr("evil-1.0.dist-info/RECORD", b"")
@@ -227,10 +239,10 @@ def test_a_wheel_that_would_write_outside_the_venv_is_refused(tmp_path: Path) ->
         url="https://example.invalid/evil-1.0-py3-none-any.whl",
         group="rest",
     )
-    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv")
+    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv") if with_layer else None
     with (
         tarfile.open(tmp_path / "s.tar", "w") as sources,
-        pytest.raises(BadInputError),
+        pytest.raises(BadInputError, match="would land outside"),
     ):
         write_wheels(
             writer,
@@ -240,6 +252,19 @@ def test_a_wheel_that_would_write_outside_the_venv_is_refused(tmp_path: Path) ->
             wheels=[locked],
             files={digest: wheel_path},
         )
+    if writer is not None:
+        writer.abort()
+    with tarfile.open(tmp_path / "s.tar") as written:
+        assert written.getnames() == []  # nothing reached the compile container's input
+
+
+def test_a_file_cannot_be_a_folder_in_one_layer(tmp_path: Path) -> None:
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    writer.file("opt/venv/a", io.BytesIO(b""), 0)
+    with pytest.raises(BadInputError, match="not a folder"):
+        writer.file("opt/venv/a/b.py", io.BytesIO(b""), 0)
+    with pytest.raises(BadInputError, match="a folder and a file"):
+        writer.directory("opt/venv/a")
     writer.abort()
 
 
@@ -263,7 +288,7 @@ def test_the_streamed_archive_loads_as_the_config_digest(tmp_path: Path) -> None
     assert loaded == ["sha256:" + hashlib.sha256(config).hexdigest()]
 
 
-def test_the_hooks_changes_are_its_files_not_opt_and_nothing_deleted() -> None:
+def test_the_hooks_changes_are_its_files_not_opt_reprobox_and_nothing_deleted() -> None:
     changes = [
         Change("changed", "/usr"),
         Change("changed", "/usr/lib/python3.11"),
@@ -280,6 +305,27 @@ def test_the_hooks_changes_are_its_files_not_opt_and_nothing_deleted() -> None:
     ]
     with pytest.raises(EngineError, match="deleted"):
         _hook_paths([*changes, Change("deleted", "/etc/python3.11/sitecustomize.py")])
+    # A Python under /opt (conda's): its sitecustomize is the hook's, and stays.
+    conda = [
+        Change("changed", "/opt"),
+        Change("added", "/opt/reprobox"),
+        Change("added", "/opt/reprobox/reprobox_hook.py"),
+        Change("changed", "/opt/conda/lib/python3.11"),
+        Change("added", "/opt/conda/lib/python3.11/sitecustomize.py"),
+    ]
+    assert _hook_paths(conda) == ["opt/conda/lib/python3.11/sitecustomize.py"]
+
+
+def test_go_times_and_modes_from_the_engines_stat() -> None:
+    # The daemon's own time zone; nanoseconds dropped as a tar header does.
+    assert _go_time("2024-01-01T12:00:00.123456789+02:00") == _go_time("2024-01-01T10:00:00Z")
+    assert _go_time("2024-01-01T10:00:00Z") == 1_704_103_200
+    with pytest.raises(ValueError, match="RFC 3339"):
+        _go_time("2024-01-01 10:00")
+    go_dir, go_sticky, go_setgid = 1 << 31, 1 << 20, 1 << 22
+    assert _go_mode(go_dir | 0o755) == 0o755
+    assert _go_mode(go_dir | go_sticky | 0o777) == 0o1777
+    assert _go_mode(go_setgid | 0o2755 & 0o777) == 0o2755
 
 
 def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_path: Path) -> None:

@@ -155,8 +155,15 @@ def test_an_assembled_image_is_one_identity_on_20_10_and_both_current_engines(
     assert content_id != demo.content_id  # the recipe's image: pip's metadata
     reports = {}
     for name, engine in (("remote", remote_engine), ("containerd", containerd_engine)):
+        # --no-cache: every layer made again there (compiled and hooked in that engine's
+        # containers), not taken from the layer cache the engines share on this host.
         there = reprobox(
-            "build", demo.spec, "--assemble", "--json", env={"DOCKER_HOST": engine.host}
+            "build",
+            demo.spec,
+            "--assemble",
+            "--no-cache",
+            "--json",
+            env={"DOCKER_HOST": engine.host},
         )
         assert there.code == 0, f"{name}: {there.stderr}"
         reports[name] = report = there.json()
