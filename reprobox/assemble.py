@@ -19,7 +19,6 @@ sends the engine only the layers it lacks. `--no-cache` ignores them and gives t
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
@@ -27,7 +26,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -42,7 +41,7 @@ from reprobox.identity import manifest_digest
 from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
-from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
+from reprobox.pylayer import VENV, TargetPython, engine_tar, probe_target, python_layer
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
@@ -454,7 +453,7 @@ def _hook_paths(changes: Sequence[Change]) -> list[str]:
 def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Path) -> None:
     try:
         box.get_archive("/" + name, part)
-        with _engine_tar(part) as tar:
+        with engine_tar(part) as tar:
             member = tar.getmember(Path(name).name)
             data = tar.extractfile(member) if member.isfile() else None
             if member.isdir():
@@ -467,16 +466,6 @@ def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Pat
                 _not_a_file(name)
     finally:
         part.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar the engine gave: a broken one is the engine's fault (exit 3)."""
-    try:
-        with tarfile.open(path) as tar:
-            yield tar
-    except (tarfile.TarError, EOFError, KeyError) as err:
-        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
 
 
 def _not_a_file(name: str) -> None:

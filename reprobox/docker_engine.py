@@ -331,7 +331,6 @@ class DockerEngine:
         unpacked at / before it starts (sent through the API, so remote engines work too).
         """
         import docker.types
-        import requests
 
         api = self._client()
         doing = f"running `{shlex.join(argv)}` in {image}"
@@ -349,29 +348,10 @@ class DockerEngine:
         cid = container["Id"]
         try:
             with self._errors(doing), self._gpu_errors(gpus):
-                if archive is not None and not api.put_archive(cid, "/", archive):
-                    raise EngineError(f"{doing}: the engine refused the files put into it")
-                api.start(cid)
-                try:
-                    status = api.wait(cid, timeout=math.ceil(timeout_s))
-                except (
-                    requests.exceptions.ReadTimeout,
-                    requests.exceptions.ConnectionError,
-                ) as err:
-                    raise ContainerTimeoutError(
-                        f"{doing}: still running after {timeout_s:g} s, stopped",
-                        hint="raise the time limit, or make the command do less",
-                    ) from err
-                stdout = api.logs(cid, stdout=True, stderr=False)
-                stderr = api.logs(cid, stdout=False, stderr=True)
+                return _run_to_end(api, cid, doing, archive, timeout_s)
         finally:
             with self._errors(f"removing the container of {doing}"):
                 api.remove_container(cid, force=True)
-        return RunResult(
-            exit_code=int(status["StatusCode"]),
-            stdout=stdout.decode("utf-8", errors="replace"),
-            stderr=stderr.decode("utf-8", errors="replace"),
-        )
 
     @contextlib.contextmanager
     def run_kept(
@@ -384,32 +364,13 @@ class DockerEngine:
     ) -> Iterator[_Finished]:
         """Run `argv` without network, `files` (a tar stream) unpacked at / first; keep the
         exited container for the `with` block, then remove it."""
-        import requests
-
         api = self._client()
         doing = f"running `{shlex.join(argv)}` in {image}"
         with self._errors(doing):
             cid = api.create_container(image, command=list(argv), network_disabled=True)["Id"]
         try:
             with self._errors(doing):
-                if files is not None and not api.put_archive(cid, "/", files):
-                    raise EngineError(f"{doing}: the engine refused the files put into it")
-                api.start(cid)
-                try:
-                    status = api.wait(cid, timeout=math.ceil(timeout_s))
-                except (
-                    requests.exceptions.ReadTimeout,
-                    requests.exceptions.ConnectionError,
-                ) as err:
-                    raise ContainerTimeoutError(
-                        f"{doing}: still running after {timeout_s:g} s, stopped",
-                        hint="raise the time limit, or make the command do less",
-                    ) from err
-                result = RunResult(
-                    exit_code=int(status["StatusCode"]),
-                    stdout=api.logs(cid, stdout=True, stderr=False).decode("utf-8", "replace"),
-                    stderr=api.logs(cid, stdout=False, stderr=True).decode("utf-8", "replace"),
-                )
+                result = _run_to_end(api, cid, doing, files, timeout_s)
             yield _Finished(self, cid, result)
         finally:
             with self._errors(f"removing the container of {doing}"):
@@ -550,6 +511,29 @@ class DockerEngine:
                 hint="check the reference and `docker login` to its registry",
             )
         return self.inspect_image(ref).id
+
+
+def _run_to_end(
+    api: docker.APIClient, cid: str, doing: str, files: Any, timeout_s: float
+) -> RunResult:
+    """Put `files` (a tar stream, or None) into the created container, start it, wait, collect."""
+    import requests
+
+    if files is not None and not api.put_archive(cid, "/", files):
+        raise EngineError(f"{doing}: the engine refused the files put into it")
+    api.start(cid)
+    try:
+        status = api.wait(cid, timeout=math.ceil(timeout_s))
+    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as err:
+        raise ContainerTimeoutError(
+            f"{doing}: still running after {timeout_s:g} s, stopped",
+            hint="raise the time limit, or make the command do less",
+        ) from err
+    return RunResult(
+        exit_code=int(status["StatusCode"]),
+        stdout=api.logs(cid, stdout=True, stderr=False).decode("utf-8", errors="replace"),
+        stderr=api.logs(cid, stdout=False, stderr=True).decode("utf-8", errors="replace"),
+    )
 
 
 _CHANGE_KINDS: dict[int, Literal["added", "changed", "deleted"]] = {

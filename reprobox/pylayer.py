@@ -44,7 +44,7 @@ from reprobox.errors import BadInputError, EngineError
 from reprobox.layer_tar import Layer, LayerWriter, installed_mode, tar_stream
 from reprobox.locked import LockedWheel
 
-__all__ = ["VENV", "TargetPython", "probe_target", "python_layer", "write_wheels"]
+__all__ = ["VENV", "TargetPython", "engine_tar", "probe_target", "python_layer", "write_wheels"]
 
 #: Where the image's venv lives (the recipe's path too).
 VENV = "/opt/venv"
@@ -296,7 +296,7 @@ def write_wheels(
 
 def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
     """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), sorted."""
-    with _engine_tar(skeleton) as tar:
+    with engine_tar(skeleton) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
             name = name.lstrip("/")
@@ -335,7 +335,7 @@ def _compile(
 
 def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
     """The compiled files into the layer, sorted, each into its `__pycache__`."""
-    with _engine_tar(pycs) as tar:
+    with engine_tar(pycs) as tar:
         members = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
         for member in members:
             # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc -> opt/venv/.../pkg/__pycache__/...
@@ -347,12 +347,13 @@ def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
 
 
 @contextlib.contextmanager
-def _engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar the engine gave (get_archive): a broken one is the engine's fault (exit 3)."""
+def engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar the engine gave (get_archive): a broken one, or one without the member asked
+    for, is the engine's fault (exit 3)."""
     try:
         with tarfile.open(path) as tar:
             yield tar
-    except (tarfile.TarError, EOFError) as err:
+    except (tarfile.TarError, EOFError, KeyError) as err:
         raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
 
 

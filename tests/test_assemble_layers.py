@@ -135,6 +135,14 @@ def _wheel(path: Path) -> Path:
     return path
 
 
+def _locked(wheel_path: Path, name: str) -> tuple[LockedWheel, str]:
+    """`wheel_path` as the lock would name it, and its sha256."""
+    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    url = f"https://example.invalid/{wheel_path.name}"
+    wheel = LockedWheel(name, "1.0", wheel_path.name, url, digest, "rest")
+    return wheel, digest
+
+
 def _urlsafe(data: bytes) -> str:
     import base64
 
@@ -155,15 +163,7 @@ def _target(skeleton: Path) -> TargetPython:
 
 def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(tmp_path: Path) -> None:
     wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
-    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
-    locked = LockedWheel(
-        name="demo-pkg",
-        version="1.0",
-        filename=wheel_path.name,
-        sha256=digest,
-        url="https://example.invalid/demo_pkg-1.0-py3-none-any.whl",
-        group="rest",
-    )
+    locked, digest = _locked(wheel_path, "demo-pkg")
     target = _target(tmp_path / "unused")
     layer_path, sources_path = tmp_path / "layer.tar", tmp_path / "sources.tar"
     writer = LayerWriter(layer_path, EPOCH, root="opt/venv")
@@ -230,15 +230,7 @@ def test_a_wheel_that_would_write_outside_its_folder_is_refused(
         archive.writestr("evil-1.0.dist-info/METADATA", b"Name: evil\nVersion: 1.0\n")
         archive.writestr("evil-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
         archive.writestr("evil-1.0.dist-info/RECORD", b"")
-    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
-    locked = LockedWheel(
-        name="evil",
-        version="1.0",
-        filename=wheel_path.name,
-        sha256=digest,
-        url="https://example.invalid/evil-1.0-py3-none-any.whl",
-        group="rest",
-    )
+    locked, digest = _locked(wheel_path, "evil")
     writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv") if with_layer else None
     with (
         tarfile.open(tmp_path / "s.tar", "w") as sources,
