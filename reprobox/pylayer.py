@@ -7,8 +7,9 @@ name; in a wheel, its scripts, then the zip's member order), a pure function of 
 No installed tree ever exists on this host.
 
 Bytecode is the base's Python's to write: the group's `.py` files (only they) go into one short
-container of the base without network, which compiles them with `PYTHONPYCACHEPREFIX` as today's
-install step does (one process, a sorted list, unchecked-hash pycs); only the pycs come back, and
+container of the base without network, which compiles them with `PYTHONPYCACHEPREFIX` to the bytes
+today's install step writes (a sorted list, unchecked-hash pycs; in shards, one process per CPU,
+which write what one process writes); only the pycs come back, and
 are appended in sorted order. Their code objects name `/opt/venv/...`, as an in-place compile does.
 """
 
@@ -69,17 +70,35 @@ print("{_MARKER}" + json.dumps(paths, sort_keys=True))
 EOF
 """
 
+# The sorted list in contiguous shards, one compileall process each, one per CPU the container
+# may use. A pyc does not depend on what its process compiled before (marshal marks interned
+# strings as references always, other objects by their references inside the one module), so
+# the shards write the bytes one process writes; tests/test_assemble.py compares them with the
+# recipe's one-process compile.
+_SHARDS = """import os, subprocess, sys
+files = open("/reprobox-build/compile-list", encoding="utf-8").read().splitlines()
+count = max(1, min(len(os.sched_getaffinity(0)), 16, len(files)))
+jobs = []
+for index in range(count):
+    listing = f"/reprobox-build/compile-list.{index}"
+    shard = files[index * len(files) // count : (index + 1) * len(files) // count]
+    with open(listing, "w", encoding="utf-8") as out:
+        out.write("".join(name + "\\n" for name in shard))
+    jobs.append(subprocess.Popen([sys.executable, "-m", "compileall", "-q", "-j", "1",
+        "--invalidation-mode", "unchecked-hash", "-i", listing]))
+codes = [job.wait() for job in jobs]
+# Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
+# source-only, as today's install step and pip's own compile step leave them. compileall exits
+# 1 when a file did not compile; anything else (killed, out of memory) fails.
+sys.exit(0 if all(code in (0, 1) for code in codes) else 2)
+"""
+
 _COMPILE = f"""set -eu
 export PYTHONDONTWRITEBYTECODE=1
 python3 -m venv --without-pip {VENV}
 mkdir -p /reprobox-pyc
-# Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
-# source-only, as today's install step and pip's own compile step leave them.
-# compileall exits 1 when a file did not compile; anything else (killed, out of memory) fails.
-status=0
-PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python -m compileall -q -j 1 \\
-  --invalidation-mode unchecked-hash -i /reprobox-build/compile-list || status=$?
-[ "$status" -le 1 ]
+PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python - <<'EOF'
+{_SHARDS}EOF
 """
 
 
