@@ -112,7 +112,10 @@ def _cmd_publish(args: argparse.Namespace, ctx: Context) -> int:
         args.to,
         tags=args.tag,
         options=BuildOptions(
-            lock_path=_opt_path(args.lock), relock=args.relock, refetch=args.refetch
+            lock_path=_opt_path(args.lock),
+            relock=args.relock,
+            refetch=args.refetch,
+            assemble=args.assemble,
         ),
         allow_unverified=args.allow_unverified,
     )
@@ -205,6 +208,23 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _lock_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lock", metavar="LOCK", help="the lock file (default: SPEC with .lock)")
+    p.add_argument("--relock", action="store_true", help="resolve again when the spec changed")
+    p.add_argument(
+        "--refetch", action="store_true", help="fetch again wheels that fail verification"
+    )
+
+
+def _assemble_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--assemble",
+        action="store_true",
+        help="write the image's layers from the verified wheels instead of `docker build` "
+        "(faster; its image ID differs from the recipe's: installer metadata)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reprobox",
@@ -223,13 +243,6 @@ def _parser() -> argparse.ArgumentParser:
         if json_out:
             p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
         return p
-
-    def lock_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--lock", metavar="LOCK", help="the lock file (default: SPEC with .lock)")
-        p.add_argument("--relock", action="store_true", help="resolve again when the spec changed")
-        p.add_argument(
-            "--refetch", action="store_true", help="fetch again wheels that fail verification"
-        )
 
     p = command(
         "init",
@@ -253,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-wheels", action="store_true", help="leave the wheel folders empty (for review)"
     )
-    lock_options(p)
+    _lock_options(p)
 
     p = command("build", _cmd_build, "lock, fetch, render, build and self-check an image")
     p.add_argument(
@@ -263,13 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-check", action="store_true", help="skip the self-check (the image is not proven)"
     )
-    p.add_argument(
-        "--assemble",
-        action="store_true",
-        help="write the image's layers from the verified wheels instead of `docker build` "
-        "(faster; its image ID differs from the recipe's: installer metadata)",
-    )
-    lock_options(p)
+    _assemble_option(p)
+    _lock_options(p)
 
     p = command(
         "check",
@@ -311,7 +319,8 @@ def _parser() -> argparse.ArgumentParser:
         help="push even when no self-check can prove the image here (a CUDA image on a host "
         "without a GPU); the report says it is unverified. A failed self-check still stops it",
     )
-    lock_options(p)
+    _assemble_option(p)
+    _lock_options(p)
 
     p = command("export", _cmd_export, "write IMAGE, its spec and lock to one archive", spec=False)
     p.add_argument("image", metavar="IMAGE", help="image ID or name:tag")

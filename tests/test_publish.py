@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -663,3 +664,37 @@ def test_an_interrupted_publish_resumes_and_the_pulled_image_passes_check(
         for ref in docker_engine.inspect_image(built.json()["image_id"]).tags:
             if ref.startswith(registry.address) and docker_engine.image_exists(ref):
                 remove_image(docker_engine, ref)
+
+
+@pytest.mark.docker
+def test_an_assembled_image_is_published_and_the_pulled_copy_passes_check(
+    docker_engine: DockerEngine, registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """`publish --assemble`: the image written from the wheels is gated, pushed, pulled, proven."""
+    spec = _spec(tmp_path / "spec", "reprobox-assembled-publish-test")
+    to = f"{registry.address}/team/assembled"
+    env = _env(tmp_path / "docker", registry)
+    published = reprobox("publish", spec, "--assemble", "--to", to, "--json", env=env)
+    assert published.code == 0, published.stderr
+    report = published.json()
+    assert report["passed"] is True
+    image_id = report["image_id"]
+    lock_text = spec.with_suffix(".lock").read_text()
+    # The content ID (before the proof's labels) on the assembled route's own line.
+    assert re.search(r"^# assembled-image-id: sha256:[0-9a-f]{64}$", lock_text, re.MULTILINE)
+    assert "# image-id:" not in lock_text
+    digest = report["digest"]
+    (tag,) = report["tags"]
+    assert _served_digest(registry, "team/assembled", tag.rsplit(":", 1)[1]) == digest
+    assert report["reference"] == f"{to}@{digest}"
+
+    remove_image(docker_engine, image_id, force=True)
+    assert not docker_engine.image_exists(image_id)
+    pulled = docker_engine.pull(tag, {"username": USER, "password": PASSWORD})
+    assert pulled == image_id, "the registry serves the assembled image's content"
+    try:
+        check = reprobox("check", tag, "--json")
+        assert check.code == 0, check.stderr
+        assert check.json()["matches_recorded"] is True
+    finally:
+        remove_image(docker_engine, image_id, force=True)
