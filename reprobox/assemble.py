@@ -13,7 +13,7 @@ No `docker build`, no `docker save`, no normalising pass: the layers are born no
 reprobox writes the config (the base's, with the image's ENV, labels, one history entry per
 layer, all times at SOURCE_DATE_EPOCH) and streams one `docker load`. The content ID is the
 sha256 of the config bytes, known before the load and checked after it. Layers 1, 2 and 4 are
-kept under the cache by the hash of their inputs; a small pin change rewrites layer 2 only and
+kept under the cache by the hash of their inputs (`layer_cache`, bounded); a small pin change rewrites layer 2 only and
 sends the engine only the layers it lacks. `--no-cache` ignores them and gives the same bytes.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import tarfile
 import tempfile
@@ -38,6 +37,7 @@ from reprobox.context import Context
 from reprobox.engine import Change, FinishedContainer
 from reprobox.errors import BadInputError, EngineError
 from reprobox.identity import manifest_digest
+from reprobox.layer_cache import LIMIT_ENV, LayerCache
 from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
@@ -85,37 +85,6 @@ class Assembled:
         )
 
 
-class _LayerCache:
-    """Layer files by the hash of their inputs: `<key>.tar` and `<key>.json` (diff ID, size)."""
-
-    def __init__(self, root: Path, *, enabled: bool) -> None:
-        self.root, self.enabled = root, enabled
-        root.mkdir(parents=True, exist_ok=True)
-
-    def get(self, key: str) -> Layer | None:
-        if not self.enabled:
-            return None
-        try:
-            meta = json.loads((self.root / f"{key}.json").read_text(encoding="utf-8"))
-            layer = Layer(str(meta["diff_id"]), self.root / f"{key}.tar", int(meta["size"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not layer.path.is_file() or layer.path.stat().st_size != layer.size:
-            return None
-        return layer
-
-    def put(self, key: str, layer: Layer) -> Layer:
-        kept = Layer(layer.diff_id, self.root / f"{key}.tar", layer.size)
-        layer.path.replace(kept.path)
-        write_text_atomic(
-            self.root / f"{key}.json", json.dumps({"diff_id": layer.diff_id, "size": layer.size})
-        )
-        return kept
-
-    def scratch(self, name: str) -> Path:
-        return self.root / f".{name}.{os.getpid()}.partial"
-
-
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -129,10 +98,12 @@ def assemble(
     *,
     labels: Mapping[str, str],
     nocache: bool,
+    cache_limit: int,
 ) -> Assembled:
-    """Write every layer above the base (or take it from the cache) and the config.
+    """Write every layer above the base (or take it from the cache) and the config; then
+    bound the layer cache to `cache_limit` bytes (this build's layers stay).
 
-    `build` has called `refuse_unsupported(spec)` before locking.
+    `build` has called `refuse_unsupported(spec)` and read the limit before locking.
     """
     base = rendered.base_ref
     root = ctx.cache.root / "assemble"
@@ -140,7 +111,7 @@ def assemble(
     # every engine, so that engines share the layer cache.
     base_dir = root / "bases" / ctx.engine.inspect_image(base).id.removeprefix("sha256:")
     base_config, base_id = _base_config(ctx, base, base_dir)
-    cache = _LayerCache(root / "layers", enabled=not nocache)
+    cache = LayerCache(root / "layers", enabled=not nocache)
     epoch = rendered.source_date_epoch
     with ctx.reporter.stage("the base's python3 (venv paths)"):
         target = probe_target(ctx.engine, base, base_dir)
@@ -202,6 +173,13 @@ def assemble(
             )
     layers.append(hook)
     history.append("reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install")
+    pruned = cache.prune(cache_limit, in_use=[layer.path for layer in layers])
+    if pruned.entries:
+        ctx.reporter.note(
+            f"removed {pruned.entries} least recently used layers ({pruned.freed / 1e9:.1f} GB) "
+            f"from the layer cache; it keeps {pruned.kept / 1e9:.1f} GB (limit "
+            f"{cache_limit / 1e9:g} GB, {LIMIT_ENV})"
+        )
     config = _config(
         base_config,
         rendered,

@@ -8,6 +8,7 @@ the labelled image made from it last time, so normalising and the self-check are
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,7 @@ from reprobox.labels import (
     settings_label,
     trace_label,
 )
+from reprobox.layer_cache import limit_from_env
 from reprobox.lock import locked_spec
 from reprobox.lockfile import LockFile, default_lock_path, record_image_id
 from reprobox.normalize import NormalizedImage, normalize_image, relabel
@@ -157,6 +159,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     ctx.note_engine()
     if options.assemble:
         refuse_unsupported(load_spec(spec_path))
+    cache_limit = limit_from_env(os.environ) if options.assemble else 0
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
     base_ref, base_label = base_refs(ctx, spec)
@@ -167,7 +170,14 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 spec, locked, ctx_dir, base_ref=base_ref, base_label=base_label
             )
             assembled = assemble(
-                ctx, spec, locked, rendered, files, labels=labels, nocache=options.nocache
+                ctx,
+                spec,
+                locked,
+                rendered,
+                files,
+                labels=labels,
+                nocache=options.nocache,
+                cache_limit=cache_limit,
             )
             built_id = assembled.content_id
             index = ReuseIndex(ctx.cache.builds)

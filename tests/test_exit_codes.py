@@ -235,6 +235,22 @@ def test_2_assemble_of_what_it_cannot_build_yet(
     assert engine.runs == []
 
 
+def test_2_assemble_with_a_layer_cache_bound_that_is_not_a_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """REPROBOX_ASSEMBLE_CACHE_GB is read before locking: a bad one writes nothing."""
+    spec_path = project(tmp_path / "p")
+    lock = spec_path.with_suffix(".lock")
+    lock.unlink(missing_ok=True)
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("REPROBOX_ASSEMBLE_CACHE_GB", "20GB")
+    engine = FakeEngine()
+    assert cli.main(["build", str(spec_path), "--assemble"], engine=engine) == EXIT_BAD_INPUT
+    assert "REPROBOX_ASSEMBLE_CACHE_GB='20GB' is not a size in gigabytes" in capsys.readouterr().err
+    assert not lock.exists()
+    assert engine.runs == []
+
+
 def test_2_a_build_step_that_fails_on_what_the_spec_asks_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
