@@ -15,6 +15,8 @@ import os
 import re
 import shlex
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +33,7 @@ from reprobox.engine import (
 )
 from reprobox.errors import (
     BadInputError,
+    ContainerCancelledError,
     ContainerTimeoutError,
     EngineError,
     GpuUnavailableError,
@@ -361,16 +364,17 @@ class DockerEngine:
         *,
         timeout_s: float,
         files: Iterable[bytes] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[_Finished]:
         """Run `argv` without network, `files` (a tar stream) unpacked at / first; keep the
-        exited container for the `with` block, then remove it."""
+        exited container for the `with` block, then remove it. Setting `cancel` stops it."""
         api = self._client()
         doing = f"running `{shlex.join(argv)}` in {image}"
         with self._errors(doing):
             cid = api.create_container(image, command=list(argv), network_disabled=True)["Id"]
         try:
             with self._errors(doing):
-                result = _run_to_end(api, cid, doing, files, timeout_s)
+                result = _run_to_end(api, cid, doing, files, timeout_s, cancel=cancel)
             yield _Finished(self, cid, result)
         finally:
             with self._errors(f"removing the container of {doing}"):
@@ -513,26 +517,61 @@ class DockerEngine:
         return self.inspect_image(ref).id
 
 
-def _run_to_end(
-    api: docker.APIClient, cid: str, doing: str, files: Any, timeout_s: float
-) -> RunResult:
-    """Put `files` (a tar stream, or None) into the created container, start it, wait, collect."""
-    import requests
+#: How often a cancellable wait looks at its event.
+_CANCEL_POLL_S = 1.0
 
+
+def _run_to_end(
+    api: docker.APIClient,
+    cid: str,
+    doing: str,
+    files: Any,
+    timeout_s: float,
+    *,
+    cancel: threading.Event | None = None,
+) -> RunResult:
+    """Put `files` (a tar stream, or None) into the created container, start it, wait, collect.
+
+    With `cancel`, the wait looks at it every second: once it is set, ContainerCancelledError
+    (the caller's `finally` removes the container, which kills it).
+    """
     if files is not None and not api.put_archive(cid, "/", files):
         raise EngineError(f"{doing}: the engine refused the files put into it")
     api.start(cid)
-    try:
-        status = api.wait(cid, timeout=math.ceil(timeout_s))
-    except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as err:
-        raise ContainerTimeoutError(
-            f"{doing}: still running after {timeout_s:g} s, stopped",
-            hint="raise the time limit, or make the command do less",
-        ) from err
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        step = left if cancel is None else min(left, _CANCEL_POLL_S)
+        try:
+            status = api.wait(cid, timeout=max(1, math.ceil(step)))
+            break
+        except Exception as err:
+            if not _wait_timed_out(err):
+                raise
+            if cancel is not None and cancel.is_set():
+                raise ContainerCancelledError(f"{doing}: stopped, it is no longer needed") from err
+            if cancel is None or time.monotonic() >= deadline:
+                raise ContainerTimeoutError(
+                    f"{doing}: still running after {timeout_s:g} s, stopped",
+                    hint="raise the time limit, or make the command do less",
+                ) from err
     return RunResult(
         exit_code=int(status["StatusCode"]),
         stdout=api.logs(cid, stdout=True, stderr=False).decode("utf-8", errors="replace"),
         stderr=api.logs(cid, stdout=False, stderr=True).decode("utf-8", errors="replace"),
+    )
+
+
+def _wait_timed_out(err: Exception) -> bool:
+    """Whether a wait ended by its read timeout (docker-py over a unix socket raises that as a
+    ConnectionError wrapping urllib3's ReadTimeoutError), not by a lost engine."""
+    import requests
+    import urllib3
+
+    if isinstance(err, requests.exceptions.ReadTimeout):
+        return True
+    return isinstance(err, requests.exceptions.ConnectionError) and any(
+        isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in err.args
     )
 
 

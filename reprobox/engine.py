@@ -7,6 +7,7 @@ tests/fakes.py has a FakeEngine that follows the same protocol.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -162,9 +163,11 @@ class Engine(Protocol):
         *,
         timeout_s: float,
         files: Iterable[bytes] | None = None,
+        cancel: threading.Event | None = None,
     ) -> AbstractContextManager[FinishedContainer]:
         """Run `argv` like `run` (no network), with `files` (a tar stream) unpacked at / first,
-        and keep the exited container for the `with` block: its files can be read."""
+        and keep the exited container for the `with` block: its files can be read. Once
+        `cancel` is set, the wait stops and the container is removed (ContainerCancelledError)."""
         ...
 
     def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:

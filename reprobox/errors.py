@@ -20,6 +20,7 @@ __all__ = [
     "BadInputError",
     "BuildError",
     "CheckError",
+    "ContainerCancelledError",
     "ContainerTimeoutError",
     "DigestMismatchError",
     "EngineError",
@@ -173,6 +174,10 @@ class ContainerTimeoutError(EngineError):
     The environment, not a failed check: nothing was compared, the host did not finish in time
     (a loaded machine, a hung device).
     """
+
+
+class ContainerCancelledError(EngineError):
+    """A container was stopped because the work it served had already failed or was interrupted."""
 
 
 class RegistryUnreachableError(EngineError):

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import tarfile
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -264,6 +265,9 @@ def python_layer(
             python_files = write_wheels(
                 None, sources, spool_dir=work, target=target, wheels=wheels, files=files
             )
+        # Set when this thread fails or is interrupted: the compile container is then removed
+        # within a second, not waited for until it finishes.
+        stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
             compiling = pool.submit(
                 _compile,
@@ -272,11 +276,16 @@ def python_layer(
                 sources=sources_path,
                 python_files=sorted(python_files),
                 work=work,
+                cancel=stop,
             )
-            if bottom:
-                _add_skeleton(layer, target.skeleton)
-            write_wheels(layer, None, spool_dir=work, target=target, wheels=wheels, files=files)
-            pycs = compiling.result()
+            try:
+                if bottom:
+                    _add_skeleton(layer, target.skeleton)
+                write_wheels(layer, None, spool_dir=work, target=target, wheels=wheels, files=files)
+                pycs = compiling.result()
+            except BaseException:
+                stop.set()
+                raise
         if pycs is not None:
             _append_pycs(layer, pycs)
         return layer.close()
@@ -332,7 +341,13 @@ def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
 
 
 def _compile(
-    engine: Engine, base: str, *, sources: Path, python_files: list[str], work: Path
+    engine: Engine,
+    base: str,
+    *,
+    sources: Path,
+    python_files: list[str],
+    work: Path,
+    cancel: threading.Event | None = None,
 ) -> Path | None:
     """The pycs of `sources`, compiled by the base's Python in one container: a tar, or None."""
     if not python_files:
@@ -341,7 +356,9 @@ def _compile(
     listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
     files = _concat(tar_stream([("reprobox-build/compile-list", listing)], 0), sources)
     argv = ["/bin/sh", "-c", _COMPILE]
-    with engine.run_kept(base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files) as box:
+    with engine.run_kept(
+        base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files, cancel=cancel
+    ) as box:
         if box.result.exit_code != 0:
             raise EngineError(
                 f"compiling bytecode in {base} failed (exit {box.result.exit_code}, "

@@ -16,6 +16,7 @@ import re
 import shlex
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -338,6 +339,7 @@ class FakeEngine:
         *,
         timeout_s: float,
         files: Iterable[bytes] | None = None,
+        cancel: threading.Event | None = None,
     ) -> AbstractContextManager[FinishedContainer]:
         """Not faked: containers whose files are read run on a real engine only."""
         raise NotImplementedError("FakeEngine keeps no containers (use a real engine)")

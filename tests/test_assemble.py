@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 from cli import reprobox
 
+from reprobox.bootstrap import BaseImage
 from reprobox.docker_engine import DockerEngine
 
 pytestmark = pytest.mark.docker
@@ -176,3 +179,55 @@ def test_a_small_pin_change_rewrites_only_the_rest_layer(
     # The negative control of the files test: another numpy is more than installer metadata.
     unexplained = _unexplained(_diff(recipe.report["image_id"], changed.report["image_id"]))
     assert any("numpy" in r["path"] for r in unexplained)
+
+
+def test_a_failure_while_the_layer_is_written_stops_the_compile_container_at_once(
+    docker_engine: DockerEngine,
+    debian_base: BaseImage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error (or Ctrl-C) in the writing thread removes the compile container within seconds;
+    it is not waited for until it ends (here it would sleep for ten minutes)."""
+    from test_assemble_layers import _locked, _target, _wheel
+
+    from reprobox import pylayer
+
+    wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
+    wheel, digest = _locked(wheel_path, "demo-pkg")
+    monkeypatch.setattr(pylayer, "_COMPILE", "sleep 600")
+    first_pass = pylayer.write_wheels
+
+    def fail_in_the_second_pass(layer: Any, sources: Any, **kwargs: Any) -> list[str]:
+        if layer is not None:
+            time.sleep(2)  # the compile container is running by now
+            raise KeyboardInterrupt
+        return first_pass(layer, sources, **kwargs)
+
+    monkeypatch.setattr(pylayer, "write_wheels", fail_in_the_second_pass)
+    before = _containers_of(debian_base.ref)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pylayer.python_layer(
+            docker_engine,
+            debian_base.ref,
+            _target(tmp_path / "unused-skeleton.tar"),
+            [wheel],
+            {digest: wheel_path},
+            dest=tmp_path / "layer.tar",
+            epoch=0,
+            bottom=False,
+        )
+    assert time.monotonic() - started < 30
+    assert _containers_of(debian_base.ref) == before, "the compile container is removed"
+    assert not (tmp_path / "layer.tar").exists()
+
+
+def _containers_of(image: str) -> set[str]:
+    listed = subprocess.run(
+        ["docker", "ps", "-aq", "--no-trunc", "--filter", f"ancestor={image}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listed.stdout.split())
