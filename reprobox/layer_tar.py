@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -22,6 +23,8 @@ from reprobox._files import CHUNK, HashingWriter
 from reprobox.errors import BadInputError
 
 __all__ = ["Layer", "LayerWriter", "ancestors", "archive_stream", "installed_mode", "tar_stream"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,16 @@ class LayerWriter:
         info.mtime = min(int(mtime), self.epoch)
         return info
 
-    def _check(self, name: str) -> None:
+    def _check(self, name: str, linkname: str = "") -> None:
         outside = self.root and name != self.root and not name.startswith(self.root + "/")
         if outside or any(part in {"", ".", ".."} for part in name.split("/")):
             raise BadInputError(f"a layer entry {name!r} lies outside /{self.root}")
+        # Every name here comes from a wheel or an engine's answer: none may hold a newline
+        # (a line of the compile list, a header a reader splits) or another control character.
+        if _CONTROL.search(name) or _CONTROL.search(linkname):
+            raise BadInputError(
+                f"a layer entry {name!r:.200} {linkname!r:.200} holds a control character"
+            )
 
     def _parents(self, name: str) -> None:
         for parent in ancestors(name):
@@ -120,7 +129,7 @@ class LayerWriter:
 
     def symlink(self, name: str, target: str, *, mtime: float | None = None) -> None:
         """A symbolic link (the venv's `bin/python`)."""
-        self._check(name)
+        self._check(name, target)
         if name in self._seen:
             raise BadInputError(f"two entries at {name} in one layer")
         self._parents(name)

@@ -87,6 +87,51 @@ def test_a_layer_is_the_same_bytes_every_time_and_on_every_host(tmp_path: Path) 
     assert first == "sha256:e8e2d324fda9002d6bd0831fc743c05040d7ca86cb0a076e8104193949ab4fa4"
 
 
+def test_long_and_non_ascii_names_are_the_same_bytes_every_time_and_read_back_whole(
+    tmp_path: Path,
+) -> None:
+    """Names past the 100-byte ustar field and names in UTF-8 (wheels hold both) go into PAX
+    headers; a golden diff ID pins those bytes too."""
+    deep = "opt/venv/lib/python3.11/site-packages/" + "/".join(["a_rather_long_folder"] * 6)
+    names = [f"{deep}/module_{'x' * 80}.py", "opt/venv/share/données/日本語.txt"]
+    target = "../" * 40 + "lib"
+
+    def write(path: Path) -> str:
+        writer = LayerWriter(path, EPOCH, root="opt/venv")
+        for name in names:
+            writer.file(name, io.BytesIO(b"z\n"), 2)
+        writer.symlink("opt/venv/share/link", target)
+        return writer.close().diff_id
+
+    first, second = write(tmp_path / "1.tar"), write(tmp_path / "2.tar")
+    assert first == second
+    assert first == "sha256:ab114f50edbd024ef771ebf7f6f7f0ae2ac29d17be161bd31d1dd7607d7d58df"
+    members = {m.name: m for m in _members(tmp_path / "1.tar")}
+    assert set(names) <= set(members)
+    assert members["opt/venv/share/link"].linkname == target
+
+
+@pytest.mark.parametrize(
+    ("name", "target"),
+    [("opt/venv/a\nb.py", ""), ("opt/venv/a\x1b[2J.py", ""), ("opt/venv/link", "lib\nx")],
+)
+def test_a_name_or_link_with_a_control_character_is_refused(
+    tmp_path: Path, name: str, target: str
+) -> None:
+    """Wheels and the engine's answers (the hook's changes) both reach the writer."""
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+
+    def write() -> None:
+        if target:
+            writer.symlink(name, target)
+        else:
+            writer.file(name, io.BytesIO(b""), 0)
+
+    with pytest.raises(BadInputError, match="control character"):
+        write()
+    writer.abort()
+
+
 def test_the_same_file_twice_is_written_once_and_a_different_one_is_refused(
     tmp_path: Path,
 ) -> None:
