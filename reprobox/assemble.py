@@ -114,7 +114,7 @@ def assemble(
     cache = LayerCache(root / "layers", enabled=not nocache)
     epoch = rendered.source_date_epoch
     with ctx.reporter.stage("the base's python3 (venv paths)"):
-        target = probe_target(ctx.engine, base, base_dir)
+        target = probe_target(ctx.engine, base, base_dir, fresh=nocache)
     lock = locked.lock
     if target.version != lock.python:
         raise BadInputError(

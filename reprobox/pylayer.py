@@ -131,11 +131,12 @@ class TargetPython:
         return {key: value.lstrip("/") for key, value in paths.items()}
 
 
-def probe_target(engine: Engine, base: str, cache: Path) -> TargetPython:
-    """The base's venv (from one container run, kept under `cache` by the base's ID)."""
+def probe_target(engine: Engine, base: str, cache: Path, *, fresh: bool = False) -> TargetPython:
+    """The base's venv (from one container run, kept under `cache` by the base's ID; asked
+    again when `fresh`, as `--no-cache` asks)."""
     cache.mkdir(parents=True, exist_ok=True)
     paths_file, skeleton = cache / "paths.json", cache / "skeleton.tar"
-    if paths_file.is_file() and skeleton.is_file():
+    if not fresh and paths_file.is_file() and skeleton.is_file():
         with contextlib.suppress(EngineError, OSError):  # kept by an older reprobox: ask again
             return _target(paths_file.read_text(encoding="utf-8"), skeleton)
     with engine.run_kept(base, ["/bin/sh", "-c", _PROBE], timeout_s=300) as box:

@@ -231,3 +231,19 @@ def _containers_of(image: str) -> set[str]:
         check=True,
     )
     return set(listed.stdout.split())
+
+
+def test_no_cache_asks_the_base_for_its_venv_paths_again(
+    docker_engine: DockerEngine, debian_base: BaseImage, tmp_path: Path
+) -> None:
+    """A kept answer is used as it is; `fresh` (what `--no-cache` passes) asks the base again."""
+    from reprobox import pylayer
+
+    asked = pylayer.probe_target(docker_engine, debian_base.ref, tmp_path)
+    kept = tmp_path / "paths.json"
+    answer = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**answer, "cache_tag": "cpython-399"}))
+    assert pylayer.probe_target(docker_engine, debian_base.ref, tmp_path).cache_tag == "cpython-399"
+    again = pylayer.probe_target(docker_engine, debian_base.ref, tmp_path, fresh=True)
+    assert again == asked
+    assert json.loads(kept.read_text()) == answer
