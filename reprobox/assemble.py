@@ -26,7 +26,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any, cast
@@ -39,8 +39,10 @@ from reprobox.errors import BadInputError, EngineError
 from reprobox.identity import manifest_digest
 from reprobox.layer_cache import LIMIT_ENV, LayerCache
 from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
+from reprobox.locked import LockedWheel
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
+from reprobox.preload import chain_image_id, start_preload
 from reprobox.pylayer import VENV, TargetPython, engine_tar, probe_target, python_layer
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
@@ -63,6 +65,8 @@ class Assembled:
     #: The base as the engine names it, and where its config (and layers) are kept.
     base_ref: str
     base_dir: Path
+    #: Images the engine holds with a prefix of this chain (the early load's), if it kept them.
+    held: tuple[str, ...] = ()
 
     @property
     def content_id(self) -> str:
@@ -99,11 +103,15 @@ def assemble(
     labels: Mapping[str, str],
     nocache: bool,
     cache_limit: int,
+    chains_from: Sequence[str] = (),
 ) -> Assembled:
     """Write every layer above the base (or take it from the cache) and the config; then
     bound the layer cache to `cache_limit` bytes (this build's layers stay).
 
-    `build` has called `refuse_unsupported(spec)` and read the limit before locking.
+    `build` has called `refuse_unsupported(spec)` and read the limit before locking. On the
+    classic store, once torch's layer is there it is loaded with the base's in a thread while
+    the layers above are written (`preload`), unless the engine holds that chain already
+    (`chains_from`: images it may hold it in).
     """
     base = rendered.base_ref
     root = ctx.cache.root / "assemble"
@@ -121,58 +129,44 @@ def assemble(
             f"the base's python3 is {target.version}; the lock is for Python {lock.python}",
             hint="set `python:` to the base's version, or choose a base with that Python",
         )
-    groups = {
-        "torch": [w for w in lock.wheels if w.group == "torch"],
-        "rest": [w for w in lock.wheels if w.group in {"rest", "installer"}],
-    }
-    layers: list[Layer] = []
-    history: list[str] = []
-    for group, wheels in groups.items():
-        bottom = group == "torch"
-        key = _key(
-            FORMAT,
-            base_id,
-            _target_key(target),
-            group,
-            bottom,
-            epoch,
-            version("installer"),
-            sorted((w.name, w.filename, w.sha256) for w in wheels),
+    base_diff_ids = _base_diff_ids(base_config)
+    writing = _Writing(
+        ctx=ctx, cache=cache, base=base, target=target, files=files, epoch=epoch, base_id=base_id
+    )
+    torch = writing.python_layer("torch", [w for w in lock.wheels if w.group == "torch"])
+    chain = (*base_diff_ids, torch.diff_id)
+    chain_id = chain_image_id(base_config, chain)
+    preload = None
+    # `--no-cache` trusts nothing kept: the chain is sent again (the engine checks it).
+    held = set() if nocache else _chains(ctx, [*chains_from, chain_id])
+    if not ctx.engine_info().containerd_store and chain not in held:
+        ctx.reporter.note(
+            f"loading the base and torch's layer ({torch.size / 1e6:.1f} MB) while the rest is "
+            "written"
         )
-        layer = cache.get(key)
-        if layer is None:
-            with ctx.reporter.stage(f"write the {group} layer ({len(wheels)} wheels, pycs)"):
-                layer = python_layer(
-                    ctx.engine,
-                    base,
-                    target,
-                    wheels,
-                    files,
-                    dest=cache.scratch(group),
-                    epoch=epoch,
-                    bottom=bottom,
-                )
-                layer = cache.put(key, layer)
-        else:
-            ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
-        layers.append(layer)
-        # No cache key here: the layer's diff ID already names what it holds.
-        history.append(f"reprobox assemble: {VENV}, {group} ({len(wheels)} wheels)")
-    # Written beside the rendered context (a temporary folder): it changes with every lock.
-    layers.append(_files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch))
-    history.append("reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)")
-    # The hook's install copies itself and its CPU facts module into the base's stdlib.
-    hook_files = [rendered.path / "image" / name for name in _HOOK_FILES]
-    hook_key = _key(FORMAT, base_id, "hook", epoch, [_sha256(path) for path in hook_files])
-    hook = cache.get(hook_key)
-    if hook is None:
-        with ctx.reporter.stage("install the hook (one container)"):
-            hook = cache.put(
-                hook_key,
-                _hook_layer(ctx, base, hook_files, cache.scratch("hook"), epoch),
-            )
-    layers.append(hook)
-    history.append("reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install")
+        preload = start_preload(ctx, base_config, base_diff_ids, torch)
+    try:
+        rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
+        layers = [
+            torch,
+            writing.python_layer("rest", rest_wheels),
+            # Written beside the rendered context (a temporary folder): it changes with every lock.
+            _files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
+            writing.hook_layer(rendered.path / "image"),
+        ]
+        if preload is not None:
+            with ctx.reporter.stage("finish loading the base and torch's layer"):
+                preload.wait()
+    except BaseException:
+        if preload is not None:
+            preload.cancel()
+        raise
+    history = [
+        f"reprobox assemble: {VENV}, torch ({writing.counts['torch']} wheels)",
+        f"reprobox assemble: {VENV}, rest ({writing.counts['rest']} wheels)",
+        "reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)",
+        "reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install",
+    ]
     pruned = cache.prune(cache_limit, in_use=[layer.path for layer in layers])
     if pruned.entries:
         ctx.reporter.note(
@@ -184,10 +178,68 @@ def assemble(
         base_config,
         rendered,
         labels,
-        [*_base_diff_ids(base_config), *(layer.diff_id for layer in layers)],
+        [*base_diff_ids, *(layer.diff_id for layer in layers)],
         history,
     )
-    return Assembled(config, _base_diff_ids(base_config), tuple(layers), epoch, base, base_dir)
+    return Assembled(config, base_diff_ids, tuple(layers), epoch, base, base_dir, held=(chain_id,))
+
+
+@dataclass
+class _Writing:
+    """The layers above the base, each written once (or taken from the cache by its key)."""
+
+    ctx: Context
+    cache: LayerCache
+    base: str
+    target: TargetPython
+    files: Mapping[str, Path]
+    epoch: int
+    base_id: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def python_layer(self, group: str, wheels: Sequence[LockedWheel]) -> Layer:
+        """The venv layer of `group` ("torch": the bottom one, with the venv's skeleton)."""
+        self.counts[group] = len(wheels)
+        bottom = group == "torch"
+        key = _key(
+            FORMAT,
+            self.base_id,
+            _target_key(self.target),
+            group,
+            bottom,
+            self.epoch,
+            version("installer"),
+            sorted((w.name, w.filename, w.sha256) for w in wheels),
+        )
+        layer = self.cache.get(key)
+        if layer is not None:
+            self.ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
+            return layer
+        with self.ctx.reporter.stage(f"write the {group} layer ({len(wheels)} wheels, pycs)"):
+            written = python_layer(
+                self.ctx.engine,
+                self.base,
+                self.target,
+                wheels,
+                self.files,
+                dest=self.cache.scratch(group),
+                epoch=self.epoch,
+                bottom=bottom,
+            )
+            return self.cache.put(key, written)
+
+    def hook_layer(self, image_dir: Path) -> Layer:
+        """The hook's install copies itself and its CPU facts module into the base's stdlib."""
+        hook_files = [image_dir / name for name in _HOOK_FILES]
+        key = _key(FORMAT, self.base_id, "hook", self.epoch, [_sha256(p) for p in hook_files])
+        hook = self.cache.get(key)
+        if hook is not None:
+            return hook
+        with self.ctx.reporter.stage("install the hook (one container)"):
+            made = _hook_layer(
+                self.ctx, self.base, hook_files, self.cache.scratch("hook"), self.epoch
+            )
+            return self.cache.put(key, made)
 
 
 def refuse_unsupported(spec: Spec) -> None:
@@ -214,7 +266,7 @@ def load_assembled(
         send += [(layer.diff_id, layer.path, layer.size) for layer in assembled.layers]
         shown = manifest_digest(assembled.config, [(d, size) for d, _, size in send])
     else:
-        have = _chains(ctx, [*chains_from])
+        have = _chains(ctx, [*chains_from, *assembled.held])
         chain: list[str] = list(assembled.base_diff_ids)
         send = [(d, None, 0) for d in assembled.base_diff_ids]
         for layer in assembled.layers:

@@ -169,6 +169,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
             rendered = render_context(
                 spec, locked, ctx_dir, base_ref=base_ref, base_label=base_label
             )
+            index = ReuseIndex(ctx.cache.builds)
+            chains_from = [] if options.nocache else index.recent_images()
             assembled = assemble(
                 ctx,
                 spec,
@@ -178,18 +180,16 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 labels=labels,
                 nocache=options.nocache,
                 cache_limit=cache_limit,
+                chains_from=chains_from,
             )
             built_id = assembled.content_id
-            index = ReuseIndex(ctx.cache.builds)
             outcome = _outcome(
                 ctx,
                 spec,
                 rendered,
                 built_id,
                 options,
-                make=lambda: load_assembled(
-                    ctx, assembled, [] if options.nocache else index.recent_images()
-                ),
+                make=lambda: load_assembled(ctx, assembled, chains_from),
             )
         else:
             rendered = render_context(
