@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -54,6 +55,7 @@ VENV = "/opt/venv"
 _SPOOL_BYTES = 16 << 20
 #: The compile container's time limit (a CUDA group compiles in about half a minute here).
 _COMPILE_TIMEOUT_S = 3600.0
+_PROGRAM = "build/reprobox_compile.py"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -71,35 +73,14 @@ print("{_MARKER}" + json.dumps(paths, sort_keys=True))
 EOF
 """
 
-# The sorted list in contiguous shards, one compileall process each, one per CPU the container
-# may use. A pyc does not depend on what its process compiled before (marshal marks interned
-# strings as references always, other objects by their references inside the one module), so
-# the shards write the bytes one process writes; tests/test_assemble.py compares them with the
-# recipe's one-process compile.
-_SHARDS = """import os, subprocess, sys
-files = open("/reprobox-build/compile-list", encoding="utf-8").read().splitlines()
-count = max(1, min(len(os.sched_getaffinity(0)), 16, len(files)))
-jobs = []
-for index in range(count):
-    listing = f"/reprobox-build/compile-list.{index}"
-    shard = files[index * len(files) // count : (index + 1) * len(files) // count]
-    with open(listing, "w", encoding="utf-8") as out:
-        out.write("".join(name + "\\n" for name in shard))
-    jobs.append(subprocess.Popen([sys.executable, "-m", "compileall", "-q", "-j", "1",
-        "--invalidation-mode", "unchecked-hash", "-i", listing]))
-codes = [job.wait() for job in jobs]
-# Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
-# source-only, as today's install step and pip's own compile step leave them. compileall exits
-# 1 when a file did not compile; anything else (killed, out of memory) fails.
-sys.exit(0 if all(code in (0, 1) for code in codes) else 2)
-"""
-
+# templates/build/reprobox_compile.py: the sorted list in contiguous shards, one compileall
+# process per CPU the container may use; every file gets its pyc or does not compile.
 _COMPILE = f"""set -eu
 export PYTHONDONTWRITEBYTECODE=1
 python3 -m venv --without-pip {VENV}
 mkdir -p /reprobox-pyc
-PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python - <<'EOF'
-{_SHARDS}EOF
+PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python /reprobox-build/reprobox_compile.py \\
+  /reprobox-build/compile-list
 """
 
 
@@ -355,7 +336,13 @@ def _compile(
         return None
     listing = work / "compile-list"
     listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
-    files = _concat(tar_stream([("reprobox-build/compile-list", listing)], 0), sources)
+    program = work / "reprobox_compile.py"
+    program.write_bytes(resources.files("reprobox.templates").joinpath(_PROGRAM).read_bytes())
+    entries = [
+        ("reprobox-build/compile-list", listing),
+        ("reprobox-build/reprobox_compile.py", program),
+    ]
+    files = _concat(tar_stream(entries, 0), sources)
     argv = ["/bin/sh", "-c", _COMPILE]
     with engine.run_kept(
         base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files, cancel=cancel

@@ -56,6 +56,19 @@ def test_built_wheel_ships_the_templates_and_renders(tmp_path: Path) -> None:
         "image/reprobox_decoder.py",
     ]:
         assert (work / "ctx" / name).is_file(), name
+    program = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "from importlib import resources; print(resources.files('reprobox.templates')"
+            ".joinpath('build/reprobox_compile.py').is_file())",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert program.stdout.strip() == "True", "--assemble's compile program is installed"
     located = subprocess.run(
         [str(python), "-c", "import reprobox; print(reprobox.__file__)"],
         cwd=work,
