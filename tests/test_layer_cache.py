@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from reprobox.layer_cache import (
     IN_USE_S,
     STALE_PARTIAL_S,
     LayerCache,
+    Pruned,
     limit_from_env,
 )
 from reprobox.layer_tar import Layer
@@ -72,13 +75,25 @@ def test_layers_in_use_or_used_within_the_hour_stay_over_the_bound(tmp_path: Pat
 
 def test_partial_files_of_builds_that_are_gone_are_removed(tmp_path: Path) -> None:
     cache = LayerCache(tmp_path / "layers", enabled=True)
-    gone, writing = tmp_path / "layers" / ".torch.1.partial", cache.scratch("torch")
-    for path, age in ((gone, STALE_PARTIAL_S + HOUR), (writing, 60.0)):
+    layers = tmp_path / "layers"
+    gone, writing = layers / ".torch.1-abc.partial", cache.scratch("torch")
+    hook_part, work = layers / ".hook.1-abc.part", layers / "pylayer-x1"
+    work.mkdir()
+    (work / "sources.tar").write_bytes(b"x")
+    for path, age in (
+        (gone, STALE_PARTIAL_S + HOUR),
+        (writing, 60.0),
+        (hook_part, STALE_PARTIAL_S + HOUR),
+    ):
         path.write_bytes(b"x")
         os.utime(path, (NOW - age, NOW - age))
+    os.utime(work, (NOW - STALE_PARTIAL_S - HOUR,) * 2)
     cache.prune(DEFAULT_LIMIT_BYTES, in_use=[], now=NOW)
     assert not gone.exists()
+    assert not hook_part.exists()
+    assert not work.exists()
     assert writing.exists(), "a build may be writing it now"
+    assert cache.scratch("torch") != writing, "two writers never share a partial file"
 
 
 @pytest.mark.parametrize(
@@ -90,7 +105,23 @@ def test_the_bound_comes_from_the_environment(raw: str | None, limit: int) -> No
     assert limit_from_env(environ) == limit
 
 
-@pytest.mark.parametrize("raw", ["-1", "ten", "nan", "inf", "1e400", "20GB"])
+@pytest.mark.parametrize("raw", ["-1", "ten", "nan", "inf", "1e400", "1e300", "20GB"])
 def test_a_bound_that_is_not_a_size_is_bad_input(raw: str) -> None:
     with pytest.raises(BadInputError, match="REPROBOX_ASSEMBLE_CACHE_GB"):
         limit_from_env({"REPROBOX_ASSEMBLE_CACHE_GB": raw})
+
+
+def test_an_entry_another_build_finds_while_prune_waits_is_kept(tmp_path: Path) -> None:
+    """prune takes the folder's lock exclusively and looks at each entry's time under it."""
+    cache = LayerCache(tmp_path / "layers", enabled=True)
+    entry = _put(cache, "a", 100, NOW - 5 * HOUR)
+    results: list[Pruned] = []
+    with cache._locked(fcntl.LOCK_SH):  # another build between its lookup and its mark
+        pruning = threading.Thread(target=lambda: results.append(cache.prune(0, in_use=[])))
+        pruning.start()
+        time.sleep(0.3)
+        assert pruning.is_alive(), "prune waits for the reader"
+        assert cache.get("a") == entry
+    pruning.join(timeout=10)
+    assert results[0].entries == 0
+    assert entry.path.exists()
