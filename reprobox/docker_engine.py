@@ -265,6 +265,13 @@ class DockerEngine:
             raise EngineError(f"{doing}: the Docker Engine said: {err.explanation or err}") from err
         except requests.exceptions.ConnectionError as err:
             raise _no_engine(self.host, err) from err
+        except requests.exceptions.RequestException as err:
+            # The engine sent its headers, then its reply broke off (a daemon that died
+            # mid-wait, say): ChunkedEncodingError and kin.
+            raise EngineError(
+                f"{doing}: the Docker Engine at {self.host} stopped answering mid-reply ({err})",
+                hint="see whether dockerd is still running (`systemctl status docker`)",
+            ) from err
 
     def ping(self) -> EngineInfo:
         """Who answers at `host`, and its settings; EngineError (exit 3) when nobody does."""

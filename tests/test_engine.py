@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +378,43 @@ def test_a_failed_push_is_an_engine_error_that_shows_no_credentials(
     assert caught.value.exit_code == EXIT_MISSING
     assert "s3cret" not in caught.value.render()
     assert "s3cret" not in repr(caught.value.__cause__)
+
+
+def test_an_engine_that_breaks_off_its_reply_is_an_engine_error(tmp_path: Path) -> None:
+    """Headers, then the connection closes mid-body: what a dockerd that dies mid-wait sends."""
+    path = tmp_path / "docker.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def answer() -> None:
+        version = b'{"ApiVersion": "1.41", "Version": "20.10.24"}'
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return  # the test closed it
+            with conn, contextlib.suppress(OSError):
+                request = conn.recv(65536)
+                if not request:
+                    continue  # reprobox knocks on the socket first
+                if b"GET /version " in request:  # the client's API negotiation: answered
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(version), version)
+                    )
+                else:  # then a reply that breaks off
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"Ve'
+                    )
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(EngineError) as caught:
+            DockerEngine(f"unix://{path}").ping()
+    finally:
+        server.close()
+    assert caught.value.exit_code == EXIT_MISSING
+    assert "stopped answering mid-reply" in caught.value.message
