@@ -206,6 +206,9 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         outcome = _outcome(
             ctx, spec, rendered, built_id, options, make=lambda: _normalize(ctx, rendered, built_id)
         )
+    # The assembled image differs from the recipe's (installer metadata): never the same tag,
+    # here or in a registry that `publish` pushes both to.
+    content_tag = rendered.content_tag + ("-assembled" if options.assemble else "")
     result = BuildResult(
         spec=spec_path,
         lock=options.lock_path or default_lock_path(spec_path),
@@ -215,8 +218,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         built_id=built_id,
         image_id=outcome.image_id,
         content_id=outcome.content_id,
-        content_tag=rendered.content_tag,
-        tags=(options.tag or rendered.tag,) if outcome.passed else (),
+        content_tag=content_tag,
+        tags=(options.tag or f"{rendered.name}:{content_tag}",) if outcome.passed else (),
         passed=outcome.passed,
         checked=options.check,
         reused=outcome.reused,

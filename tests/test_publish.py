@@ -685,6 +685,7 @@ def test_an_assembled_image_is_published_and_the_pulled_copy_passes_check(
     assert "# image-id:" not in lock_text
     digest = report["digest"]
     (tag,) = report["tags"]
+    assert tag.endswith("-assembled"), "never the tag the recipe's image is pushed to"
     assert _served_digest(registry, "team/assembled", tag.rsplit(":", 1)[1]) == digest
     assert report["reference"] == f"{to}@{digest}"
 
