@@ -544,6 +544,8 @@ def _run_to_end(
     """
     if files is not None and not api.put_archive(cid, "/", files):
         raise EngineError(f"{doing}: the engine refused the files put into it")
+    if cancel is not None and cancel.is_set():
+        raise ContainerCancelledError(f"{doing}: not started, it is no longer needed")
     api.start(cid)
     deadline = time.monotonic() + timeout_s
     while True:

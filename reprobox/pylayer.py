@@ -251,16 +251,16 @@ def python_layer(
         # within a second, not waited for until it finishes.
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
-            compiling = pool.submit(
-                _compile,
-                engine,
-                base,
-                sources=sources_path,
-                python_files=sorted(python_files),
-                work=work,
-                cancel=stop,
-            )
             try:
+                compiling = pool.submit(
+                    _compile,
+                    engine,
+                    base,
+                    sources=sources_path,
+                    python_files=sorted(python_files),
+                    work=work,
+                    cancel=stop,
+                )
                 if bottom:
                     _add_skeleton(layer, target.skeleton)
                 write_wheels(layer, None, spool_dir=work, target=target, wheels=wheels, files=files)
