@@ -26,7 +26,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any, cast
@@ -34,16 +34,16 @@ from typing import IO, Any, cast
 from reprobox._files import CHUNK, HashingWriter, rfc3339, write_text_atomic
 from reprobox.archive import index_members, manifest_entries, member_stream, read_image
 from reprobox.context import Context
-from reprobox.engine import Change, FinishedContainer
-from reprobox.errors import BadInputError, EngineError
+from reprobox.errors import BadInputError, EngineError, ImageNotFoundError
 from reprobox.identity import manifest_digest
 from reprobox.layer_cache import LIMIT_ENV, LayerCache
-from reprobox.layer_tar import Layer, LayerWriter, ancestors, archive_stream, tar_stream
+from reprobox.layer_tar import Layer, archive_stream
 from reprobox.locked import LockedWheel
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
+from reprobox.opt_layers import files_layer, hook_layer
 from reprobox.preload import chain_image_id, start_preload
-from reprobox.pylayer import VENV, TargetPython, engine_tar, probe_target, python_layer
+from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
@@ -133,25 +133,31 @@ def assemble(
     writing = _Writing(
         ctx=ctx, cache=cache, base=base, target=target, files=files, epoch=epoch, base_id=base_id
     )
-    torch = writing.python_layer("torch", [w for w in lock.wheels if w.group == "torch"])
+    torch_wheels = [w for w in lock.wheels if w.group == "torch"]
+    rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
+    torch = writing.python_layer("torch", torch_wheels)
     chain = (*base_diff_ids, torch.diff_id)
     chain_id = chain_image_id(base_config, chain)
     preload = None
-    # `--no-cache` trusts nothing kept: the chain is sent again (the engine checks it).
-    held = set() if nocache else _chains(ctx, [*chains_from, chain_id])
-    if not ctx.engine_info().containerd_store and chain not in held:
+    # `--no-cache` looks at no earlier build, but an engine that holds the chain holds it: the
+    # classic store would skip a layer it holds without reading it again.
+    if not ctx.engine_info().containerd_store and chain not in _chains(
+        ctx, [*chains_from, chain_id]
+    ):
         ctx.reporter.note(
             f"loading the base and torch's layer ({torch.size / 1e6:.1f} MB) while the rest is "
             "written"
         )
         preload = start_preload(ctx, base_config, base_diff_ids, torch)
     try:
-        rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
+        rest = writing.python_layer("rest", rest_wheels)
+        if preload is not None and preload.failed():
+            preload.wait()  # its error now, not after the other layers
         layers = [
             torch,
-            writing.python_layer("rest", rest_wheels),
+            rest,
             # Written beside the rendered context (a temporary folder): it changes with every lock.
-            _files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
+            files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
             writing.hook_layer(rendered.path / "image"),
         ]
         if preload is not None:
@@ -162,8 +168,8 @@ def assemble(
             preload.cancel()
         raise
     history = [
-        f"reprobox assemble: {VENV}, torch ({writing.counts['torch']} wheels)",
-        f"reprobox assemble: {VENV}, rest ({writing.counts['rest']} wheels)",
+        f"reprobox assemble: {VENV}, torch ({len(torch_wheels)} wheels)",
+        f"reprobox assemble: {VENV}, rest ({len(rest_wheels)} wheels)",
         "reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)",
         "reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install",
     ]
@@ -195,11 +201,9 @@ class _Writing:
     files: Mapping[str, Path]
     epoch: int
     base_id: str
-    counts: dict[str, int] = field(default_factory=dict)
 
     def python_layer(self, group: str, wheels: Sequence[LockedWheel]) -> Layer:
         """The venv layer of `group` ("torch": the bottom one, with the venv's skeleton)."""
-        self.counts[group] = len(wheels)
         bottom = group == "torch"
         key = _key(
             FORMAT,
@@ -236,7 +240,7 @@ class _Writing:
         if hook is not None:
             return hook
         with self.ctx.reporter.stage("install the hook (one container)"):
-            made = _hook_layer(
+            made = hook_layer(
                 self.ctx, self.base, hook_files, self.cache.scratch("hook"), self.epoch
             )
             return self.cache.put(key, made)
@@ -291,9 +295,10 @@ def _chains(ctx: Context, images: list[str]) -> set[tuple[str, ...]]:
     """Every layer chain (bottom-up prefix of diff IDs) of the images the engine still holds."""
     chains: set[tuple[str, ...]] = set()
     for image in images:
-        if not ctx.engine.image_exists(image):
-            continue
-        diff_ids = ctx.engine.inspect_image(image).diff_ids
+        try:
+            diff_ids = ctx.engine.inspect_image(image).diff_ids
+        except ImageNotFoundError:
+            continue  # removed meanwhile (an untagged chain image by `docker image prune`)
         chains.update(tuple(diff_ids[:end]) for end in range(1, len(diff_ids) + 1))
     return chains
 
@@ -414,89 +419,3 @@ def _config(
         *({"created": created, "created_by": line} for line in history),
     ]
     return normalize_config(out, diff_ids=diff_ids, source_date_epoch=rendered.source_date_epoch)
-
-
-def _files_layer(image_dir: Path, dest: Path, epoch: int) -> Layer:
-    """/opt/reprobox: the rendered `image/` folder, sorted, 0644 files and 0755 folders."""
-    writer = LayerWriter(dest, epoch, root="opt/reprobox")
-    try:
-        writer.directory("opt/reprobox")
-        for path in sorted(image_dir.rglob("*"), key=lambda p: p.relative_to(image_dir).as_posix()):
-            name = "opt/reprobox/" + path.relative_to(image_dir).as_posix()
-            if path.is_dir():
-                writer.directory(name)
-            else:
-                with path.open("rb") as data:
-                    writer.file(name, data, path.stat().st_size)
-        return writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def _hook_layer(ctx: Context, base: str, sources: Sequence[Path], dest: Path, epoch: int) -> Layer:
-    """What `python3 reprobox_hook.py install` changes in the base, as a layer.
-
-    Times are clamped to the epoch (the normaliser's rule); folders keep the container's modes
-    and, where older than the epoch, their times.
-    """
-    files = tar_stream([(f"opt/reprobox/{path.name}", path) for path in sources], epoch)
-    argv = ["python3", "/opt/reprobox/reprobox_hook.py", "install"]
-    with ctx.engine.run_kept(base, argv, timeout_s=300, files=files) as box:
-        if box.result.exit_code != 0:
-            raise EngineError(
-                f"installing the hook in {base} failed (exit {box.result.exit_code}): "
-                f"{box.result.stderr.strip()[-2000:]}"
-            )
-        paths = _hook_paths(box.changes())
-        dir_meta: dict[str, tuple[int, float]] = {}
-        for parent in sorted({a for p in paths for a in ancestors(p)}):
-            dir_meta[parent] = box.stat("/" + parent)
-        writer = LayerWriter(dest, epoch, root="", dir_meta=dir_meta)
-        try:
-            for name in paths:
-                _copy_from(box, name, writer, dest.with_suffix(".part"))
-            return writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-
-
-def _hook_paths(changes: Sequence[Change]) -> list[str]:
-    """The files and links the hook's install added or changed; not /opt/reprobox (layer 3,
-    put there for the install to run), but /opt/... elsewhere (a Python under /opt/conda)."""
-    deleted = [c.path for c in changes if c.kind == "deleted"]
-    if deleted:
-        raise EngineError(f"installing the hook deleted {', '.join(deleted[:5])}: not expected")
-    paths = {
-        c.path.strip("/")
-        for c in changes
-        if c.path.strip("/")
-        and not (c.path == "/opt/reprobox" or c.path.startswith("/opt/reprobox/"))
-    }
-    if not any(p.startswith("opt/") for p in paths):
-        paths.discard("opt")  # changed only by /opt/reprobox
-    # A changed path that is the parent of another is a folder: it comes as an ancestor.
-    return sorted(p for p in paths if not any(q.startswith(p + "/") for q in paths))
-
-
-def _copy_from(box: FinishedContainer, name: str, writer: LayerWriter, part: Path) -> None:
-    try:
-        box.get_archive("/" + name, part)
-        with engine_tar(part) as tar:
-            member = tar.getmember(Path(name).name)
-            data = tar.extractfile(member) if member.isfile() else None
-            if member.isdir():
-                writer.directory(name)
-            elif member.issym():
-                writer.symlink(name, member.linkname, mtime=member.mtime)
-            elif data is not None:
-                writer.file(name, data, member.size, mode=member.mode & 0o7777, mtime=member.mtime)
-            else:
-                _not_a_file(name)
-    finally:
-        part.unlink(missing_ok=True)
-
-
-def _not_a_file(name: str) -> None:
-    raise EngineError(f"installing the hook made /{name}, not a file, link or folder")

@@ -20,12 +20,13 @@ from installer import install
 from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
-from reprobox.assemble import _config, _hook_paths
+from reprobox.assemble import _config
 from reprobox.docker_engine import _go_mode, _go_time
 from reprobox.engine import Change
 from reprobox.errors import BadInputError, EngineError
 from reprobox.layer_tar import LayerWriter, archive_stream
 from reprobox.locked import LockedWheel
+from reprobox.opt_layers import hook_paths
 from reprobox.pylayer import TargetPython, write_wheels
 from reprobox.render import RenderedContext
 
@@ -335,13 +336,13 @@ def test_the_hooks_changes_are_its_files_not_opt_reprobox_and_nothing_deleted() 
         Change("added", "/opt/reprobox/reprobox_hook.py"),
         Change("changed", "/var/lib/dpkg/diversions"),
     ]
-    assert _hook_paths(changes) == [
+    assert hook_paths(changes) == [
         "usr/lib/python3.11/reprobox_chained_sitecustomize.py",
         "usr/lib/python3.11/sitecustomize.py",
         "var/lib/dpkg/diversions",
     ]
     with pytest.raises(EngineError, match="deleted"):
-        _hook_paths([*changes, Change("deleted", "/etc/python3.11/sitecustomize.py")])
+        hook_paths([*changes, Change("deleted", "/etc/python3.11/sitecustomize.py")])
     # A Python under /opt (conda's): its sitecustomize is the hook's, and stays.
     conda = [
         Change("changed", "/opt"),
@@ -350,7 +351,7 @@ def test_the_hooks_changes_are_its_files_not_opt_reprobox_and_nothing_deleted() 
         Change("changed", "/opt/conda/lib/python3.11"),
         Change("added", "/opt/conda/lib/python3.11/sitecustomize.py"),
     ]
-    assert _hook_paths(conda) == ["opt/conda/lib/python3.11/sitecustomize.py"]
+    assert hook_paths(conda) == ["opt/conda/lib/python3.11/sitecustomize.py"]
 
 
 def test_go_times_and_modes_from_the_engines_stat() -> None:
