@@ -113,10 +113,9 @@ def _layers(engine: DockerEngine, ref: str) -> list[str]:
 def _forget_earlier_images(specs: list[Path]) -> None:
     """Remove earlier images of these specs and earlier plain builds (with their cached steps):
     an engine that holds their layers would make a `--no-cache` assemble load faster than a cold
-    one is, and answer the plain pin change from its cache. The kept bottom images of
-    `--assemble` (`reprobox.assemble-chain`) hold torch's layer: they go too."""
+    one is, and answer the plain pin change from its cache."""
     with contextlib.closing(docker.from_env()) as client:
-        labels = ["reprobox.bench=plain", "reprobox.assemble-chain"]
+        labels = ["reprobox.bench=plain"]
         labels += [f"reprobox.spec-sha256={load_spec(spec).sha256}" for spec in specs]
         for label in labels:
             for image in client.images.list(all=True, filters={"label": label}):

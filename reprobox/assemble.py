@@ -42,7 +42,6 @@ from reprobox.locked import LockedWheel
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
 from reprobox.opt_layers import files_layer, hook_layer
-from reprobox.preload import chain_image_id, start_preload
 from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
@@ -65,8 +64,6 @@ class Assembled:
     #: The base as the engine names it, and where its config (and layers) are kept.
     base_ref: str
     base_dir: Path
-    #: Images the engine holds with a prefix of this chain (the early load's), if it kept them.
-    held: tuple[str, ...] = ()
 
     @property
     def content_id(self) -> str:
@@ -103,15 +100,11 @@ def assemble(
     labels: Mapping[str, str],
     nocache: bool,
     cache_limit: int,
-    chains_from: Sequence[str] = (),
 ) -> Assembled:
     """Write every layer above the base (or take it from the cache) and the config; then
     bound the layer cache to `cache_limit` bytes (this build's layers stay).
 
-    `build` has called `refuse_unsupported(spec)` and read the limit before locking. On the
-    classic store, once torch's layer is there it is loaded with the base's in a thread while
-    the layers above are written (`preload`), unless the engine holds that chain already
-    (`chains_from`: images it may hold it in).
+    `build` has called `refuse_unsupported(spec)` and read the limit before locking.
     """
     base = rendered.base_ref
     root = ctx.cache.root / "assemble"
@@ -135,38 +128,13 @@ def assemble(
     )
     torch_wheels = [w for w in lock.wheels if w.group == "torch"]
     rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
-    torch = writing.python_layer("torch", torch_wheels)
-    chain = (*base_diff_ids, torch.diff_id)
-    chain_id = chain_image_id(base_config, chain)
-    preload = None
-    # `--no-cache` looks at no earlier build, but an engine that holds the chain holds it: the
-    # classic store would skip a layer it holds without reading it again.
-    if not ctx.engine_info().containerd_store and chain not in _chains(
-        ctx, [*chains_from, chain_id]
-    ):
-        ctx.reporter.note(
-            f"loading the base and torch's layer ({torch.size / 1e6:.1f} MB) while the rest is "
-            "written"
-        )
-        preload = start_preload(ctx, base_config, base_diff_ids, torch)
-    try:
-        rest = writing.python_layer("rest", rest_wheels)
-        if preload is not None and preload.failed():
-            preload.wait()  # its error now, not after the other layers
-        layers = [
-            torch,
-            rest,
-            # Written beside the rendered context (a temporary folder): it changes with every lock.
-            files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
-            writing.hook_layer(rendered.path / "image"),
-        ]
-        if preload is not None:
-            with ctx.reporter.stage("finish loading the base and torch's layer"):
-                preload.wait()
-    except BaseException:
-        if preload is not None:
-            preload.cancel()
-        raise
+    layers = [
+        writing.python_layer("torch", torch_wheels),
+        writing.python_layer("rest", rest_wheels),
+        # Written beside the rendered context (a temporary folder): it changes with every lock.
+        files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
+        writing.hook_layer(rendered.path / "image"),
+    ]
     history = [
         f"reprobox assemble: {VENV}, torch ({len(torch_wheels)} wheels)",
         f"reprobox assemble: {VENV}, rest ({len(rest_wheels)} wheels)",
@@ -187,7 +155,7 @@ def assemble(
         [*base_diff_ids, *(layer.diff_id for layer in layers)],
         history,
     )
-    return Assembled(config, base_diff_ids, tuple(layers), epoch, base, base_dir, held=(chain_id,))
+    return Assembled(config, base_diff_ids, tuple(layers), epoch, base, base_dir)
 
 
 @dataclass
@@ -270,7 +238,7 @@ def load_assembled(
         send += [(layer.diff_id, layer.path, layer.size) for layer in assembled.layers]
         shown = manifest_digest(assembled.config, [(d, size) for d, _, size in send])
     else:
-        have = _chains(ctx, [*chains_from, *assembled.held])
+        have = _chains(ctx, [*chains_from])
         chain: list[str] = list(assembled.base_diff_ids)
         send = [(d, None, 0) for d in assembled.base_diff_ids]
         for layer in assembled.layers:

@@ -180,7 +180,6 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 labels=labels,
                 nocache=options.nocache,
                 cache_limit=cache_limit,
-                chains_from=chains_from,
             )
             built_id = assembled.content_id
             outcome = _outcome(
