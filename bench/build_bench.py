@@ -137,9 +137,9 @@ def _cold_or_exit(engine: DockerEngine, image: str, held: set[str], what: str) -
     """A cold build whose layers the engine already held loads in seconds: its figure would be
     false, so the bench stops instead of printing it."""
     layers = _layers(engine, image)[1:]  # above the base, which every route shares
-    if held.intersection(layers):
+    if kept := held.intersection(layers):
         sys.exit(
-            f"{what} was not cold: the engine held {len(held.intersection(layers))} of its "
+            f"{what} was not cold: the engine held {len(kept)} of its "
             f"{len(layers)} layers above the base before it ran"
         )
 
