@@ -42,7 +42,7 @@ from reprobox.locked import LockedWheel
 from reprobox.lockfile import LockFile
 from reprobox.normalize import NormalizedImage, normalize_config
 from reprobox.opt_layers import files_layer, hook_layer
-from reprobox.pylayer import VENV, TargetPython, probe_target, python_layer
+from reprobox.pylayer import VENV, LayerJob, TargetPython, probe_target, python_layers
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
@@ -129,8 +129,7 @@ def assemble(
     torch_wheels = [w for w in lock.wheels if w.group == "torch"]
     rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
     layers = [
-        writing.python_layer("torch", torch_wheels),
-        writing.python_layer("rest", rest_wheels),
+        *writing.python_layers({"torch": torch_wheels, "rest": rest_wheels}),
         # Written beside the rendered context (a temporary folder): it changes with every lock.
         files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
         writing.hook_layer(rendered.path / "image"),
@@ -170,35 +169,43 @@ class _Writing:
     epoch: int
     base_id: str
 
-    def python_layer(self, group: str, wheels: Sequence[LockedWheel]) -> Layer:
-        """The venv layer of `group` ("torch": the bottom one, with the venv's skeleton)."""
-        bottom = group == "torch"
-        key = _key(
-            FORMAT,
-            self.base_id,
-            _target_key(self.target),
-            group,
-            bottom,
-            self.epoch,
-            version("installer"),
-            sorted((w.name, w.filename, w.sha256) for w in wheels),
-        )
-        layer = self.cache.get(key)
-        if layer is not None:
-            self.ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
-            return layer
-        with self.ctx.reporter.stage(f"write the {group} layer ({len(wheels)} wheels, pycs)"):
-            written = python_layer(
-                self.ctx.engine,
-                self.base,
-                self.target,
-                wheels,
-                self.files,
-                dest=self.cache.scratch(group),
-                epoch=self.epoch,
-                bottom=bottom,
+    def python_layers(self, groups: Mapping[str, Sequence[LockedWheel]]) -> list[Layer]:
+        """The venv layer of each group, in order (the first, "torch", is the bottom one and
+        holds the venv's skeleton): taken from the cache, or written (all missing ones at once,
+        with one compile container)."""
+        keys: dict[str, str] = {}
+        found: dict[str, Layer] = {}
+        for index, (group, wheels) in enumerate(groups.items()):
+            keys[group] = _key(
+                FORMAT,
+                self.base_id,
+                _target_key(self.target),
+                group,
+                index == 0,
+                self.epoch,
+                version("installer"),
+                sorted((w.name, w.filename, w.sha256) for w in wheels),
             )
-            return self.cache.put(key, written)
+            layer = self.cache.get(keys[group])
+            if layer is not None:
+                self.ctx.reporter.note(f"{group} layer {layer.diff_id[:19]} from the cache")
+                found[group] = layer
+        missing = [(i, group) for i, group in enumerate(groups) if group not in found]
+        if missing:
+            names = " and ".join(group for _, group in missing)
+            count = sum(len(groups[group]) for _, group in missing)
+            noun = "layer" if len(missing) == 1 else "layers"
+            jobs = [
+                LayerJob(groups[group], self.cache.scratch(group), bottom=index == 0)
+                for index, group in missing
+            ]
+            with self.ctx.reporter.stage(f"write the {names} {noun} ({count} wheels, pycs)"):
+                written = python_layers(
+                    self.ctx.engine, self.base, self.target, jobs, self.files, epoch=self.epoch
+                )
+                for (_, group), layer in zip(missing, written, strict=True):
+                    found[group] = self.cache.put(keys[group], layer)
+        return [found[group] for group in groups]
 
     def hook_layer(self, image_dir: Path) -> Layer:
         """The hook's install copies itself and its CPU facts module into the base's stdlib."""

@@ -11,7 +11,7 @@ from reprobox.context import Context
 from reprobox.engine import Change, FinishedContainer
 from reprobox.errors import EngineError
 from reprobox.layer_tar import Layer, LayerWriter, ancestors, tar_stream
-from reprobox.pylayer import engine_tar
+from reprobox.pycompile import engine_tar
 
 __all__ = ["files_layer", "hook_layer", "hook_paths"]
 

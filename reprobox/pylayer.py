@@ -20,16 +20,14 @@ import io
 import json
 import posixpath
 import re
-import shlex
 import shutil
 import tarfile
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -44,18 +42,24 @@ from installer.utils import Scheme, copyfileobj_with_hashing
 from reprobox._files import atomic_path, write_text_atomic
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, EngineError
-from reprobox.layer_tar import Layer, LayerWriter, installed_mode, tar_stream
+from reprobox.layer_tar import Layer, LayerWriter, installed_mode
 from reprobox.locked import LockedWheel
+from reprobox.pycompile import Sources, all_claimed, append_pycs, compile_all, engine_tar
 
-__all__ = ["VENV", "TargetPython", "engine_tar", "probe_target", "python_layer", "write_wheels"]
+__all__ = [
+    "VENV",
+    "LayerJob",
+    "TargetPython",
+    "probe_target",
+    "python_layer",
+    "python_layers",
+    "write_wheels",
+]
 
 #: Where the image's venv lives (the recipe's path too).
 VENV = "/opt/venv"
 #: Files larger than this pass through one temporary file on disk, not memory.
 _SPOOL_BYTES = 16 << 20
-#: The compile container's time limit (a CUDA group compiles in about half a minute here).
-_COMPILE_TIMEOUT_S = 3600.0
-_PROGRAM = "build/reprobox_compile.py"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -71,16 +75,6 @@ paths["py_version_short"] = sysconfig.get_python_version()
 paths["cache_tag"] = sys.implementation.cache_tag
 print("{_MARKER}" + json.dumps(paths, sort_keys=True))
 EOF
-"""
-
-# templates/build/reprobox_compile.py: the sorted list in contiguous shards, one compileall
-# process per CPU the container may use; every file gets its pyc or does not compile.
-_COMPILE = f"""set -eu
-export PYTHONDONTWRITEBYTECODE=1
-python3 -m venv --without-pip {VENV}
-mkdir -p /reprobox-pyc
-PYTHONPYCACHEPREFIX=/reprobox-pyc {VENV}/bin/python /reprobox-build/reprobox_compile.py \\
-  /reprobox-build/compile-list
 """
 
 
@@ -222,6 +216,16 @@ class _TarDestination(SchemeDictionaryDestination):
             return self.write_to_fs(Scheme("scripts"), script_name, stream, is_executable=True)
 
 
+@dataclass(frozen=True)
+class LayerJob:
+    """One Python layer to write: its wheels, the file it goes to, and whether it is the bottom
+    one (which holds the venv's skeleton)."""
+
+    wheels: Sequence[LockedWheel]
+    dest: Path
+    bottom: bool
+
+
 def python_layer(
     engine: Engine,
     base: str,
@@ -237,45 +241,94 @@ def python_layer(
 
     `files` maps a wheel's sha256 to its verified file. The layer is written to `dest`.
     """
-    layer = LayerWriter(dest, epoch, root=VENV.lstrip("/"))
-    work = Path(tempfile.mkdtemp(prefix="pylayer-", dir=dest.parent))
+    return python_layers(
+        engine, base, target, [LayerJob(wheels, dest, bottom)], files, epoch=epoch
+    )[0]
+
+
+def python_layers(
+    engine: Engine,
+    base: str,
+    target: TargetPython,
+    jobs: Sequence[LayerJob],
+    files: Mapping[str, Path],
+    *,
+    epoch: int,
+) -> list[Layer]:
+    """Each job's layer: its wheels installed into the venv, with their pycs.
+
+    The `.py` files of every job are compiled in one container, started before any layer is
+    written, so that the base's Python compiles while this process writes the layers (one
+    container start, not one per layer). A pyc does not depend on what else its process
+    compiled, so each layer gets the bytes a compile of its own files gives. When two jobs
+    ship a file at the same path, each job is compiled in a container of its own (in turn).
+    """
+    if not jobs:
+        return []
+    writers: list[LayerWriter] = []
+    work = Path(tempfile.mkdtemp(prefix="pylayer-", dir=jobs[0].dest.parent))
     try:
-        # First the `.py` files alone (a tenth of the bytes), so that the base's Python compiles
-        # them in its container while this process writes the layer from the wheels.
-        sources_path = work / "sources.tar"
-        with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
-            python_files = write_wheels(
-                None, sources, spool_dir=work, target=target, wheels=wheels, files=files
-            )
+        # First the `.py` files alone (a tenth of the bytes), so that the compile starts early.
+        sources = [
+            _python_sources(work / f"sources-{index}.tar", job, work, target, files)
+            for index, job in enumerate(jobs)
+        ]
         # Set when this thread fails or is interrupted: the compile container is then removed
         # within a second, not waited for until it finishes.
         stop = threading.Event()
+        # The pycs, as soon as they are read: the container is removed while they are appended.
+        ready: Future[list[Path | None]] = Future()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
             try:
                 compiling = pool.submit(
-                    _compile,
+                    compile_all,
                     engine,
                     base,
-                    sources=sources_path,
-                    python_files=sorted(python_files),
+                    sources=sources,
+                    venv=VENV,
                     work=work,
+                    ready=ready,
                     cancel=stop,
                 )
-                if bottom:
-                    _add_skeleton(layer, target.skeleton)
-                write_wheels(layer, None, spool_dir=work, target=target, wheels=wheels, files=files)
-                pycs = compiling.result()
+                for job in jobs:
+                    layer = LayerWriter(job.dest, epoch, root=VENV.lstrip("/"))
+                    writers.append(layer)
+                    if job.bottom:
+                        _add_skeleton(layer, target.skeleton)
+                    write_wheels(
+                        layer, None, spool_dir=work, target=target, wheels=job.wheels, files=files
+                    )
+                pycs = ready.result()
+                claimed = [
+                    append_pycs(layer, own_pycs, own.files, target.cache_tag)
+                    for layer, own, own_pycs in zip(writers, sources, pycs, strict=True)
+                ]
+                all_claimed(pycs, claimed)
+                layers = [layer.close() for layer in writers]
+                compiling.result()  # the container removed
             except BaseException:
                 stop.set()
                 raise
-        if pycs is not None:
-            _append_pycs(layer, pycs)
-        return layer.close()
     except BaseException:
-        layer.abort()
+        for layer in writers:
+            layer.abort()
         raise
+    else:
+        return layers
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _python_sources(
+    path: Path, job: LayerJob, work: Path, target: TargetPython, files: Mapping[str, Path]
+) -> Sources:
+    """The quick pass: only `job`'s `.py` files, read from its wheels into a tar at `path`."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        found = write_wheels(
+            None, tar, spool_dir=work, target=target, wheels=job.wheels, files=files
+        )
+        length = tar.offset
+    return Sources(path, length, frozenset(found))
 
 
 def write_wheels(
@@ -320,73 +373,3 @@ def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
                 layer.file(name, data, member.size, mode=installed_mode(member.mode))
             else:
                 raise EngineError(f"the base's venv holds {member.name}, not a file or link")
-
-
-def _compile(
-    engine: Engine,
-    base: str,
-    *,
-    sources: Path,
-    python_files: list[str],
-    work: Path,
-    cancel: threading.Event | None = None,
-) -> Path | None:
-    """The pycs of `sources`, compiled by the base's Python in one container: a tar, or None."""
-    if not python_files:
-        return None
-    listing = work / "compile-list"
-    listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
-    program = work / "reprobox_compile.py"
-    program.write_bytes(resources.files("reprobox.templates").joinpath(_PROGRAM).read_bytes())
-    entries = [
-        ("reprobox-build/compile-list", listing),
-        ("reprobox-build/reprobox_compile.py", program),
-    ]
-    files = _concat(tar_stream(entries, 0), sources)
-    argv = ["/bin/sh", "-c", _COMPILE]
-    with engine.run_kept(
-        base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files, cancel=cancel
-    ) as box:
-        if box.result.exit_code != 0:
-            raise EngineError(
-                f"compiling bytecode in {base} failed (exit {box.result.exit_code}, "
-                f"`{shlex.join(argv[:2])} ...`): {box.result.stderr.strip()[-2000:]}"
-            )
-        pycs = work / "pycs.tar"
-        box.get_archive("/reprobox-pyc", pycs)
-    return pycs
-
-
-def _append_pycs(layer: LayerWriter, pycs: Path) -> None:
-    """The compiled files into the layer, sorted, each into its `__pycache__`."""
-    with engine_tar(pycs) as tar:
-        members = sorted((m for m in tar if m.isfile()), key=lambda m: m.name)
-        for member in members:
-            # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc -> opt/venv/.../pkg/__pycache__/...
-            folder, _, filename = member.name.removeprefix("reprobox-pyc/").rpartition("/")
-            data = tar.extractfile(member)
-            assert data is not None
-            layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
-    pycs.unlink()
-
-
-@contextlib.contextmanager
-def engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar the engine gave (get_archive): a broken one, or one without the member asked
-    for, is the engine's fault (exit 3)."""
-    try:
-        with tarfile.open(path) as tar:
-            yield tar
-    except (tarfile.TarError, EOFError, KeyError) as err:
-        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
-
-
-def _concat(head: Iterator[bytes], tar_path: Path) -> Iterator[bytes]:
-    """One tar stream of `head`'s members, then those of the tar at `tar_path`."""
-    pending = b""
-    for chunk in head:
-        pending += chunk
-    yield pending[: len(pending) - 1024]  # without head's end-of-archive blocks
-    with tar_path.open("rb") as data:
-        while chunk := data.read(1 << 20):
-            yield chunk

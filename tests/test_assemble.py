@@ -109,7 +109,7 @@ def test_the_assembled_image_trains_to_the_recipes_fingerprint(
     assert _fingerprint(assembled.report) == _fingerprint(recipe.report)
     assert assembled.report["content_id"] != recipe.report["content_id"]  # metadata differs
     assert "docker build" not in assembled.stderr
-    assert "write the torch layer" in assembled.stderr  # --no-cache: written, not reused
+    assert "write the torch and rest layers" in assembled.stderr  # --no-cache: written, not reused
     probe = docker_engine.run(
         assembled.report["image_id"],
         [
@@ -191,11 +191,11 @@ def test_a_failure_while_the_layer_is_written_stops_the_compile_container_at_onc
     it is not waited for until it ends (here it would sleep for ten minutes)."""
     from test_assemble_layers import _locked, _target, _wheel
 
-    from reprobox import pylayer
+    from reprobox import pycompile, pylayer
 
     wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
     wheel, digest = _locked(wheel_path, "demo-pkg")
-    monkeypatch.setattr(pylayer, "_COMPILE", "sleep 600")
+    monkeypatch.setattr(pycompile, "_COMPILE", "sleep 600")
     first_pass = pylayer.write_wheels
 
     running: list[set[str]] = []
@@ -255,3 +255,93 @@ def test_no_cache_asks_the_base_for_its_venv_paths_again(
     again = pylayer.probe_target(docker_engine, debian_base.ref, tmp_path, fresh=True)
     assert again == asked
     assert json.loads(kept.read_text()) == answer
+
+
+def _py_wheel(folder: Path, dist: str, files: dict[str, bytes]) -> tuple[Any, dict[str, Path]]:
+    """A wheel of `files` (and its metadata) locked as the lock names it, and where it is."""
+    import hashlib
+    import zipfile
+
+    from test_assemble_layers import _locked, _urlsafe
+
+    path = folder / f"{dist}-1.0-py3-none-any.whl"
+    files = {
+        **files,
+        f"{dist}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n".encode(),
+        f"{dist}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{name},sha256={_urlsafe(data)},{len(data)}" for name, data in files.items()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        archive.writestr(f"{dist}-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    wheel, digest = _locked(path, dist)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    return wheel, {digest: path}
+
+
+def _pycs(layer: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(layer) as tar:
+        return {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar
+            if m.isfile() and m.name.endswith(".pyc")
+        }
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["apart", "same-path"])
+def test_layers_written_together_hold_what_each_written_alone_holds(
+    docker_engine: DockerEngine, debian_base: BaseImage, tmp_path: Path, shared: bool
+) -> None:
+    """One compile container for two layers gives each the bytes of its own compile. Where two
+    wheels ship a `.py` file at the same path (with other contents), each layer's pyc is of its
+    own copy: the layers are then compiled in a container each."""
+    from test_assemble_layers import _target
+
+    from reprobox import pylayer
+
+    other = "alpha/extra.py" if shared else "beta/__init__.py"
+    alpha = {"alpha/__init__.py": b"A = 'alpha'\n"}
+    if shared:  # the same path in both wheels, with other contents
+        alpha[other] = b"B = 'first'\n"
+    first, first_files = _py_wheel(tmp_path, "alpha", alpha)
+    second, second_files = _py_wheel(tmp_path, "beta", {other: b"B = 'beta' * 3\n"})
+    files = {**first_files, **second_files}
+    target = _target(tmp_path / "unused-skeleton.tar")
+    together = pylayer.python_layers(
+        docker_engine,
+        debian_base.ref,
+        target,
+        [
+            pylayer.LayerJob([first], tmp_path / "together-1.tar", bottom=False),
+            pylayer.LayerJob([second], tmp_path / "together-2.tar", bottom=False),
+        ],
+        files,
+        epoch=0,
+    )
+    alone = [
+        pylayer.python_layer(
+            docker_engine,
+            debian_base.ref,
+            target,
+            [wheel],
+            files,
+            dest=tmp_path / f"alone-{n}.tar",
+            epoch=0,
+            bottom=False,
+        )
+        for n, wheel in enumerate([first, second], 1)
+    ]
+    assert [layer.diff_id for layer in together] == [layer.diff_id for layer in alone]
+    pycs = [_pycs(layer.path) for layer in together]
+    assert all(pycs), "each layer holds pycs"
+    pyc = f"opt/venv/lib/python3.11/site-packages/{other.rpartition('/')[0]}/__pycache__/"
+    pyc += other.rpartition("/")[2].removesuffix(".py") + ".cpython-311.pyc"
+    assert pyc in pycs[1]
+    if shared:  # each layer's pyc is of its own copy
+        assert pycs[0][pyc] != pycs[1][pyc]
+        assert b"first" in pycs[0][pyc]
+        assert b"beta" in pycs[1][pyc]

@@ -1,0 +1,194 @@
+"""Bytecode for `--assemble`'s Python layers: the base's Python compiles, in one short container.
+
+Only the layers' `.py` files go in (tars of them, one per layer); only the pycs come back.
+templates/build/reprobox_compile.py compiles the sorted list in contiguous shards, one process
+per CPU the container may use, with `PYTHONPYCACHEPREFIX`, unchecked-hash pycs: the bytes
+today's install step writes, since a pyc does not depend on what else its process compiled.
+So every layer's `.py` files can share one container, and each layer takes its own pycs back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import tarfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from reprobox.engine import Engine
+from reprobox.errors import EngineError
+from reprobox.layer_tar import LayerWriter, tar_stream
+
+__all__ = ["Sources", "all_claimed", "append_pycs", "compile_all", "engine_tar"]
+
+#: The compile container's time limit (a CUDA group compiles in about half a minute here).
+_COMPILE_TIMEOUT_S = 3600.0
+_PROGRAM = "build/reprobox_compile.py"
+
+# templates/build/reprobox_compile.py: the sorted list in contiguous shards, one compileall
+# process per CPU the container may use; every file gets its pyc or does not compile.
+_COMPILE = """set -eu
+export PYTHONDONTWRITEBYTECODE=1
+python3 -m venv --without-pip {venv}
+mkdir -p /reprobox-pyc
+PYTHONPYCACHEPREFIX=/reprobox-pyc {venv}/bin/python /reprobox-build/reprobox_compile.py \\
+  /reprobox-build/compile-list
+"""
+
+
+@dataclass(frozen=True)
+class Sources:
+    """A tar of one layer's `.py` files (its first `length` bytes: without the end blocks)."""
+
+    path: Path
+    length: int
+    files: frozenset[str]
+
+
+def compile_all(
+    engine: Engine,
+    base: str,
+    *,
+    sources: Sequence[Sources],
+    venv: str,
+    work: Path,
+    ready: Future[list[Path | None]],
+    cancel: threading.Event | None = None,
+) -> None:
+    """Set `ready` to, for each of `sources`, the tar of pycs that holds its files' (None: no
+    `.py` file), once the last pycs are read and before the last container is removed. One
+    container compiles them all, or one per tar (in turn) when two hold the same path."""
+    try:
+        names = [own.files for own in sources]
+        if sum(len(n) for n in names) == len(frozenset[str]().union(*names)):
+            batches = [list(range(len(sources)))]
+        else:
+            batches = [[index] for index in range(len(sources))]
+        found: list[Path | None] = [None] * len(sources)
+        for number, batch in enumerate(batches):
+
+            def take(pycs: Path | None, batch: list[int] = batch, number: int = number) -> None:
+                for index in batch:
+                    found[index] = pycs
+                if number == len(batches) - 1:
+                    ready.set_result(found)
+
+            _compile(
+                engine,
+                base,
+                sources=[sources[index] for index in batch],
+                venv=venv,
+                work=work / f"compile-{number}",
+                take=take,
+                cancel=cancel,
+            )
+    except BaseException as err:
+        if not ready.done():
+            ready.set_exception(err)
+        raise
+
+
+def _compile(
+    engine: Engine,
+    base: str,
+    *,
+    sources: Sequence[Sources],
+    venv: str,
+    work: Path,
+    take: Callable[[Path | None], None],
+    cancel: threading.Event | None = None,
+) -> None:
+    """The pycs of `sources`, compiled by the base's Python in one container: a tar (None
+    without a `.py` file), given to `take` before the container is removed."""
+    python_files = sorted(frozenset[str]().union(*(own.files for own in sources)))
+    if not python_files:
+        take(None)
+        return
+    work.mkdir()
+    listing = work / "compile-list"
+    listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
+    program = work / "reprobox_compile.py"
+    program.write_bytes(resources.files("reprobox.templates").joinpath(_PROGRAM).read_bytes())
+    entries = [
+        ("reprobox-build/compile-list", listing),
+        ("reprobox-build/reprobox_compile.py", program),
+    ]
+    files = _concat(tar_stream(entries, 0), sources)
+    argv = ["/bin/sh", "-c", _COMPILE.format(venv=shlex.quote(venv))]
+    with engine.run_kept(
+        base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files, cancel=cancel
+    ) as box:
+        if box.result.exit_code != 0:
+            raise EngineError(
+                f"compiling bytecode in {base} failed (exit {box.result.exit_code}, "
+                f"`{shlex.join(argv[:2])} ...`): {box.result.stderr.strip()[-2000:]}"
+            )
+        pycs = work / "pycs.tar"
+        box.get_archive("/reprobox-pyc", pycs)
+        take(pycs)
+
+
+def append_pycs(
+    layer: LayerWriter, pycs: Path | None, sources: frozenset[str], cache_tag: str
+) -> int:
+    """The pycs of `sources` (absolute `.py` paths) into the layer, sorted, each into its
+    `__pycache__`; the tar `pycs` may hold other layers' pycs too (they are left). How many."""
+    if pycs is None:
+        return 0
+    suffix = f".{cache_tag}.pyc"
+    with engine_tar(pycs) as tar:
+        found = []
+        for member in tar:
+            # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc, of /opt/venv/.../pkg/mod.py
+            name = member.name.removeprefix("reprobox-pyc")
+            if member.isfile() and name.removesuffix(suffix) + ".py" in sources:
+                found.append(member)
+        for member in sorted(found, key=lambda m: m.name):
+            folder, _, filename = member.name.removeprefix("reprobox-pyc/").rpartition("/")
+            data = tar.extractfile(member)
+            assert data is not None
+            layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
+    return len(found)
+
+
+def all_claimed(compiled: Sequence[Path | None], claimed: Sequence[int]) -> None:
+    """Every pyc the compile gave went into a layer (a pyc of no layer's `.py` file, or with
+    another tag than the probe's, would otherwise be dropped without a word)."""
+    for pycs in {p for p in compiled if p is not None}:
+        with engine_tar(pycs) as tar:
+            made = sum(1 for member in tar if member.isfile())
+        taken = sum(n for p, n in zip(compiled, claimed, strict=True) if p == pycs)
+        if made != taken:
+            raise EngineError(
+                f"the compile gave {made} pycs, of which {taken} belong to a layer's `.py` files"
+            )
+
+
+@contextlib.contextmanager
+def engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar the engine gave (get_archive): a broken one, or one without the member asked
+    for, is the engine's fault (exit 3)."""
+    try:
+        with tarfile.open(path) as tar:
+            yield tar
+    except (tarfile.TarError, EOFError, KeyError) as err:
+        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
+
+
+def _concat(head: Iterator[bytes], sources: Sequence[Sources]) -> Iterator[bytes]:
+    """One tar stream of `head`'s members, then those of each tar in `sources`."""
+    pending = b""
+    for chunk in head:
+        pending += chunk
+    yield pending[: len(pending) - 1024]  # without head's end-of-archive blocks
+    for own in sources:
+        left = own.length
+        with own.path.open("rb") as data:
+            while left and (chunk := data.read(min(left, 1 << 20))):
+                left -= len(chunk)
+                yield chunk
+    yield b"\0" * 1024
