@@ -19,6 +19,7 @@ sends the engine only the layers it lacks. `--no-cache` ignores them and gives t
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -26,6 +27,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -128,12 +130,20 @@ def assemble(
     )
     torch_wheels = [w for w in lock.wheels if w.group == "torch"]
     rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
-    layers = [
-        *writing.python_layers({"torch": torch_wheels, "rest": rest_wheels}),
-        # Written beside the rendered context (a temporary folder): it changes with every lock.
-        files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
-        writing.hook_layer(rendered.path / "image"),
-    ]
+    # The hook's container runs while the Python layers are written: it needs none of them.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hook") as pool:
+        hook = writing.hook_layer(pool, rendered.path / "image")
+        try:
+            layers = [
+                *writing.python_layers({"torch": torch_wheels, "rest": rest_wheels}),
+                # Written beside the rendered context (a temporary folder): it changes with
+                # every lock.
+                files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
+                hook.result(),
+            ]
+        except BaseException:
+            hook.discard()
+            raise
     history = [
         f"reprobox assemble: {VENV}, torch ({len(torch_wheels)} wheels)",
         f"reprobox assemble: {VENV}, rest ({len(rest_wheels)} wheels)",
@@ -207,18 +217,44 @@ class _Writing:
                     found[group] = self.cache.put(keys[group], layer)
         return [found[group] for group in groups]
 
-    def hook_layer(self, image_dir: Path) -> Layer:
-        """The hook's install copies itself and its CPU facts module into the base's stdlib."""
+    def hook_layer(self, pool: Executor, image_dir: Path) -> _PendingHook:
+        """The hook's install copies itself and its CPU facts module into the base's stdlib.
+
+        Started on `pool` when it is not in the cache: the Python layers need nothing of it.
+        """
         hook_files = [image_dir / name for name in _HOOK_FILES]
         key = _key(FORMAT, self.base_id, "hook", self.epoch, [_sha256(p) for p in hook_files])
-        hook = self.cache.get(key)
-        if hook is not None:
-            return hook
-        with self.ctx.reporter.stage("install the hook (one container)"):
-            made = hook_layer(
-                self.ctx, self.base, hook_files, self.cache.scratch("hook"), self.epoch
-            )
-            return self.cache.put(key, made)
+        kept = self.cache.get(key)
+        if kept is not None:
+            return _PendingHook(self, key, kept)
+        dest = self.cache.scratch("hook")
+        making = pool.submit(hook_layer, self.ctx, self.base, hook_files, dest, self.epoch)
+        return _PendingHook(self, key, making, dest)
+
+
+@dataclass
+class _PendingHook:
+    """The hook layer: kept, or being made on another thread."""
+
+    writing: _Writing
+    key: str
+    layer: Layer | Future[Layer]
+    dest: Path | None = None
+
+    def result(self) -> Layer:
+        """The layer, kept in the cache (waited for when it is being made)."""
+        if isinstance(self.layer, Layer):
+            return self.layer
+        with self.writing.ctx.reporter.stage("install the hook (one container, run meanwhile)"):
+            return self.writing.cache.put(self.key, self.layer.result())
+
+    def discard(self) -> None:
+        """The build failed: wait for the container, keep nothing of it."""
+        if isinstance(self.layer, Future):
+            with contextlib.suppress(Exception):  # the build's own error is the one to show
+                self.layer.result()
+            if self.dest is not None:
+                self.dest.unlink(missing_ok=True)
 
 
 def refuse_unsupported(spec: Spec) -> None:

@@ -404,3 +404,20 @@ def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_pat
     assert raw == _config(
         base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"]
     )
+
+
+def test_a_failed_build_keeps_nothing_of_the_hook_layer_made_meanwhile(tmp_path: Path) -> None:
+    from concurrent.futures import Future
+
+    from reprobox.assemble import _PendingHook
+    from reprobox.layer_tar import Layer
+
+    dest = tmp_path / ".hook.partial"
+    dest.write_bytes(b"layer")
+    made: Future[Layer] = Future()
+    made.set_result(Layer("sha256:" + "0" * 64, dest, 5))
+    _PendingHook(writing=None, key="k", layer=made, dest=dest).discard()  # type: ignore[arg-type]
+    assert not dest.exists()
+    failed: Future[Layer] = Future()
+    failed.set_exception(EngineError("the hook's container failed"))
+    _PendingHook(writing=None, key="k", layer=failed, dest=dest).discard()  # type: ignore[arg-type]
