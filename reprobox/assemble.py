@@ -19,16 +19,16 @@ sends the engine only the layers it lacks. `--no-cache` ignores them and gives t
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import shutil
 import tarfile
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any, cast
@@ -131,19 +131,25 @@ def assemble(
     torch_wheels = [w for w in lock.wheels if w.group == "torch"]
     rest_wheels = [w for w in lock.wheels if w.group in {"rest", "installer"}]
     # The hook's container runs while the Python layers are written: it needs none of them.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hook") as pool:
-        hook = writing.hook_layer(pool, rendered.path / "image")
-        try:
-            layers = [
-                *writing.python_layers({"torch": torch_wheels, "rest": rest_wheels}),
-                # Written beside the rendered context (a temporary folder): it changes with
-                # every lock.
-                files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
-                hook.result(),
-            ]
-        except BaseException:
-            hook.discard()
-            raise
+    hook: _PendingHook | None = None
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hook") as pool:
+            hook = writing.hook_layer(pool, rendered.path / "image")
+            try:
+                layers = [
+                    *writing.python_layers({"torch": torch_wheels, "rest": rest_wheels}),
+                    # Written beside the rendered context (a temporary folder): it changes
+                    # with every lock.
+                    files_layer(rendered.path / "image", rendered.path.parent / "files.tar", epoch),
+                    hook.result(),
+                ]
+            except BaseException:
+                hook.stop.set()  # its container is removed within a second
+                raise
+    except BaseException:
+        if hook is not None:
+            hook.discard()  # the pool is joined: nothing writes its file any more
+        raise
     history = [
         f"reprobox assemble: {VENV}, torch ({len(torch_wheels)} wheels)",
         f"reprobox assemble: {VENV}, rest ({len(rest_wheels)} wheels)",
@@ -227,9 +233,11 @@ class _Writing:
         kept = self.cache.get(key)
         if kept is not None:
             return _PendingHook(self, key, kept)
-        dest = self.cache.scratch("hook")
-        making = pool.submit(hook_layer, self.ctx, self.base, hook_files, dest, self.epoch)
-        return _PendingHook(self, key, making, dest)
+        dest, stop = self.cache.scratch("hook"), threading.Event()
+        making = pool.submit(
+            hook_layer, self.ctx, self.base, hook_files, dest, self.epoch, cancel=stop
+        )
+        return _PendingHook(self, key, making, dest, stop)
 
 
 @dataclass
@@ -240,6 +248,8 @@ class _PendingHook:
     key: str
     layer: Layer | Future[Layer]
     dest: Path | None = None
+    #: Set when the build fails: the hook's container is then removed within a second.
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def result(self) -> Layer:
         """The layer, kept in the cache (waited for when it is being made)."""
@@ -249,12 +259,9 @@ class _PendingHook:
             return self.writing.cache.put(self.key, self.layer.result())
 
     def discard(self) -> None:
-        """The build failed: wait for the container, keep nothing of it."""
-        if isinstance(self.layer, Future):
-            with contextlib.suppress(Exception):  # the build's own error is the one to show
-                self.layer.result()
-            if self.dest is not None:
-                self.dest.unlink(missing_ok=True)
+        """The build failed (and the thread making the layer has ended): keep nothing of it."""
+        if self.dest is not None:
+            self.dest.unlink(missing_ok=True)
 
 
 def refuse_unsupported(spec: Spec) -> None:

@@ -4,6 +4,7 @@ host, and the hook installed into the base's Python, read back from one containe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,15 +35,23 @@ def files_layer(image_dir: Path, dest: Path, epoch: int) -> Layer:
         raise
 
 
-def hook_layer(ctx: Context, base: str, sources: Sequence[Path], dest: Path, epoch: int) -> Layer:
+def hook_layer(
+    ctx: Context,
+    base: str,
+    sources: Sequence[Path],
+    dest: Path,
+    epoch: int,
+    *,
+    cancel: threading.Event | None = None,
+) -> Layer:
     """What `python3 reprobox_hook.py install` changes in the base, as a layer.
 
     Times are clamped to the epoch (the normaliser's rule); folders keep the container's modes
-    and, where older than the epoch, their times.
+    and, where older than the epoch, their times. Setting `cancel` removes the container.
     """
     files = tar_stream([(f"opt/reprobox/{path.name}", path) for path in sources], epoch)
     argv = ["python3", "/opt/reprobox/reprobox_hook.py", "install"]
-    with ctx.engine.run_kept(base, argv, timeout_s=300, files=files) as box:
+    with ctx.engine.run_kept(base, argv, timeout_s=300, files=files, cancel=cancel) as box:
         if box.result.exit_code != 0:
             raise EngineError(
                 f"installing the hook in {base} failed (exit {box.result.exit_code}): "

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from reprobox.engine import Engine
-from reprobox.errors import EngineError
+from reprobox.errors import ContainerCancelledError, EngineError
 from reprobox.layer_tar import LayerWriter, tar_stream
 
 __all__ = ["Sources", "all_claimed", "append_pycs", "compile_all", "engine_tar"]
@@ -70,6 +70,7 @@ def compile_all(
             batches = [[index] for index in range(len(sources))]
         found: list[Path | None] = [None] * len(sources)
         for number, batch in enumerate(batches):
+            _raise_if_cancelled(cancel)
 
             def take(pycs: Path | None, batch: list[int] = batch, number: int = number) -> None:
                 for index in batch:
@@ -90,6 +91,11 @@ def compile_all(
         if not ready.done():
             ready.set_exception(err)
         raise
+
+
+def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise ContainerCancelledError("compiling bytecode: no longer needed")
 
 
 def _compile(
@@ -134,11 +140,12 @@ def _compile(
 
 def append_pycs(
     layer: LayerWriter, pycs: Path | None, sources: frozenset[str], cache_tag: str
-) -> int:
+) -> set[str]:
     """The pycs of `sources` (absolute `.py` paths) into the layer, sorted, each into its
-    `__pycache__`; the tar `pycs` may hold other layers' pycs too (they are left). How many."""
+    `__pycache__`; the tar `pycs` may hold other layers' pycs too (they are left). Their
+    names in `pycs`."""
     if pycs is None:
-        return 0
+        return set()
     suffix = f".{cache_tag}.pyc"
     with engine_tar(pycs) as tar:
         found = []
@@ -152,19 +159,22 @@ def append_pycs(
             data = tar.extractfile(member)
             assert data is not None
             layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
-    return len(found)
+    return {member.name for member in found}
 
 
-def all_claimed(compiled: Sequence[Path | None], claimed: Sequence[int]) -> None:
+def all_claimed(compiled: Sequence[Path | None], claimed: Sequence[set[str]]) -> None:
     """Every pyc the compile gave went into a layer (a pyc of no layer's `.py` file, or with
     another tag than the probe's, would otherwise be dropped without a word)."""
     for pycs in {p for p in compiled if p is not None}:
+        taken = set[str]().union(*(n for p, n in zip(compiled, claimed, strict=True) if p == pycs))
         with engine_tar(pycs) as tar:
-            made = sum(1 for member in tar if member.isfile())
-        taken = sum(n for p, n in zip(compiled, claimed, strict=True) if p == pycs)
-        if made != taken:
+            stray = sorted(m.name for m in tar if m.isfile() and m.name not in taken)
+        if stray:
             raise EngineError(
-                f"the compile gave {made} pycs, of which {taken} belong to a layer's `.py` files"
+                f"the compile gave {len(stray)} pycs of no layer's `.py` file: "
+                + ", ".join(stray[:5]),
+                hint="the base's Python names its pycs otherwise than it said when asked "
+                "(its cache tag); build with `--no-cache` to ask it again",
             )
 
 

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -291,6 +291,7 @@ def python_layers(
                     cancel=stop,
                 )
                 for job in jobs:
+                    _raise_if_failed(ready)  # a failed compile is not waited out
                     layer = LayerWriter(job.dest, epoch, root=VENV.lstrip("/"))
                     writers.append(layer)
                     if job.bottom:
@@ -298,7 +299,7 @@ def python_layers(
                     write_wheels(
                         layer, None, spool_dir=work, target=target, wheels=job.wheels, files=files
                     )
-                pycs = ready.result()
+                pycs = _pycs_when_ready(ready, compiling)
                 claimed = [
                     append_pycs(layer, own_pycs, own.files, target.cache_tag)
                     for layer, own, own_pycs in zip(writers, sources, pycs, strict=True)
@@ -317,6 +318,25 @@ def python_layers(
         return layers
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _pycs_when_ready(
+    ready: Future[list[Path | None]], compiling: Future[None]
+) -> list[Path | None]:
+    """The pycs, waited for on both futures: were `compile_all` ever to end without setting
+    `ready`, this would still not wait for ever."""
+    both: list[Future[Any]] = [ready, compiling]
+    wait(both, return_when=FIRST_COMPLETED)
+    if not ready.done():
+        compiling.result()
+        raise EngineError("compiling bytecode ended without giving its pycs")
+    return ready.result()
+
+
+def _raise_if_failed(ready: Future[list[Path | None]]) -> None:
+    """The compile's error, as soon as there is one."""
+    if ready.done() and (err := ready.exception()) is not None:
+        raise err
 
 
 def _python_sources(

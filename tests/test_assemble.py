@@ -231,6 +231,35 @@ def test_a_failure_while_the_layer_is_written_stops_the_compile_container_at_onc
     assert not (tmp_path / "layer.tar").exists()
 
 
+def test_the_hook_container_is_not_started_once_the_build_has_failed(
+    docker_engine: DockerEngine, debian_base: BaseImage, tmp_path: Path
+) -> None:
+    """The hook's container runs beside the Python layers; when they fail, `cancel` is set and
+    the hook's container goes (here: set before it starts, so it never starts)."""
+    import threading
+
+    from reprobox.context import Context
+    from reprobox.errors import ContainerCancelledError
+    from reprobox.opt_layers import hook_layer
+
+    hook = tmp_path / "reprobox_hook.py"
+    hook.write_text("raise SystemExit(0)\n")
+    cancel = threading.Event()
+    cancel.set()
+    before = _containers_of(debian_base.ref)
+    with pytest.raises(ContainerCancelledError):
+        hook_layer(
+            Context.for_command(docker_engine),
+            debian_base.ref,
+            [hook],
+            tmp_path / "hook.tar",
+            0,
+            cancel=cancel,
+        )
+    assert _containers_of(debian_base.ref) == before
+    assert not (tmp_path / "hook.tar").exists()
+
+
 def _containers_of(image: str) -> set[str]:
     listed = subprocess.run(
         ["docker", "ps", "-aq", "--no-trunc", "--filter", f"ancestor={image}"],
