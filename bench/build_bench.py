@@ -123,6 +123,13 @@ def _forget_earlier_images(specs: list[Path]) -> None:
                     client.images.remove(str(image.id), force=True)
 
 
+def _settle() -> None:
+    """Before a cold build: the host's disk written back (removing earlier images, or the build
+    before, leaves gigabytes to write), so that no route pays for another's writes."""
+    os.sync()
+    time.sleep(2)
+
+
 def _held_layers() -> set[str]:
     """Every layer diff ID some image in the engine holds (dangling and intermediate included)."""
     with contextlib.closing(docker.from_env()) as client:
@@ -163,16 +170,19 @@ def _cpu_rows(engine: DockerEngine, folder: Path) -> tuple[list[tuple[str, ...]]
     _forget_earlier_images([spec, pinned])
 
     held = _held_layers()
+    _settle()
     assemble_cold = _reprobox("build", str(spec), "--assemble", "--no-cache")
     _cold_or_exit(engine, assemble_cold.report["image_id"], held, "the cold --assemble build")
     assemble_warm = _reprobox("build", str(spec), "--assemble")
     assemble_pin = _reprobox("build", str(pinned), "--assemble")
+    _settle()
     recipe_cold = _reprobox("build", str(spec), "--no-cache")
     recipe_warm = _reprobox("build", str(spec))
     recipe_pin = _reprobox("build", str(pinned))
     base = recipe_cold.report["base"]
 
     ctx = _plain_context(folder, spec, base)
+    _settle()
     plain_cold, plain = _timed_build(engine, ctx, nocache=True)
     plain_warm, _ = _timed_build(engine, ctx, nocache=False)
     ctx = _plain_context(folder, pinned, base)
@@ -257,6 +267,7 @@ def _cuda_rows(engine: DockerEngine, folder: Path) -> list[tuple[str, ...]]:
     _reprobox("lock", str(spec))
     _forget_earlier_images([spec])
     held = _held_layers()
+    _settle()
     assembled = _reprobox("build", str(spec), "--assemble", "--no-cache", "--no-check")
     image = assembled.report["image_id"]
     _cold_or_exit(engine, image, held, "the cold CUDA --assemble build")
@@ -267,6 +278,7 @@ def _cuda_rows(engine: DockerEngine, folder: Path) -> list[tuple[str, ...]]:
     with contextlib.closing(docker.from_env()) as client:
         client.images.remove(image, force=True)  # 5 GB: room for the plain build's 8 GB
     ctx = _plain_context(folder / "cuda", spec, base)
+    _settle()
     plain_cold, plain = _timed_build(engine, ctx, nocache=True)
     plain_size = engine.inspect_image(plain).size
     plain_installed = _installed_bytes(engine, plain)
