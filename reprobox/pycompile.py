@@ -13,7 +13,7 @@ import contextlib
 import shlex
 import tarfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
@@ -23,7 +23,7 @@ from reprobox.engine import Engine
 from reprobox.errors import ContainerCancelledError, EngineError
 from reprobox.layer_tar import LayerWriter, tar_stream
 
-__all__ = ["Sources", "all_claimed", "append_pycs", "compile_all", "engine_tar"]
+__all__ = ["Sources", "append_pycs", "compile_all", "engine_tar"]
 
 #: The compile container's time limit (a CUDA group compiles in about half a minute here).
 _COMPILE_TIMEOUT_S = 3600.0
@@ -71,22 +71,13 @@ def compile_all(
         found: list[Path | None] = [None] * len(sources)
         for number, batch in enumerate(batches):
             _raise_if_cancelled(cancel)
-
-            def take(pycs: Path | None, batch: list[int] = batch, number: int = number) -> None:
+            own = [sources[index] for index in batch]
+            folder = work / f"compile-{number}"
+            with _compiled(engine, base, own, venv=venv, work=folder, cancel=cancel) as pycs:
                 for index in batch:
                     found[index] = pycs
                 if number == len(batches) - 1:
-                    ready.set_result(found)
-
-            _compile(
-                engine,
-                base,
-                sources=[sources[index] for index in batch],
-                venv=venv,
-                work=work / f"compile-{number}",
-                take=take,
-                cancel=cancel,
-            )
+                    ready.set_result(found)  # before this container is removed
     except BaseException as err:
         if not ready.done():
             ready.set_exception(err)
@@ -98,21 +89,21 @@ def _raise_if_cancelled(cancel: threading.Event | None) -> None:
         raise ContainerCancelledError("compiling bytecode: no longer needed")
 
 
-def _compile(
+@contextlib.contextmanager
+def _compiled(
     engine: Engine,
     base: str,
-    *,
     sources: Sequence[Sources],
+    *,
     venv: str,
     work: Path,
-    take: Callable[[Path | None], None],
-    cancel: threading.Event | None = None,
-) -> None:
+    cancel: threading.Event | None,
+) -> Iterator[Path | None]:
     """The pycs of `sources`, compiled by the base's Python in one container: a tar (None
-    without a `.py` file), given to `take` before the container is removed."""
+    without a `.py` file), while the container is still there (it is removed after)."""
     python_files = sorted(frozenset[str]().union(*(own.files for own in sources)))
     if not python_files:
-        take(None)
+        yield None
         return
     work.mkdir()
     listing = work / "compile-list"
@@ -135,47 +126,47 @@ def _compile(
             )
         pycs = work / "pycs.tar"
         box.get_archive("/reprobox-pyc", pycs)
-        take(pycs)
+        yield pycs
 
 
 def append_pycs(
-    layer: LayerWriter, pycs: Path | None, sources: frozenset[str], cache_tag: str
-) -> set[str]:
-    """The pycs of `sources` (absolute `.py` paths) into the layer, sorted, each into its
-    `__pycache__`; the tar `pycs` may hold other layers' pycs too (they are left). Their
-    names in `pycs`."""
-    if pycs is None:
-        return set()
+    layers: Sequence[LayerWriter],
+    compiled: Sequence[Path | None],
+    sources: Sequence[Sources],
+    cache_tag: str,
+) -> None:
+    """Into each layer the pycs of its `sources` (`compiled[i]` holds layer i's), sorted, each
+    into its `__pycache__`. Each tar is read once; a pyc of no layer's `.py` file (or with
+    another tag than the probe's) fails, instead of being dropped without a word."""
     suffix = f".{cache_tag}.pyc"
-    with engine_tar(pycs) as tar:
-        found = []
-        for member in tar:
-            # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc, of /opt/venv/.../pkg/mod.py
-            name = member.name.removeprefix("reprobox-pyc")
-            if member.isfile() and name.removesuffix(suffix) + ".py" in sources:
-                found.append(member)
-        for member in sorted(found, key=lambda m: m.name):
-            folder, _, filename = member.name.removeprefix("reprobox-pyc/").rpartition("/")
-            data = tar.extractfile(member)
-            assert data is not None
-            layer.file(f"{folder}/__pycache__/{filename}", data, member.size)
-    return {member.name for member in found}
-
-
-def all_claimed(compiled: Sequence[Path | None], claimed: Sequence[set[str]]) -> None:
-    """Every pyc the compile gave went into a layer (a pyc of no layer's `.py` file, or with
-    another tag than the probe's, would otherwise be dropped without a word)."""
-    for pycs in {p for p in compiled if p is not None}:
-        taken = set[str]().union(*(n for p, n in zip(compiled, claimed, strict=True) if p == pycs))
+    for pycs in dict.fromkeys(p for p in compiled if p is not None):
+        owners = [i for i, p in enumerate(compiled) if p == pycs]
+        taken: dict[int, list[tarfile.TarInfo]] = {i: [] for i in owners}
+        stray: list[str] = []
         with engine_tar(pycs) as tar:
-            stray = sorted(m.name for m in tar if m.isfile() and m.name not in taken)
-        if stray:
-            raise EngineError(
-                f"the compile gave {len(stray)} pycs of no layer's `.py` file: "
-                + ", ".join(stray[:5]),
-                hint="the base's Python names its pycs otherwise than it said when asked "
-                "(its cache tag); build with `--no-cache` to ask it again",
-            )
+            for member in tar:
+                if not member.isfile():
+                    continue
+                # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc, of /opt/venv/.../pkg/mod.py
+                source = member.name.removeprefix("reprobox-pyc").removesuffix(suffix) + ".py"
+                owner = next((i for i in owners if source in sources[i].files), None)
+                if owner is None:
+                    stray.append(member.name)
+                else:
+                    taken[owner].append(member)
+            if stray:
+                raise EngineError(
+                    f"the compile gave {len(stray)} pycs of no layer's `.py` file: "
+                    + ", ".join(sorted(stray)[:5]),
+                    hint="the base's Python names its pycs otherwise than it said when asked "
+                    "(its cache tag); build with `--no-cache` to ask it again",
+                )
+            for owner, members in taken.items():
+                for member in sorted(members, key=lambda m: m.name):
+                    folder, _, name = member.name.removeprefix("reprobox-pyc/").rpartition("/")
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    layers[owner].file(f"{folder}/__pycache__/{name}", data, member.size)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from reprobox.engine import Engine
 from reprobox.errors import BadInputError, EngineError
 from reprobox.layer_tar import Layer, LayerWriter, installed_mode
 from reprobox.locked import LockedWheel
-from reprobox.pycompile import Sources, all_claimed, append_pycs, compile_all, engine_tar
+from reprobox.pycompile import Sources, append_pycs, compile_all, engine_tar
 
 __all__ = [
     "VENV",
@@ -300,11 +300,7 @@ def python_layers(
                         layer, None, spool_dir=work, target=target, wheels=job.wheels, files=files
                     )
                 pycs = _pycs_when_ready(ready, compiling)
-                claimed = [
-                    append_pycs(layer, own_pycs, own.files, target.cache_tag)
-                    for layer, own, own_pycs in zip(writers, sources, pycs, strict=True)
-                ]
-                all_claimed(pycs, claimed)
+                append_pycs(writers, pycs, sources, target.cache_tag)
                 layers = [layer.close() for layer in writers]
                 compiling.result()  # the container removed
             except BaseException:

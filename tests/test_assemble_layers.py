@@ -418,3 +418,55 @@ def test_a_failed_build_keeps_nothing_of_the_hook_layer_made_meanwhile(tmp_path:
     made.set_result(Layer("sha256:" + "0" * 64, dest, 5))
     _PendingHook(writing=None, key="k", layer=made, dest=dest).discard()  # type: ignore[arg-type]
     assert not dest.exists()
+
+
+def _pyc_tar(path: Path, names: list[str]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(f"reprobox-pyc{name}")
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    return path
+
+
+def test_each_layer_takes_its_own_pycs_from_the_shared_tar_and_a_stray_one_fails(
+    tmp_path: Path,
+) -> None:
+    from reprobox.pycompile import Sources, append_pycs
+
+    pkg = f"{SITE}/pkg"
+    sources = [
+        Sources(tmp_path / "a.tar", 0, frozenset({f"{pkg}/a.py", f"{pkg}/x.y.py"})),
+        Sources(tmp_path / "b.tar", 0, frozenset({f"{pkg}/b.py"})),
+    ]
+    shared = _pyc_tar(
+        tmp_path / "pycs.tar",
+        [f"{pkg}/b.cpython-311.pyc", f"{pkg}/x.y.cpython-311.pyc", f"{pkg}/a.cpython-311.pyc"],
+    )
+    layers = [LayerWriter(tmp_path / f"{n}.tar", EPOCH, root="opt/venv") for n in "ab"]
+    append_pycs(layers, [shared, shared], sources, "cpython-311")
+    written = [[m.name for m in _members(w.close().path) if m.isfile()] for w in layers]
+    assert written == [
+        [f"{pkg[1:]}/__pycache__/a.cpython-311.pyc", f"{pkg[1:]}/__pycache__/x.y.cpython-311.pyc"],
+        [f"{pkg[1:]}/__pycache__/b.cpython-311.pyc"],
+    ]
+    # A pyc of no layer's file (here: another cache tag) is named, not dropped.
+    stray = _pyc_tar(tmp_path / "stray.tar", [f"{pkg}/a.cpython-399.pyc"])
+    layer = LayerWriter(tmp_path / "c.tar", EPOCH, root="opt/venv")
+    with pytest.raises(EngineError, match=r"1 pycs of no layer.*a\.cpython-399\.pyc"):
+        append_pycs([layer], [stray], sources[:1], "cpython-311")
+    layer.abort()
+
+
+def test_the_wait_for_the_pycs_ends_when_the_compile_ends_without_them() -> None:
+    from concurrent.futures import Future
+
+    from reprobox.pylayer import _pycs_when_ready
+
+    ready: Future[list[Path | None]] = Future()
+    compiling: Future[None] = Future()
+    compiling.set_result(None)
+    with pytest.raises(EngineError, match="without giving its pycs"):
+        _pycs_when_ready(ready, compiling)
+    ready.set_result([None])
+    assert _pycs_when_ready(ready, compiling) == [None]
