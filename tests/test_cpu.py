@@ -284,6 +284,32 @@ def test_without_the_hook_libgomp_aborts_on_such_a_list(venv: Path) -> None:
     assert "Thread creation failed" in done.stderr
 
 
+SPARE = "import json, reprobox_hook; print(json.dumps(reprobox_hook.spare_cpus()))"
+
+
+def test_spare_cpus_are_those_the_affinity_list_leaves_out_while_the_hook_is_on(
+    venv: Path,
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert len(allowed) >= 2, "this test needs two CPUs (the project's machine has them)"
+
+    def spare(**env: str) -> list[int]:
+        done = run(venv, SPARE, **env)
+        assert done.returncode == 0, done.stderr
+        found: list[int] = json.loads(done.stdout)
+        return found
+
+    assert spare(GOMP_CPU_AFFINITY=str(allowed[0])) == allowed[1:]
+    # Not where nothing is left, nothing is pinned, or the hook is off (libgomp would abort).
+    assert spare(GOMP_CPU_AFFINITY=",".join(map(str, allowed))) == []
+    assert spare() == []
+    assert spare(GOMP_CPU_AFFINITY=str(allowed[0]), REPROBOX_DISABLE="1") == []
+    # Too few left for the list: as many CPUs as it names, or none.
+    assert spare(GOMP_CPU_AFFINITY=",".join(map(str, allowed[:-1]))) == (
+        allowed[-1:] if len(allowed) == 2 else []
+    )
+
+
 PINS_SEEN = """
 import json, os, reprobox_hook, torch
 print(json.dumps({"host": reprobox_hook.state()["host"], "capability": torch.backends.cpu.get_cpu_capability(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import platform
 import subprocess
 import textwrap
@@ -87,6 +88,26 @@ def test_fingerprint_is_the_hash_of_run_one_and_the_device_class(baseline: dict[
     }
     text = json.dumps(evidence, sort_keys=True, separators=(",", ":"))
     assert baseline["fingerprint"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_runs_pinned_by_the_affinity_list_run_side_by_side_on_other_cpus(
+    venv: Path, baseline: dict[str, Any]
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert len(allowed) >= 2, "this test needs two CPUs (the project's machine has them)"
+    first = str(allowed[0])
+    code, report = selfcheck(venv, "--steps", STEPS, GOMP_CPU_AFFINITY=first)
+    assert code == 0, report["failures"]
+    # The first run as the image's user starts it; the second on a CPU the list leaves free.
+    assert report["run_cpus"] == [[allowed[0]], [allowed[1]]]
+    assert report["settings"]["env"]["GOMP_CPU_AFFINITY"] == first
+    assert report["settings"]["hook"]["host"]["affinity"] is None
+    # Placement is not numerics: the same bits as the unpinned runs.
+    assert report["runs"] == baseline["runs"]
+    assert report["fingerprint"] == baseline["fingerprint"]
+    # With the hook off, nothing is moved: both runs on the one CPU the list names.
+    _, off = selfcheck(venv, "--steps", STEPS, GOMP_CPU_AFFINITY=first, REPROBOX_DISABLE="1")
+    assert off["run_cpus"] == [[allowed[0]], [allowed[0]]]
 
 
 def test_another_seed_gives_another_fingerprint(venv: Path, baseline: dict[str, Any]) -> None:

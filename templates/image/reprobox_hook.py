@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from types import ModuleType
 
-__all__ = ["main", "state"]
+__all__ = ["main", "spare_cpus", "state"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -211,6 +211,20 @@ def _adapt_affinity() -> None:
     os.environ["GOMP_CPU_AFFINITY"] = placed
     os.environ.setdefault(_AFFINITY_ASKED, asked)
     _host["affinity"] = {"asked": os.environ[_AFFINITY_ASKED], "allowed": allowed, "set": placed}
+
+
+def spare_cpus() -> "list[int]":
+    """The CPUs this process may use that GOMP_CPU_AFFINITY leaves out, at least as many as it
+    names, so that a child started on them alone runs as fast (the hook in the child maps its
+    GOMP_CPU_AFFINITY onto them, as on any host); [] where the hook is off (libgomp would then
+    abort on CPUs it may not use), where nothing is pinned, or where too few are left."""
+    if not _process.active or not hasattr(os, "sched_getaffinity"):
+        return []
+    cpus = _cpu_list(os.environ.get("GOMP_CPU_AFFINITY", ""))
+    if cpus is None:
+        return []
+    spare = sorted(os.sched_getaffinity(0) - set(cpus))
+    return spare if len(spare) >= len(set(cpus)) else []
 
 
 def _adapt_cpu() -> None:
