@@ -285,29 +285,43 @@ def test_without_the_hook_libgomp_aborts_on_such_a_list(venv: Path) -> None:
 
 
 SPARE = "import json, reprobox_hook; print(json.dumps(reprobox_hook.spare_cpus()))"
+# After start-up (the hook has mapped nothing), each case's CPUs, list and thread count.
+SPARE_CASES = """
+import json, os, reprobox_hook
+found = []
+for allowed, listed, threads in json.loads(os.environ["CASES"]):
+    os.sched_getaffinity = lambda pid, allowed=allowed: set(allowed)
+    os.environ.update(GOMP_CPU_AFFINITY=listed, OMP_NUM_THREADS=threads)
+    found.append(reprobox_hook.spare_cpus())
+print(json.dumps(found))
+"""
+CASES = [
+    ([0, 1, 2, 3, 4, 5, 6, 7], "0-3", "4"),  # a range
+    ([0, 1, 2, 3, 4, 5, 6, 7], "0,0 1", "3"),  # repeats count once
+    ([0, 1, 2, 3, 4], "0-4:2", "3"),  # a stride: 0, 2, 4 named, 1 and 3 left: too few
+    ([0, 1, 2, 3], "1", ""),  # no thread count: MKL would size it from the CPUs
+    ([0, 1, 2, 3], "1", "x"),
+    ([0, 1, 2, 3], "", "1"),  # nothing pinned
+    ([0, 1, 2, 3], "0-3", "4"),  # nothing left
+]
 
 
 def test_spare_cpus_are_those_the_affinity_list_leaves_out_while_the_hook_is_on(
     venv: Path,
 ) -> None:
+    def found(code: str, **env: str) -> Any:
+        done = run(venv, code, **env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    cases = json.dumps(CASES)
+    assert found(SPARE_CASES, CASES=cases) == [[4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [], [], [], [], []]
+    # With the hook off, never: libgomp would abort on the CPUs the list names.
+    assert found(SPARE_CASES, CASES=cases, REPROBOX_DISABLE="1") == [[]] * len(CASES)
+    # And this host's own CPUs, as the self-check's parent asks.
     allowed = sorted(os.sched_getaffinity(0))
     assert len(allowed) >= 2, "this test needs two CPUs (the project's machine has them)"
-
-    def spare(**env: str) -> list[int]:
-        done = run(venv, SPARE, **env)
-        assert done.returncode == 0, done.stderr
-        found: list[int] = json.loads(done.stdout)
-        return found
-
-    assert spare(GOMP_CPU_AFFINITY=str(allowed[0])) == allowed[1:]
-    # Not where nothing is left, nothing is pinned, or the hook is off (libgomp would abort).
-    assert spare(GOMP_CPU_AFFINITY=",".join(map(str, allowed))) == []
-    assert spare() == []
-    assert spare(GOMP_CPU_AFFINITY=str(allowed[0]), REPROBOX_DISABLE="1") == []
-    # Too few left for the list: as many CPUs as it names, or none.
-    assert spare(GOMP_CPU_AFFINITY=",".join(map(str, allowed[:-1]))) == (
-        allowed[-1:] if len(allowed) == 2 else []
-    )
+    assert found(SPARE, GOMP_CPU_AFFINITY=str(allowed[0])) == allowed[1:]
 
 
 PINS_SEEN = """

@@ -12,10 +12,11 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hooked_venv import SELFCHECK, clean_env, make_venv
@@ -108,6 +109,81 @@ def test_runs_pinned_by_the_affinity_list_run_side_by_side_on_other_cpus(
     # With the hook off, nothing is moved: both runs on the one CPU the list names.
     _, off = selfcheck(venv, "--steps", STEPS, GOMP_CPU_AFFINITY=first, REPROBOX_DISABLE="1")
     assert off["run_cpus"] == [[allowed[0]], [allowed[0]]]
+
+
+def test_a_two_thread_list_is_mapped_in_the_second_run(venv: Path) -> None:
+    # Two threads on one CPU twice: unmapped on the second run's CPU, libgomp would abort there.
+    allowed = sorted(os.sched_getaffinity(0))
+    listed = f"{allowed[0]},{allowed[0]}"
+    threads = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    code, report = selfcheck(venv, "--steps", STEPS, GOMP_CPU_AFFINITY=listed, **threads)
+    assert code == 0, report["failures"]
+    assert report["run_cpus"] == [[allowed[0]], [allowed[1]]]
+    assert report["settings"]["torch"]["num_threads"] == 2
+
+
+class _Started:
+    """A stand-in for a run: the CPU mask it was started with, and whether it was killed."""
+
+    def __init__(self, arguments: list[str], workdir: Path, label: str) -> None:
+        if label == "run-2" and "--fail-second" in arguments:
+            raise OSError("cannot start run-2")
+        self.label, self.mask, self.killed = label, os.sched_getaffinity(0), False
+        self.process = self
+        _Started.made.append(self)
+
+    made: ClassVar[list[_Started]] = []
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self) -> int:
+        return -9
+
+
+@pytest.fixture
+def started(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[_Started]:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert len(allowed) >= 2, "this test needs two CPUs (the project's machine has them)"
+    hook = type(sys)("reprobox_hook")
+    hook.spare_cpus = lambda: allowed[1:]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "reprobox_hook", hook)
+    monkeypatch.setattr(module, "_Child", _Started)
+    _Started.made = []
+    return _Started.made
+
+
+def test_the_second_run_is_started_on_the_spare_cpus_and_the_mask_restored(
+    module: ModuleType, started: list[_Started], tmp_path: Path
+) -> None:
+    before = os.sched_getaffinity(0)
+    module._side_by_side(["--train"], tmp_path)
+    assert [(run.label, run.mask) for run in started] == [
+        ("run-1", before),
+        ("run-2", before - {min(before)}),
+    ]
+    assert os.sched_getaffinity(0) == before
+
+
+def test_a_second_run_that_cannot_start_leaves_no_first_run_behind(
+    module: ModuleType, started: list[_Started], tmp_path: Path
+) -> None:
+    before = os.sched_getaffinity(0)
+    with pytest.raises(OSError, match="cannot start run-2"):
+        module._side_by_side(["--train", "--fail-second"], tmp_path)
+    assert [(run.label, run.killed) for run in started] == [("run-1", True)]
+    assert os.sched_getaffinity(0) == before
+
+
+def test_runs_that_saw_other_settings_fail_and_say_why(module: ModuleType) -> None:
+    def run(threads: int) -> dict[str, Any]:
+        torch = {"num_threads": threads, "cpu_capability": "AVX2"}
+        return {"device_class": "cpu-x", "settings": {"torch": torch}, "cpus": [threads]}
+
+    assert module._placement_failures([run(1), run(1)]) == []
+    assert module._placement_failures([run(1), run(2)]) == [
+        "the second run, started on CPUs [2], saw thread count 2 where the first saw 1"
+    ]
 
 
 def test_another_seed_gives_another_fingerprint(venv: Path, baseline: dict[str, Any]) -> None:

@@ -216,9 +216,16 @@ def _adapt_affinity() -> None:
 def spare_cpus() -> "list[int]":
     """The CPUs this process may use that GOMP_CPU_AFFINITY leaves out, at least as many as it
     names, so that a child started on them alone runs as fast (the hook in the child maps its
-    GOMP_CPU_AFFINITY onto them, as on any host); [] where the hook is off (libgomp would then
-    abort on CPUs it may not use), where nothing is pinned, or where too few are left."""
+    GOMP_CPU_AFFINITY onto them, as on any host); [] where the hook is off or could not map the
+    list here (libgomp would then abort on CPUs it may not use), where nothing is pinned, where
+    too few are left, or where OMP_NUM_THREADS does not fix the thread count (MKL would then
+    size it from the CPUs it may use, and the thread count decides the bits)."""
     if not _process.active or not hasattr(os, "sched_getaffinity"):
+        return []
+    if any("GOMP_CPU_AFFINITY" in error for error in _errors):
+        return []
+    threads = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not threads.isdigit() or int(threads) < 1:
         return []
     cpus = _cpu_list(os.environ.get("GOMP_CPU_AFFINITY", ""))
     if cpus is None:

@@ -431,7 +431,7 @@ def _train(steps: int, device_name: str) -> dict[str, Any]:
     return {
         "losses": losses,
         "state_sha256": _state_sha256(torch, model, optimizer),
-        # Where libgomp placed this run once torch loaded (the report's run_cpus).
+        # The CPUs this run's main thread may use once torch loaded (libgomp places it).
         "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         **_environment(torch, device),
     }
@@ -507,21 +507,59 @@ def _side_by_side(arguments: list[str], workdir: Path) -> list[_Child]:
     Where the hook says enough CPUs are left beside those (`spare_cpus`), the second run starts
     on them and its hook maps the list there, as on any host whose CPUs the list does not name;
     the first run, whose settings the report shows, starts as the image's user would. The
-    thread count is the same in both, and the bits do not depend on which CPU ran them.
+    thread count is fixed by OMP_NUM_THREADS in both (spare_cpus asks for it), and
+    `_placement_failures` says so if the two runs saw different settings all the same.
     """
-    first = _Child(arguments, workdir, "run-1")
     hook = sys.modules.get("reprobox_hook")
     spare_cpus: Callable[[], list[int]] | None = getattr(hook, "spare_cpus", None)
     spare = spare_cpus() if spare_cpus is not None else []
-    if not spare:
-        return [first, _Child(arguments, workdir, "run-2")]
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, spare)  # inherited by the child; this process has no threads
+    children: list[_Child] = []
     try:
-        second = _Child(arguments, workdir, "run-2")
+        children.append(_Child(arguments, workdir, "run-1"))
+        children.append(_started_on(spare, arguments, workdir, "run-2"))
+    except BaseException:
+        for child in children:  # never a run left behind in a folder about to be removed
+            child.process.kill()
+            child.process.wait()
+        raise
+    return children
+
+
+def _started_on(cpus: list[int], arguments: list[str], workdir: Path, label: str) -> _Child:
+    """A run started with `cpus` as its CPU mask (inherited); as it is, if that cannot be set."""
+    if not cpus:
+        return _Child(arguments, workdir, label)
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cpus)  # this thread's mask only; the child inherits it
+    except OSError:  # a seccomp profile, a cpuset changed meanwhile: side by side as they are
+        return _Child(arguments, workdir, label)
+    try:
+        return _Child(arguments, workdir, label)
     finally:
         os.sched_setaffinity(0, allowed)
-    return [first, second]
+
+
+def _placement_failures(runs: list[dict[str, Any]]) -> list[str]:
+    """The settings placement must not change, where the second run saw others than the first
+    (the check's own doing, not the image's: said so, not left to read as a difference)."""
+    first, second = runs
+
+    def seen(run: dict[str, Any]) -> dict[str, Any]:
+        torch = run["settings"]["torch"]
+        return {
+            "device class": run["device_class"],
+            "thread count": torch["num_threads"],
+            "CPU capability": torch["cpu_capability"],
+        }
+
+    pairs = [(name, a, seen(second)[name]) for name, a in seen(first).items()]
+    return [
+        f"the second run, started on CPUs {second.get('cpus')}, saw {name} {b!r} where the "
+        f"first saw {a!r}"
+        for name, a, b in pairs
+        if a != b
+    ]
 
 
 def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
@@ -534,6 +572,7 @@ def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
     if failures:
         return {**report, **_nothing_seen(), "runs": runs, "failures": failures}
     first, second = runs
+    placement = _placement_failures(runs)
     evidence = {
         "losses": first["losses"],
         "state_sha256": first["state_sha256"],
@@ -548,7 +587,7 @@ def _check_training(steps: int, device: str, workdir: Path) -> dict[str, Any]:
         "run_cpus": [r.get("cpus") for r in runs],
         "first_difference": _first_loss_difference(first, second),
         "device_missing": None,
-        "failures": [],
+        "failures": placement,
     }
 
 
@@ -671,6 +710,7 @@ def _judge(report: dict[str, Any]) -> dict[str, Any]:
     expected = "raised" if strict else "warned"
     verified = bool(probe) and all(outcome == expected for outcome in probe.values())
     report["deterministic_mode_verified"] = verified
+    report.setdefault("run_cpus", None)  # a training check's report has them
     if asked and probe and not verified:
         failures.append(
             f"deterministic mode was asked for (warn_only={int(not strict)}) but is not on: "
