@@ -189,7 +189,6 @@ def _cpu_rows(engine: DockerEngine, folder: Path) -> tuple[list[tuple[str, ...]]
     pinned.write_text(DEMO.read_text().replace(*SMALL_PIN))
     _reprobox("lock", str(spec))
     _reprobox("lock", str(pinned))
-    _forget_plain_images()
 
     # The cold builds, alternated, each route's own earlier images removed and the disk flushed
     # right before it, so that every cold build starts from the same state whichever route it
