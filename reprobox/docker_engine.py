@@ -372,13 +372,20 @@ class DockerEngine:
         timeout_s: float,
         files: Iterable[bytes] | None = None,
         cancel: threading.Event | None = None,
+        tmpfs: Sequence[str] = (),
     ) -> Iterator[_Finished]:
-        """Run `argv` without network, `files` (a tar stream) unpacked at / first; keep the
-        exited container for the `with` block, then remove it. Setting `cancel` stops it."""
+        """Run `argv` without network, `files` (a tar stream) unpacked at / first, a tmpfs at
+        each of `tmpfs` (programs in it may run); keep the exited container for the `with`
+        block, then remove it. Setting `cancel` stops it."""
         api = self._client()
         doing = f"running `{shlex.join(argv)}` in {image}"
         with self._errors(doing):
-            cid = api.create_container(image, command=list(argv), network_disabled=True)["Id"]
+            cid = api.create_container(
+                image,
+                command=list(argv),
+                network_disabled=True,
+                host_config=api.create_host_config(tmpfs=dict.fromkeys(tmpfs, "exec")),
+            )["Id"]
         try:
             with self._errors(doing):
                 result = _run_to_end(api, cid, doing, files, timeout_s, cancel=cancel)

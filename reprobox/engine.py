@@ -164,10 +164,13 @@ class Engine(Protocol):
         timeout_s: float,
         files: Iterable[bytes] | None = None,
         cancel: threading.Event | None = None,
+        tmpfs: Sequence[str] = (),
     ) -> AbstractContextManager[FinishedContainer]:
         """Run `argv` like `run` (no network), with `files` (a tar stream) unpacked at / first,
         and keep the exited container for the `with` block: its files can be read. Once
-        `cancel` is set, the wait stops and the container is removed (ContainerCancelledError)."""
+        `cancel` is set, the wait stops and the container is removed (ContainerCancelledError).
+        Each path in `tmpfs` is an empty memory-backed folder while it runs (gone once it has
+        exited: what is to be read must be written elsewhere)."""
         ...
 
     def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:

@@ -5,12 +5,19 @@ templates/build/reprobox_compile.py compiles the sorted list in contiguous shard
 per CPU the container may use, with `PYTHONPYCACHEPREFIX`, unchecked-hash pycs: the bytes
 today's install step writes, since a pyc does not depend on what else its process compiled.
 So every layer's `.py` files can share one container, and each layer takes its own pycs back.
+
+The container's venv and pyc folder are memory-backed (tmpfs): its tars go in and come out as
+one file each, and the program unpacks and packs them there. Each file created in a container's
+own filesystem (overlay) costs about a millisecond: putting the demo's 5,900 `.py` files in took
+5.7 s of a cold demo build, and writing their pycs about as much again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import shlex
+import shutil
 import tarfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from reprobox._files import CHUNK
 from reprobox.engine import Engine
 from reprobox.errors import ContainerCancelledError, EngineError
 from reprobox.layer_tar import LayerWriter, tar_stream
@@ -29,23 +37,26 @@ __all__ = ["Sources", "append_pycs", "compile_all", "engine_tar"]
 _COMPILE_TIMEOUT_S = 3600.0
 _PROGRAM = "build/reprobox_compile.py"
 
-# templates/build/reprobox_compile.py: the sorted list in contiguous shards, one compileall
-# process per CPU the container may use; every file gets its pyc or does not compile.
+#: Memory-backed in the compile container (the venv holds the `.py` files while they compile).
+_PYC_DIR = "/reprobox-pyc"
+_PACKED = "/reprobox-build/pycs.tar"
+
+# templates/build/reprobox_compile.py: unpacks the tars into the venv, compiles the sorted list
+# in shards, contiguous runs, by one compileall process per CPU at a time (every file gets
+# its pyc or does not compile), then packs the pycs into one tar.
 _COMPILE = """set -eu
 export PYTHONDONTWRITEBYTECODE=1
 python3 -m venv --without-pip {venv}
-mkdir -p /reprobox-pyc
-PYTHONPYCACHEPREFIX=/reprobox-pyc {venv}/bin/python /reprobox-build/reprobox_compile.py \\
-  /reprobox-build/compile-list
+PYTHONPYCACHEPREFIX={pyc_dir} {venv}/bin/python /reprobox-build/reprobox_compile.py \\
+  /reprobox-build/compile-list --under {venv} {sources} --pack {packed}
 """
 
 
 @dataclass(frozen=True)
 class Sources:
-    """A tar of one layer's `.py` files (its first `length` bytes: without the end blocks)."""
+    """A tar of one layer's `.py` files (named relative to `/`), and their absolute paths."""
 
     path: Path
-    length: int
     files: frozenset[str]
 
 
@@ -113,20 +124,45 @@ def _compiled(
     entries = [
         ("reprobox-build/compile-list", listing),
         ("reprobox-build/reprobox_compile.py", program),
+        *((f"reprobox-build/sources-{i}.tar", own.path) for i, own in enumerate(sources)),
     ]
-    files = _concat(tar_stream(entries, 0), sources)
-    argv = ["/bin/sh", "-c", _COMPILE.format(venv=shlex.quote(venv))]
+    command = _COMPILE.format(
+        venv=shlex.quote(venv),
+        pyc_dir=_PYC_DIR,
+        sources=" ".join(f"--sources /reprobox-build/sources-{i}.tar" for i in range(len(sources))),
+        packed=_PACKED,
+    )
+    argv = ["/bin/sh", "-c", command]
     with engine.run_kept(
-        base, argv, timeout_s=_COMPILE_TIMEOUT_S, files=files, cancel=cancel
+        base,
+        argv,
+        timeout_s=_COMPILE_TIMEOUT_S,
+        files=tar_stream(entries, 0),
+        cancel=cancel,
+        tmpfs=(venv, _PYC_DIR),
     ) as box:
         if box.result.exit_code != 0:
             raise EngineError(
                 f"compiling bytecode in {base} failed (exit {box.result.exit_code}, "
                 f"`{shlex.join(argv[:2])} ...`): {box.result.stderr.strip()[-2000:]}"
             )
+        outer = work / "packed.tar"
+        box.get_archive(_PACKED, outer)
         pycs = work / "pycs.tar"
-        box.get_archive("/reprobox-pyc", pycs)
+        _unwrap(outer, posixpath.basename(_PACKED), pycs)
+        outer.unlink()
         yield pycs
+
+
+def _unwrap(outer: Path, name: str, dest: Path) -> None:
+    """The file `name` of the engine's tar `outer` (get_archive of one file), written to `dest`."""
+    with engine_tar(outer) as tar:
+        member = tar.getmember(name)
+        data = tar.extractfile(member) if member.isreg() else None
+        if data is None:
+            raise EngineError(f"the engine's archive {outer.name} holds no file {name}")
+        with data, dest.open("wb") as out:
+            shutil.copyfileobj(data, out, CHUNK)
 
 
 def append_pycs(
@@ -178,18 +214,3 @@ def engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
             yield tar
     except (tarfile.TarError, EOFError, KeyError) as err:
         raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
-
-
-def _concat(head: Iterator[bytes], sources: Sequence[Sources]) -> Iterator[bytes]:
-    """One tar stream of `head`'s members, then those of each tar in `sources`."""
-    pending = b""
-    for chunk in head:
-        pending += chunk
-    yield pending[: len(pending) - 1024]  # without head's end-of-archive blocks
-    for own in sources:
-        left = own.length
-        with own.path.open("rb") as data:
-            while left and (chunk := data.read(min(left, 1 << 20))):
-                left -= len(chunk)
-                yield chunk
-    yield b"\0" * 1024

@@ -343,8 +343,7 @@ def _python_sources(
         found = write_wheels(
             None, tar, spool_dir=work, target=target, wheels=job.wheels, files=files
         )
-        length = tar.offset
-    return Sources(path, length, frozenset(found))
+    return Sources(path, frozenset(found))
 
 
 def write_wheels(

@@ -340,6 +340,7 @@ class FakeEngine:
         timeout_s: float,
         files: Iterable[bytes] | None = None,
         cancel: threading.Event | None = None,
+        tmpfs: Sequence[str] = (),
     ) -> AbstractContextManager[FinishedContainer]:
         """Not faked: containers whose files are read run on a real engine only."""
         raise NotImplementedError("FakeEngine keeps no containers (use a real engine)")

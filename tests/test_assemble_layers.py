@@ -207,7 +207,11 @@ def _target(skeleton: Path) -> TargetPython:
     )
 
 
-def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_sources", [False, True], ids=["layer-alone", "layer-and-sources"])
+def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(
+    tmp_path: Path, with_sources: bool
+) -> None:
+    """The layer alone, as a build writes it, and with the `.py` files copied out on the way."""
     wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
     locked, digest = _locked(wheel_path, "demo-pkg")
     target = _target(tmp_path / "unused")
@@ -216,14 +220,15 @@ def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(tmp_path
     with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
         python_files = write_wheels(
             writer,
-            sources,
+            sources if with_sources else None,
             spool_dir=tmp_path,
             target=target,
             wheels=[locked],
             files={digest: wheel_path},
         )
     writer.close()
-    assert python_files == [f"{SITE}/demo_pkg/__init__.py", f"{SITE}/demo_pkg/sub/mod.py"]
+    if with_sources:
+        assert python_files == [f"{SITE}/demo_pkg/__init__.py", f"{SITE}/demo_pkg/sub/mod.py"]
 
     # The same wheel through pypa/installer's own destination onto this disk, under `root`.
     root = tmp_path / "root"
@@ -436,8 +441,8 @@ def test_each_layer_takes_its_own_pycs_from_the_shared_tar_and_a_stray_one_fails
 
     pkg = f"{SITE}/pkg"
     sources = [
-        Sources(tmp_path / "a.tar", 0, frozenset({f"{pkg}/a.py", f"{pkg}/x.y.py"})),
-        Sources(tmp_path / "b.tar", 0, frozenset({f"{pkg}/b.py"})),
+        Sources(tmp_path / "a.tar", frozenset({f"{pkg}/a.py", f"{pkg}/x.y.py"})),
+        Sources(tmp_path / "b.tar", frozenset({f"{pkg}/b.py"})),
     ]
     shared = _pyc_tar(
         tmp_path / "pycs.tar",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -139,3 +141,97 @@ def test_a_cgroup_quota_lowers_the_count(
 
     monkeypatch.setattr(Path, "read_text", read_text)
     assert compile_program.cpu_count() == expected
+
+
+def _sources_tar(path: Path, members: dict[str, bytes], *, link: str | None = None) -> Path:
+    """A tar like `--assemble`'s quick pass writes: files named relative to `/`."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link is not None:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+def test_sources_in_tars_are_compiled_and_their_pycs_leave_as_one_sorted_tar(
+    tmp_path: Path,
+) -> None:
+    """The container's route: `.py` files in as tars, pycs out as one tar (run here, with the
+    venv a folder of tmp_path: the names in the tars are relative to `/`)."""
+    venv = tmp_path / "venv"
+    site = f"{str(venv).lstrip('/')}/lib/site-packages"
+    names = {f"{site}/pkg/m{i}.py": f"X = {i}\n".encode() for i in range(5)}
+    names[f"{site}/pkg/py2.py"] = b"print 'py2'\n"
+    first = _sources_tar(tmp_path / "a.tar", dict(list(names.items())[:3]))
+    second = _sources_tar(tmp_path / "b.tar", dict(list(names.items())[3:]))
+    listing = tmp_path / "compile-list"
+    listing.write_text("".join(f"/{n}\n" for n in sorted(names)), encoding="utf-8")
+    prefix, packed = tmp_path / "reprobox-pyc", tmp_path / "pycs.tar"
+    options = ["--under", str(venv), "--sources", str(first), "--sources", str(second)]
+    done = subprocess.run(
+        [sys.executable, str(PROGRAM), str(listing), *options, "--pack", str(packed)],
+        env={**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert {f"/{n}" for n in names} == {str(p) for p in venv.rglob("*.py")}
+    tag = sys.implementation.cache_tag
+    with tarfile.open(packed) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        got = {m.name: tar.extractfile(m).read() for m in members}  # type: ignore[union-attr]
+    expected = [f"reprobox-pyc/{n.removesuffix('.py')}.{tag}.pyc" for n in sorted(names)]
+    expected.remove(f"reprobox-pyc/{site}/pkg/py2.{tag}.pyc")  # stays source only
+    assert [m.name for m in members] == expected
+    pyc = prefix / site / "pkg" / f"m0.{tag}.pyc"
+    assert got[f"reprobox-pyc/{site}/pkg/m0.{tag}.pyc"] == pyc.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "link"),
+    [
+        ("{site}/../../../outside.py", None),
+        ("etc/elsewhere.py", None),
+        ("{site}/./m.py", None),
+        (None, "{site}/link.py"),
+    ],
+)
+def test_a_sources_member_that_is_not_a_file_below_the_venv_is_refused(
+    tmp_path: Path, name: str | None, link: str | None
+) -> None:
+    venv = tmp_path / "venv"
+    site = f"{str(venv).lstrip('/')}/lib/site-packages"
+    members = {} if name is None else {name.format(site=site): b"X = 1\n"}
+    tar = _sources_tar(tmp_path / "s.tar", members, link=link and link.format(site=site))
+    listing = tmp_path / "compile-list"
+    listing.write_text("", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(PROGRAM), str(listing), "--under", str(venv), "--sources", str(tar)],
+        env={**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "pyc")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "is not a file below" in done.stderr
+    assert not (tmp_path / "outside.py").exists()
+    assert not venv.exists()
+
+
+def test_shards_run_a_few_processes_at_a_time_and_every_shard_runs(tmp_path: Path) -> None:
+    files = []
+    for i in range(20):
+        path = tmp_path / "src" / f"m{i:02}.py"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"X = {i}\n", encoding="utf-8")
+        files.append(str(path))
+    listing = tmp_path / "list"
+    codes = compile_program.compile_shards(listing, files, 2)
+    assert codes == [0] * 2 * compile_program.SHARDS_PER_WORKER
+    parts = sorted(tmp_path.glob("list.*"), key=lambda p: int(p.suffix[1:]))
+    assert [line for p in parts for line in compile_program.read_list(p)] == files
