@@ -185,11 +185,12 @@ def test_sources_in_tars_are_compiled_and_their_pycs_leave_as_one_sorted_tar(
     with tarfile.open(packed) as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         got = {m.name: tar.extractfile(m).read() for m in members}  # type: ignore[union-attr]
-    expected = [f"reprobox-pyc/{n.removesuffix('.py')}.{tag}.pyc" for n in sorted(names)]
-    expected.remove(f"reprobox-pyc/{site}/pkg/py2.{tag}.pyc")  # stays source only
-    assert [m.name for m in members] == expected
+    packed_prefix = str(prefix).lstrip("/")  # each pyc is named as its path, without the `/`
+    expected = [f"{packed_prefix}/{n.removesuffix('.py')}.{tag}.pyc" for n in names]
+    expected.remove(f"{packed_prefix}/{site}/pkg/py2.{tag}.pyc")  # stays source only
+    assert sorted(m.name for m in members) == sorted(expected)
     pyc = prefix / site / "pkg" / f"m0.{tag}.pyc"
-    assert got[f"reprobox-pyc/{site}/pkg/m0.{tag}.pyc"] == pyc.read_bytes()
+    assert got[f"{packed_prefix}/{site}/pkg/m0.{tag}.pyc"] == pyc.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -223,15 +224,31 @@ def test_a_sources_member_that_is_not_a_file_below_the_venv_is_refused(
     assert not venv.exists()
 
 
-def test_shards_run_a_few_processes_at_a_time_and_every_shard_runs(tmp_path: Path) -> None:
+def test_shards_run_the_largest_first_and_each_is_packed_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contiguous runs of the list (the compile histories the tests above rely on), run in
+    order of their source bytes, the largest first; every shard runs, and its pycs are packed."""
     files = []
-    for i in range(20):
+    for i in range(16):
         path = tmp_path / "src" / f"m{i:02}.py"
         path.parent.mkdir(exist_ok=True)
-        path.write_text(f"X = {i}\n", encoding="utf-8")
+        path.write_text(
+            f"X = '{i:02}'\n" + "# pad\n" * (100 if i in (9, 10) else 0), encoding="utf-8"
+        )
         files.append(str(path))
+    prefix = tmp_path / "pyc"
+    monkeypatch.setattr(sys, "pycache_prefix", str(prefix))
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(prefix))  # for the compileall processes
     listing = tmp_path / "list"
-    codes = compile_program.compile_shards(listing, files, 2)
-    assert codes == [0] * 2 * compile_program.SHARDS_PER_WORKER
+    with tarfile.open(tmp_path / "p.tar", "w") as packed:
+        codes = compile_program.compile_shards(listing, files, 1, packed)
+    assert codes == [0] * compile_program.SHARDS_PER_WORKER
     parts = sorted(tmp_path.glob("list.*"), key=lambda p: int(p.suffix[1:]))
     assert [line for p in parts for line in compile_program.read_list(p)] == files
+    with tarfile.open(tmp_path / "p.tar") as tar:
+        names = tar.getnames()
+    tag = sys.implementation.cache_tag
+    # Four shards of four files: m08-m11 holds the two large files and runs first.
+    order = [8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert names == [f"{str(prefix).lstrip('/')}{files[i][:-3]}.{tag}.pyc" for i in order]

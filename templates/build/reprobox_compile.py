@@ -3,7 +3,8 @@
 Runs in a container of the base with the base's Python (`--assemble`'s bytecode step), with
 PYTHONPYCACHEPREFIX set: `python reprobox_compile.py LIST [--sources TAR]... [--under DIR]
 [--pack OUT]`. The list holds one absolute path per line (`\\n` only). One process per CPU the
-container may use, four shards each, each next shard as soon as one ends.
+container may use at a time, four shards each; the shards with the most source bytes run
+first, each next one as soon as one ends, so that no CPU idles through a long last shard.
 
 A pyc does not depend on what its process compiled before (CPython's marshal marks interned
 strings as references always, any other object by its references inside the module written),
@@ -12,9 +13,9 @@ one-process compile.
 
 In the container the `.py` files arrive as tars (`--sources`), one file each, unpacked here into
 the venv, which is memory-backed (tmpfs) like the pyc folder; the pycs leave as one tar
-(`--pack`). A container's own filesystem (overlay) costs about a millisecond for each file
-created in it: five seconds for the demo's 5,900 `.py` files on the 2-core machine this was
-measured on, and several more for their pycs. Unpacking and packing take about a second.
+(`--pack`), each shard's added as soon as it has ended. A container's own filesystem (overlay)
+costs about a millisecond for each file created in it: five seconds for the demo's 5,900 `.py`
+files on the 2-core machine this was measured on, and several more for their pycs.
 
 Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
 source-only, as the recipe's compile step and pip's leave them. Any other missing pyc (a shard
@@ -28,6 +29,7 @@ Standard library only: it runs on whatever Python the base has (3.8 and later).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -36,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,21 +83,50 @@ def does_not_compile(path: str) -> bool:
     return False
 
 
-def compile_shards(listing: Path, files: list[str], workers: int) -> list[int]:
-    """compileall's exit codes, one for each of `SHARDS_PER_WORKER * workers` shards of `files`,
-    run by `workers` processes at a time, each next shard as soon as one ends: shards run
-    unevenly long (a few large modules), and a last long one would leave the other CPUs idle."""
+def _size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def compile_shards(
+    listing: Path, files: list[str], workers: int, packed: tarfile.TarFile | None = None
+) -> list[int]:
+    """compileall's exit codes, one for each of `SHARDS_PER_WORKER * workers` shards of `files`
+    (in the list's order), run by `workers` processes at a time, the shards with the most
+    source bytes first, each next one as soon as one ends: a last long shard would leave the
+    other CPUs idle. Each shard's pycs go into `packed` as soon as it has ended."""
     parts = shards(files, workers * SHARDS_PER_WORKER)
+    order = sorted(range(len(parts)), key=lambda i: -sum(_size(name) for name in parts[i]))
+    packing = threading.Lock()
 
     def run(index: int) -> int:
         part = listing.with_name(f"{listing.name}.{index}")
         part.write_text("".join(name + "\n" for name in parts[index]), encoding="utf-8")
         command = [sys.executable, "-m", "compileall", "-q", "-j", "1"]
         command += ["--invalidation-mode", "unchecked-hash", "-i", str(part)]
-        return subprocess.run(command, stdin=subprocess.DEVNULL, check=False).returncode
+        code = subprocess.run(command, stdin=subprocess.DEVNULL, check=False).returncode
+        if packed is not None:
+            with packing:
+                _pack(packed, parts[index])
+        return code
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(run, range(len(parts))))
+        codes = dict(zip(order, pool.map(run, order)))  # noqa: B905 (3.8 has no strict=)
+    return [codes[index] for index in range(len(parts))]
+
+
+def _pack(packed: tarfile.TarFile, sources: list[str]) -> None:
+    """The pycs of `sources` that were written, into `packed`, each named as its path without
+    the leading `/`."""
+    for name in sources:
+        pyc = Path(importlib.util.cache_from_source(name))
+        if pyc.is_file():
+            info = tarfile.TarInfo(pyc.as_posix().lstrip("/"))
+            info.size, info.mode = pyc.stat().st_size, 0o644
+            with pyc.open("rb") as data:
+                packed.addfile(info, data)
 
 
 def unpack(tar_path: str, under: str, root: str = "/") -> None:
@@ -122,24 +154,6 @@ def unpack(tar_path: str, under: str, root: str = "/") -> None:
                 shutil.copyfileobj(data, out, 1 << 20)
 
 
-def pack(prefix: str, out: str) -> int:
-    """Every file below `prefix` (the pycs) into a tar at `out`, sorted, named
-    `<last part of prefix>/<path below it>`; how many."""
-    top = Path(prefix)
-    found = sorted(
-        (f"{top.name}/{path.relative_to(top).as_posix()}", path)
-        for path in top.rglob("*")
-        if path.is_file()
-    )
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for arcname, path in found:
-            info = tarfile.TarInfo(arcname)
-            info.size, info.mode = path.stat().st_size, 0o644
-            with path.open("rb") as data:
-                tar.addfile(info, data)
-    return len(found)
-
-
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reprobox_compile.py")
     parser.add_argument("listing", type=Path)
@@ -162,7 +176,12 @@ def main(argv: list[str]) -> int:
             return 2
     listing = args.listing
     files = read_list(listing)
-    codes = compile_shards(listing, files, min(cpu_count(), MAX_SHARDS))
+    workers = min(cpu_count(), MAX_SHARDS)
+    with contextlib.ExitStack() as stack:
+        packed = None
+        if args.pack:
+            packed = stack.enter_context(tarfile.open(args.pack, "w", format=tarfile.PAX_FORMAT))
+        codes = compile_shards(listing, files, workers, packed)
     if any(code not in (0, 1) for code in codes):
         print(f"reprobox_compile: compileall exited {codes}", file=sys.stderr)
         return 2
@@ -178,8 +197,6 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.pack and sys.pycache_prefix:  # checked in _arguments
-        pack(sys.pycache_prefix, args.pack)
     return 0
 
 
