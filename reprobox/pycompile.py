@@ -1,15 +1,20 @@
 """Bytecode for `--assemble`'s Python layers: the base's Python compiles, in one short container.
 
-Only the layers' `.py` files go in (tars of them, one per layer); only the pycs come back.
-templates/build/reprobox_compile.py compiles the sorted list in contiguous shards, one process
-per CPU the container may use, with `PYTHONPYCACHEPREFIX`, unchecked-hash pycs: the bytes
-today's install step writes, since a pyc does not depend on what else its process compiled.
-So every layer's `.py` files can share one container, and each layer takes its own pycs back.
+Only the layers' `.py` files go in (a tar and a sorted list per layer); only the pycs come back.
+templates/build/reprobox_compile.py compiles them with `PYTHONPYCACHEPREFIX`, unchecked-hash
+pycs: the bytes the recipe's install step writes, one process per layer. On CPython 3.11 a pyc
+does not depend on what else its process compiled, so the program compiles the union in
+contiguous shards of its sorted list, several processes at a time; on 3.12 it does (a frozenset
+constant an earlier file's strings also filled), and elsewhere each layer's list is compiled in
+one process, as the recipe's stage does. Every compile runs with PYTHONHASHSEED=0, as the
+recipe's does: up to 3.10 a frozenset's items are written in their hash order. Either way every layer's `.py` files can
+share one container, and each layer takes its own pycs back.
 
-The container's venv and pyc folder are memory-backed (tmpfs): its tars go in and come out as
-one file each, and the program unpacks and packs them there. Each file created in a container's
-own filesystem (overlay) costs about a millisecond: putting the demo's 5,900 `.py` files in took
-5.7 s of a cold demo build, and writing their pycs about as much again.
+The container's venv and pyc folder are memory-backed (tmpfs): the tars go in as one file each
+and the program unpacks them there; it packs the pycs into one tar on the container's own
+filesystem, which `get_archive` can read (a tmpfs it cannot). Each file created in a
+container's own filesystem (overlay) costs about a millisecond here: putting the demo's 5,900
+`.py` files in file by file took 5.7 s of a cold demo build.
 """
 
 from __future__ import annotations
@@ -41,14 +46,13 @@ _PROGRAM = "build/reprobox_compile.py"
 _PYC_DIR = "/reprobox-pyc"
 _PACKED = "/reprobox-build/pycs.tar"
 
-# templates/build/reprobox_compile.py: unpacks the tars into the venv, compiles the sorted list
-# in shards, contiguous runs, by one compileall process per CPU at a time (every file gets
-# its pyc or does not compile), then packs the pycs into one tar.
+# templates/build/reprobox_compile.py: unpacks the tars into the venv, compiles the lists
+# (every file gets its pyc or does not compile) and packs the pycs into one tar.
 _COMPILE = """set -eu
 export PYTHONDONTWRITEBYTECODE=1
 python3 -m venv --without-pip {venv}
 PYTHONPYCACHEPREFIX={pyc_dir} {venv}/bin/python /reprobox-build/reprobox_compile.py \\
-  /reprobox-build/compile-list --under {venv} {sources} --pack {packed}
+  {lists} --under {venv} {sources} --pack {packed}
 """
 
 
@@ -112,24 +116,29 @@ def _compiled(
 ) -> Iterator[Path | None]:
     """The pycs of `sources`, compiled by the base's Python in one container: a tar (None
     without a `.py` file), while the container is still there (it is removed after)."""
-    python_files = sorted(frozenset[str]().union(*(own.files for own in sources)))
-    if not python_files:
+    own_files = [own for own in sources if own.files]
+    if not own_files:
         yield None
         return
     work.mkdir()
-    listing = work / "compile-list"
-    listing.write_text("\n".join(python_files) + "\n", encoding="utf-8")
     program = work / "reprobox_compile.py"
     program.write_bytes(resources.files("reprobox.templates").joinpath(_PROGRAM).read_bytes())
-    entries = [
-        ("reprobox-build/compile-list", listing),
-        ("reprobox-build/reprobox_compile.py", program),
-        *((f"reprobox-build/sources-{i}.tar", own.path) for i, own in enumerate(sources)),
-    ]
+    entries = [("reprobox-build/reprobox_compile.py", program)]
+    # One sorted list per layer: the program compiles each in one process where a pyc depends
+    # on what its process compiled before (everywhere but on CPython 3.11), as the recipe does.
+    for index, own in enumerate(own_files):
+        listing = work / f"compile-list-{index}"
+        listing.write_text("\n".join(sorted(own.files)) + "\n", encoding="utf-8")
+        entries += [
+            (f"reprobox-build/compile-list-{index}", listing),
+            (f"reprobox-build/sources-{index}.tar", own.path),
+        ]
+    count = range(len(own_files))
     command = _COMPILE.format(
         venv=shlex.quote(venv),
         pyc_dir=_PYC_DIR,
-        sources=" ".join(f"--sources /reprobox-build/sources-{i}.tar" for i in range(len(sources))),
+        lists=" ".join(f"/reprobox-build/compile-list-{i}" for i in count),
+        sources=" ".join(f"--sources /reprobox-build/sources-{i}.tar" for i in count),
         packed=_PACKED,
     )
     argv = ["/bin/sh", "-c", command]

@@ -157,7 +157,7 @@ def _sources_tar(path: Path, members: dict[str, bytes], *, link: str | None = No
     return path
 
 
-def test_sources_in_tars_are_compiled_and_their_pycs_leave_as_one_sorted_tar(
+def test_sources_in_tars_are_compiled_and_their_pycs_leave_as_one_tar(
     tmp_path: Path,
 ) -> None:
     """The container's route: `.py` files in as tars, pycs out as one tar (run here, with the
@@ -224,11 +224,35 @@ def test_a_sources_member_that_is_not_a_file_below_the_venv_is_refused(
     assert not venv.exists()
 
 
-def test_shards_run_the_largest_first_and_each_is_packed_once_it_has_ended(
+def test_unpacking_follows_no_link_the_venv_holds_and_writes_no_path_twice(tmp_path: Path) -> None:
+    """`python3 -m venv` makes links (bin/python, lib64): a member under one is refused, and so
+    is a second member at a path already written."""
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    venv.mkdir()
+    elsewhere.mkdir()
+    (venv / "lib64").symlink_to(elsewhere)
+    top = str(venv).lstrip("/")
+    through = _sources_tar(tmp_path / "a.tar", {f"{top}/lib64/m.py": b"X = 1\n"})
+    with pytest.raises(ValueError, match="would be written outside"):
+        compile_program.unpack(str(through), str(venv))
+    assert list(elsewhere.iterdir()) == []
+    twice = tmp_path / "b.tar"
+    with tarfile.open(twice, "w") as tar:
+        for data in (b"X = 1\n", b"X = 2\n"):
+            info = tarfile.TarInfo(f"{top}/lib/m.py")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(FileExistsError):
+        compile_program.unpack(str(twice), str(venv))
+    assert (venv / "lib" / "m.py").read_bytes() == b"X = 1\n"
+
+
+def test_parts_run_the_largest_first_and_each_is_packed_once_it_has_ended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Contiguous runs of the list (the compile histories the tests above rely on), run in
-    order of their source bytes, the largest first; every shard runs, and its pycs are packed."""
+    """Shards are contiguous runs of the sorted list (the compile histories the tests above
+    rely on), run in order of their source bytes, the largest first; every shard runs, and its
+    pycs are in the tar before the next one starts."""
     files = []
     for i in range(16):
         path = tmp_path / "src" / f"m{i:02}.py"
@@ -240,15 +264,109 @@ def test_shards_run_the_largest_first_and_each_is_packed_once_it_has_ended(
     prefix = tmp_path / "pyc"
     monkeypatch.setattr(sys, "pycache_prefix", str(prefix))
     monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(prefix))  # for the compileall processes
-    listing = tmp_path / "list"
+    monkeypatch.setattr(compile_program, "history_free", lambda: True)
+    parts = compile_program.plan([files[8:], files[:8]], 1)
+    assert [name for part in parts for name in part] == files  # the union, sorted
+    assert len(parts) == compile_program.SHARDS_PER_WORKER
+    packed_before: list[int] = []
+    real_run = compile_program.subprocess.run
+
+    def run(*args: object, **kwargs: object) -> object:
+        packed_before.append(len(packed.getmembers()))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(compile_program.subprocess, "run", run)
     with tarfile.open(tmp_path / "p.tar", "w") as packed:
-        codes = compile_program.compile_shards(listing, files, 1, packed)
+        codes = compile_program.run_parts(tmp_path / "list", parts, 1, packed)
     assert codes == [0] * compile_program.SHARDS_PER_WORKER
-    parts = sorted(tmp_path.glob("list.*"), key=lambda p: int(p.suffix[1:]))
-    assert [line for p in parts for line in compile_program.read_list(p)] == files
+    assert packed_before == [0, 4, 8, 12]
     with tarfile.open(tmp_path / "p.tar") as tar:
         names = tar.getnames()
     tag = sys.implementation.cache_tag
     # Four shards of four files: m08-m11 holds the two large files and runs first.
     order = [8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15]
     assert names == [f"{str(prefix).lstrip('/')}{files[i][:-3]}.{tag}.pyc" for i in order]
+
+
+def test_where_a_pyc_depends_on_its_process_each_list_is_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(compile_program, "history_free", lambda: False)
+    assert compile_program.plan([["/b/2.py", "/b/1.py"], [], ["/a/1.py"]], 2) == [
+        ["/b/1.py", "/b/2.py"],
+        ["/a/1.py"],
+    ]
+
+
+COMPILEALL = ["-m", "compileall", "-q", "-j", "1", "--invalidation-mode", "unchecked-hash", "-i"]
+
+
+def _interpreters() -> list[str]:
+    """This Python, and every other CPython 3.8+ pyenv holds on this machine."""
+    found = {sys.executable}
+    for python in sorted(Path.home().glob(".pyenv/versions/3.*/bin/python3")):
+        minor = python.parent.parent.name.split(".")[1]
+        if minor.isdigit() and int(minor) >= 8:
+            found.add(str(python))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("python", _interpreters())
+def test_the_bytes_are_the_recipes_one_process_per_layer_on_every_python(
+    tmp_path: Path, python: str
+) -> None:
+    """Two layers as the recipe compiles them (each layer's sorted list in one process of its
+    own) and as the program does, on each Python found here. The second layer's frozenset
+    constant holds strings the first layer's files hold too, and the first layer's files share
+    one: on 3.8 to 3.10 and from 3.12, one process for both layers, or a shard boundary inside
+    one, gives other bytes."""
+    layer_a = {
+        f"pkg_a/m{i}.py": f"def f{i}(p):\n    return p in {{'zzalpha', 'zzbeta'}}\n"
+        for i in range(3)
+    }
+    layer_b = {
+        # Compiled before mod.py in the recipe's process; a shard boundary falls between them.
+        "pkg_b/a_first.py": "def k(p):\n    return p in {'zzalpha', 'zzbeta'}\n",
+        "pkg_b/mod.py": (
+            "import sys\n"
+            "if sys.platform not in {'zzalpha', 'zzbeta'}:\n"
+            "    pass\n"
+            "def g(p):\n"
+            "    return p in {'zzalpha', 'zzbeta'}\n"
+        ),
+        # Up to 3.10 the four items are written in their hash order: the seed decides them.
+        "pkg_b/four.py": "def h(p):\n    return p in {'zza', 'zzb', 'zzc', 'zzd'}\n",
+        **{f"pkg_b/n{i}.py": f"Y = {i}\n" for i in range(5)},
+    }
+    lists = []
+    for name, layer in (("a", layer_a), ("b", layer_b)):
+        paths = []
+        for relative, source in layer.items():
+            path = tmp_path / "src" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(source, encoding="utf-8")
+            paths.append(str(path))
+        listing = tmp_path / f"list-{name}"
+        listing.write_text("".join(p + "\n" for p in sorted(paths)), encoding="utf-8")
+        lists.append(listing)
+    recipe, program = tmp_path / "recipe", tmp_path / "program"
+    for listing in lists:
+        subprocess.run(
+            [python, *COMPILEALL, str(listing)],
+            # As templates/build/reprobox_install.py runs it.
+            env={**os.environ, "PYTHONPYCACHEPREFIX": str(recipe), "PYTHONHASHSEED": "0"},
+            check=True,
+        )
+    done = subprocess.run(
+        [python, str(PROGRAM), *map(str, lists)],
+        env={**os.environ, "PYTHONPYCACHEPREFIX": str(program), "PYTHONHASHSEED": "random"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.relative_to(recipe) for p in recipe.rglob("*.pyc"))
+    assert len(files) == len(layer_a) + len(layer_b)
+    assert files == sorted(p.relative_to(program) for p in program.rglob("*.pyc"))
+    differ = [f for f in files if (recipe / f).read_bytes() != (program / f).read_bytes()]
+    assert differ == []

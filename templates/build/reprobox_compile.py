@@ -1,27 +1,39 @@
-"""Compile a sorted list of `.py` files in shards, contiguous runs of it, by compileall processes.
+"""Compile the `.py` files of one or more layers with compileall processes, as the recipe does.
 
 Runs in a container of the base with the base's Python (`--assemble`'s bytecode step), with
-PYTHONPYCACHEPREFIX set: `python reprobox_compile.py LIST [--sources TAR]... [--under DIR]
-[--pack OUT]`. The list holds one absolute path per line (`\\n` only). One process per CPU the
-container may use at a time, four shards each; the shards with the most source bytes run
-first, each next one as soon as one ends, so that no CPU idles through a long last shard.
+PYTHONPYCACHEPREFIX set: `python reprobox_compile.py LIST... [--sources TAR]... [--under DIR]
+[--pack OUT]`. Each LIST is one layer's sorted list, one absolute path per line (`\\n` only).
+The recipe's build stage compiles each layer's list in one process
+(`compileall -q -j 1 --invalidation-mode unchecked-hash -i LIST`); this program gives the same
+bytes:
 
-A pyc does not depend on what its process compiled before (CPython's marshal marks interned
-strings as references always, any other object by its references inside the module written),
-so the shards write the bytes one process writes; the tests compare them with the recipe's
-one-process compile.
+- On CPython 3.11 a pyc does not depend on what its process compiled before (measured: an
+  interned string dies with its last reference, and marshal marks any other object by the
+  references inside the module it writes). So the union of the lists is compiled in contiguous
+  shards of its sorted order, four for each CPU the container may use, that many processes at a
+  time, the shards with the most source bytes first (so that no CPU idles through a long last
+  one).
+- On 3.12 it does (interned strings live for ever there): a module holding one frozenset
+  constant twice, compiled after a file that held the same strings, marshals it without its
+  reference flag. Other versions were measured less than 3.11. So everywhere but on 3.11 each
+  list is compiled in one process, as the recipe's stage does (the lists in parallel).
+- Up to 3.10 marshal writes a frozenset's items in their hash order, so every compile runs with
+  PYTHONHASHSEED=0, as the recipe's does.
 
-In the container the `.py` files arrive as tars (`--sources`), one file each, unpacked here into
-the venv, which is memory-backed (tmpfs) like the pyc folder; the pycs leave as one tar
-(`--pack`), each shard's added as soon as it has ended. A container's own filesystem (overlay)
-costs about a millisecond for each file created in it: five seconds for the demo's 5,900 `.py`
-files on the 2-core machine this was measured on, and several more for their pycs.
+The tests compare the program's bytes with the recipe's one-process-per-layer compile on every
+CPython found on the test machine.
+
+The `.py` files arrive as tars (`--sources`), one file each, unpacked here into the venv, which
+is memory-backed (tmpfs) like the pyc folder; the pycs leave as one tar (`--pack`), each
+process's added as soon as it has ended. A container's own filesystem (overlay) costs about a
+millisecond for each file created in it: five seconds for the demo's 5,900 `.py` files on the
+2-core machine this was measured on, and several more for their pycs.
 
 Some wheels ship deliberately uncompilable files (templates, py2 fixtures); they stay
-source-only, as the recipe's compile step and pip's leave them. Any other missing pyc (a shard
-killed, a full disk, a write error) fails: exit 2, with what is missing on stderr. Exit 0 when
-every file has its pyc or does not compile. A tar member that is not a file below the venv
-fails too (exit 2).
+source-only, as the recipe's compile step and pip's leave them. Any other missing pyc (a
+process killed, a full disk, a write error) fails: exit 2, with what is missing on stderr. Exit
+0 when every file has its pyc or does not compile. A tar member that is not a file below the
+venv, or a second one at the same path, fails too (exit 2).
 
 Standard library only: it runs on whatever Python the base has (3.8 and later).
 """
@@ -90,14 +102,32 @@ def _size(path: str) -> int:
         return 0
 
 
-def compile_shards(
-    listing: Path, files: list[str], workers: int, packed: tarfile.TarFile | None = None
+def history_free() -> bool:
+    """Whether a pyc here is the same whatever its process compiled before: measured on
+    CPython 3.11 (torch's files in halves, in reverse, the demo's layers, and the tests'
+    frozensets). On 3.12 a module holding one frozenset constant twice, compiled after a file
+    with the same strings, gets other bytes (marshal drops the reference flag); the tests show
+    it. Other versions are treated as 3.12 is."""
+    return sys.implementation.name == "cpython" and sys.version_info[:2] == (3, 11)
+
+
+def plan(lists: list[list[str]], workers: int) -> list[list[str]]:
+    """The runs of files one compileall process each compiles. Where the bytes do not depend on
+    a process's history: contiguous shards of the sorted union, `SHARDS_PER_WORKER` for each
+    worker. Otherwise each list (one per layer, sorted) in one process, as the recipe's build
+    stage compiles its layer's files."""
+    if history_free():
+        return shards(sorted(set().union(*lists)), workers * SHARDS_PER_WORKER)
+    return [sorted(files) for files in lists if files]
+
+
+def run_parts(
+    listing: Path, parts: list[list[str]], workers: int, packed: tarfile.TarFile | None = None
 ) -> list[int]:
-    """compileall's exit codes, one for each of `SHARDS_PER_WORKER * workers` shards of `files`
-    (in the list's order), run by `workers` processes at a time, the shards with the most
-    source bytes first, each next one as soon as one ends: a last long shard would leave the
-    other CPUs idle. Each shard's pycs go into `packed` as soon as it has ended."""
-    parts = shards(files, workers * SHARDS_PER_WORKER)
+    """compileall's exit code for each of `parts` (each a list in the order it is compiled),
+    run by `workers` processes at a time, the parts with the most source bytes first, each next
+    one as soon as one ends: a last long part would leave the other CPUs idle. Each part's pycs
+    go into `packed` as soon as it has ended. Its lists are written beside `listing`."""
     order = sorted(range(len(parts)), key=lambda i: -sum(_size(name) for name in parts[i]))
     packing = threading.Lock()
 
@@ -106,7 +136,9 @@ def compile_shards(
         part.write_text("".join(name + "\n" for name in parts[index]), encoding="utf-8")
         command = [sys.executable, "-m", "compileall", "-q", "-j", "1"]
         command += ["--invalidation-mode", "unchecked-hash", "-i", str(part)]
-        code = subprocess.run(command, stdin=subprocess.DEVNULL, check=False).returncode
+        # The recipe's seed: up to 3.10 marshal writes a frozenset in hash order.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        code = subprocess.run(command, stdin=subprocess.DEVNULL, env=env, check=False).returncode
         if packed is not None:
             with packing:
                 _pack(packed, parts[index])
@@ -148,15 +180,20 @@ def unpack(tar_path: str, under: str, root: str = "/") -> None:
                 raise ValueError(f"{tar_path}: {name!r} is not a file below {under}")
             target = Path(root, name)
             target.parent.mkdir(parents=True, exist_ok=True)
+            # Not through a link the venv holds (bin/python, lib64), nor over a file written.
+            inside, venv = str(target.parent.resolve()), str(Path(root, top).resolve())
+            if inside != venv and not inside.startswith(venv + "/"):  # 3.8: no is_relative_to
+                raise ValueError(f"{tar_path}: {name!r} would be written outside {under}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
             data = tar.extractfile(member)
             assert data is not None
-            with data, target.open("wb") as out:
+            with data, os.fdopen(os.open(target, flags, 0o644), "wb") as out:
                 shutil.copyfileobj(data, out, 1 << 20)
 
 
 def _arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="reprobox_compile.py")
-    parser.add_argument("listing", type=Path)
+    parser.add_argument("listings", type=Path, nargs="+", help="one sorted list per layer")
     parser.add_argument("--sources", action="append", default=[], help="a tar of .py files")
     parser.add_argument("--under", default="/opt/venv", help="where --sources' files must lie")
     parser.add_argument("--pack", help="write the pycs (PYTHONPYCACHEPREFIX) to this tar")
@@ -174,14 +211,22 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError, tarfile.TarError) as err:
             print(f"reprobox_compile: unpacking {tar_path}: {err}", file=sys.stderr)
             return 2
-    listing = args.listing
-    files = read_list(listing)
+    lists = [read_list(listing) for listing in args.listings]
+    files = sorted(set().union(*lists))
+    if not files:
+        return 0  # compileall -i of an empty list would compile all of sys.path
     workers = min(cpu_count(), MAX_SHARDS)
-    with contextlib.ExitStack() as stack:
-        packed = None
-        if args.pack:
-            packed = stack.enter_context(tarfile.open(args.pack, "w", format=tarfile.PAX_FORMAT))
-        codes = compile_shards(listing, files, workers, packed)
+    try:
+        with contextlib.ExitStack() as stack:
+            packed = None
+            if args.pack:
+                packed = stack.enter_context(
+                    tarfile.open(args.pack, "w", format=tarfile.PAX_FORMAT)
+                )
+            codes = run_parts(args.listings[0], plan(lists, workers), workers, packed)
+    except OSError as err:  # a list or the tar not written (a full disk), no process started
+        print(f"reprobox_compile: {err}", file=sys.stderr)
+        return 2
     if any(code not in (0, 1) for code in codes):
         print(f"reprobox_compile: compileall exited {codes}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ copied under that directory, so a later stage can take just them.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -27,9 +28,9 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def _run(argv: list[str], *, check: bool = True) -> int:
+def _run(argv: list[str], *, check: bool = True, env: dict[str, str] | None = None) -> int:
     print("+ " + " ".join(argv), flush=True)
-    return subprocess.run(argv, check=check).returncode
+    return subprocess.run(argv, check=check, env=env).returncode
 
 
 def _copy_delta(before: dict[str, tuple[int, int]], venv: Path, delta: Path) -> int:
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             # Some wheels ship deliberately uncompilable files (templates, py2 fixtures);
             # they stay source-only, as pip's own compile step would leave them.
             check=False,
+            # Up to Python 3.10 marshal writes a frozenset constant in its iteration order,
+            # which follows the string hash seed: a random seed gives other pycs every build.
+            env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         listing.unlink()
     if args.delta is not None:
