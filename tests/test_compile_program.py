@@ -143,8 +143,11 @@ def test_a_cgroup_quota_lowers_the_count(
     assert compile_program.cpu_count() == expected
 
 
-def _sources_tar(path: Path, members: dict[str, bytes], *, link: str | None = None) -> Path:
-    """A tar like `--assemble`'s quick pass writes: files named relative to `/`."""
+def _sources_tar(
+    path: Path, members: dict[str, bytes], *, link: str | None = None, kind: bytes = tarfile.SYMTYPE
+) -> Path:
+    """A tar like `--assemble`'s quick pass writes: files named relative to `/`; and `link`, an
+    entry of `kind` (a symbolic link, a hard link, a folder)."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -152,7 +155,7 @@ def _sources_tar(path: Path, members: dict[str, bytes], *, link: str | None = No
             tar.addfile(info, io.BytesIO(data))
         if link is not None:
             info = tarfile.TarInfo(link)
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            info.type, info.linkname = kind, "etc/passwd"
             tar.addfile(info)
     return path
 
@@ -194,21 +197,38 @@ def test_sources_in_tars_are_compiled_and_their_pycs_leave_as_one_tar(
 
 
 @pytest.mark.parametrize(
-    ("name", "link"),
+    ("name", "link", "kind"),
     [
-        ("{site}/../../../outside.py", None),
-        ("etc/elsewhere.py", None),
-        ("{site}/./m.py", None),
-        (None, "{site}/link.py"),
+        ("{site}/../../../outside.py", None, tarfile.SYMTYPE),
+        ("etc/elsewhere.py", None, tarfile.SYMTYPE),
+        ("{site}/./m.py", None, tarfile.SYMTYPE),
+        ("{site}//m.py", None, tarfile.SYMTYPE),
+        ("{site}/m.py/", None, tarfile.SYMTYPE),
+        ("/{site}/m.py", None, tarfile.SYMTYPE),
+        (None, "{site}/link.py", tarfile.SYMTYPE),
+        (None, "{site}/hard.py", tarfile.LNKTYPE),
+        (None, "{site}/folder", tarfile.DIRTYPE),
+    ],
+    ids=[
+        "dotdot",
+        "outside",
+        "dot",
+        "double-slash",
+        "trailing-slash",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "folder",
     ],
 )
 def test_a_sources_member_that_is_not_a_file_below_the_venv_is_refused(
-    tmp_path: Path, name: str | None, link: str | None
+    tmp_path: Path, name: str | None, link: str | None, kind: bytes
 ) -> None:
     venv = tmp_path / "venv"
     site = f"{str(venv).lstrip('/')}/lib/site-packages"
     members = {} if name is None else {name.format(site=site): b"X = 1\n"}
-    tar = _sources_tar(tmp_path / "s.tar", members, link=link and link.format(site=site))
+    linked = link and link.format(site=site)
+    tar = _sources_tar(tmp_path / "s.tar", members, link=linked, kind=kind)
     listing = tmp_path / "compile-list"
     listing.write_text("", encoding="utf-8")
     done = subprocess.run(
