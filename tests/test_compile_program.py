@@ -46,17 +46,24 @@ def test_the_list_is_split_on_newlines_only(tmp_path: Path) -> None:
     assert compile_program.read_list(listing) == ["/a\u2028b.py", "/c\x85d.py"]
 
 
-def _run(
-    tmp_path: Path, names: dict[str, str], prefix: Path
-) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _listed(tmp_path: Path, names: dict[str, str], listing: Path) -> list[str]:
+    """`names` (relative path: source) written under tmp_path/src, and their sorted list at
+    `listing`, as compileall's `-i` reads it; the sorted paths."""
     paths = []
     for name, source in names.items():
         path = tmp_path / "src" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(source, encoding="utf-8")
         paths.append(str(path))
-    listing = tmp_path / "compile-list"
     listing.write_text("".join(p + "\n" for p in sorted(paths)), encoding="utf-8")
+    return sorted(paths)
+
+
+def _run(
+    tmp_path: Path, names: dict[str, str], prefix: Path
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    listing = tmp_path / "compile-list"
+    paths = _listed(tmp_path, names, listing)
     done = subprocess.run(
         [sys.executable, str(PROGRAM), str(listing)],
         env={**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)},
@@ -64,7 +71,7 @@ def _run(
         text=True,
         check=False,
     )
-    return done, sorted(paths)
+    return done, paths
 
 
 def test_every_file_gets_its_pyc_and_one_that_does_not_compile_stays_source(
@@ -358,17 +365,9 @@ def test_the_bytes_are_the_recipes_one_process_per_layer_on_every_python(
         "pkg_b/four.py": "def h(p):\n    return p in {'zza', 'zzb', 'zzc', 'zzd'}\n",
         **{f"pkg_b/n{i}.py": f"Y = {i}\n" for i in range(5)},
     }
-    lists = []
-    for name, layer in (("a", layer_a), ("b", layer_b)):
-        paths = []
-        for relative, source in layer.items():
-            path = tmp_path / "src" / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(source, encoding="utf-8")
-            paths.append(str(path))
-        listing = tmp_path / f"list-{name}"
-        listing.write_text("".join(p + "\n" for p in sorted(paths)), encoding="utf-8")
-        lists.append(listing)
+    lists = [tmp_path / "list-a", tmp_path / "list-b"]
+    _listed(tmp_path, layer_a, lists[0])
+    _listed(tmp_path, layer_b, lists[1])
     recipe, program = tmp_path / "recipe", tmp_path / "program"
     for listing in lists:
         subprocess.run(
