@@ -7,8 +7,8 @@ does not depend on what else its process compiled, so the program compiles the u
 contiguous shards of its sorted list, several processes at a time; on 3.12 it does (a frozenset
 constant an earlier file's strings also filled), and elsewhere each layer's list is compiled in
 one process, as the recipe's stage does. Every compile runs with PYTHONHASHSEED=0, as the
-recipe's does: up to 3.10 a frozenset's items are written in their hash order. Either way every layer's `.py` files can
-share one container, and each layer takes its own pycs back.
+recipe's does: up to 3.10 a frozenset's items are written in their hash order. Either way every
+layer's `.py` files can share one container, and each layer takes its own pycs back.
 
 The container's venv and pyc folder are memory-backed (tmpfs): the tars go in as one file each
 and the program unpacks them there; it packs the pycs into one tar on the container's own

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             # they stay source-only, as pip's own compile step would leave them.
             check=False,
             # Up to Python 3.10 marshal writes a frozenset constant in its iteration order,
-            # which follows the string hash seed: a random seed gives other pycs every build.
+            # which follows the string hash seed: with a random one, two builds could differ.
             env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         listing.unlink()
