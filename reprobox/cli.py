@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import traceback
@@ -11,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reprobox import __version__
-from reprobox.errors import EXIT_CHECK_FAILED, EXIT_INTERNAL, EXIT_OK, ReproboxError
+from reprobox.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    MissingError,
+    ReproboxError,
+)
 
 __all__ = ["entrypoint", "main"]
 
@@ -358,23 +365,41 @@ def main(argv: Sequence[str] | None = None, *, engine: Engine | None = None) -> 
         from reprobox.context import Context
 
         return func(args, Context.for_command(engine, docker_context=args.context))
-    except ReproboxError as exc:
-        if args.debug:
-            traceback.print_exc()
-        sys.stderr.write(f"reprobox: error: {exc.render()}\n")
-        return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("reprobox: interrupted\n")
         return 130
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        else:
+        error = _reported(exc)
+        if error is not None:
+            sys.stderr.write(f"reprobox: error: {error.render()}\n")
+            return error.exit_code
+        if not args.debug:
             sys.stderr.write(
                 f"reprobox: internal error: {type(exc).__name__}: {exc}\n"
                 "  hint: this is a bug in reprobox; run again with --debug and report the traceback\n"
             )
         return EXIT_INTERNAL
+
+
+#: A full disk or an exhausted quota: the host lacks room (exit 3), not a bug in reprobox.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _reported(exc: Exception) -> ReproboxError | None:
+    """The error a user is told about, with its exit code; None for a bug in reprobox."""
+    if isinstance(exc, ReproboxError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return MissingError(
+            f"no space left on the device{where} ({exc.strerror})",
+            hint="free space there (`docker system prune` drops unused images; "
+            "REPROBOX_ASSEMBLE_CACHE_GB bounds the layer cache), or point REPROBOX_CACHE_DIR "
+            "at a roomier disk; `reprobox doctor` says how much a build needs",
+        )
+    return None
 
 
 def entrypoint() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from archives import Entry, layer, raw_config, write_archive
 from cli import Cli, reprobox
+from conftest import skip_or_fail
 from engine_admin import remove_image
 from fakes import FakeEngine
 from test_render import fake_lock
@@ -308,6 +309,38 @@ def test_3_a_read_only_cache_dir(tmp_path: Path) -> None:
     assert done.code == EXIT_MISSING, done.stderr
     assert "cannot write to the cache folder" in done.stderr
     assert not (tmp_path / "ctx").exists()
+
+
+@contextlib.contextmanager
+def _full_disk(folder: Path) -> Iterator[Path]:
+    """A 16 KiB tmpfs at `folder`: a real filesystem that runs out of room (root only)."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        skip_or_fail("mounting a tmpfs needs root (CI runs as root)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode:
+        skip_or_fail(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_3_a_full_disk_is_named_not_a_bug(tmp_path: Path) -> None:
+    spec = _project(tmp_path)
+    with _full_disk(tmp_path / "full") as full:
+        done = reprobox("render", spec, "-o", full / "ctx", "--no-wheels")
+        left = sorted(p.name for p in full.iterdir())
+    assert done.code == EXIT_MISSING, done.stderr
+    assert "no space left on the device" in done.stderr
+    assert "internal error" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert left == [], "a render that ran out of room left files behind"
 
 
 def test_3_a_wheel_server_that_does_not_answer(tmp_path: Path) -> None:
