@@ -21,6 +21,8 @@ from reprobox.context import Context
 from reprobox.docker_engine import DockerEngine
 from reprobox.errors import EngineError
 
+pytest_plugins = ["disk_watch"]
+
 #: The suite the tests bootstrap; the same key as a spec's `base.bootstrap: debian:bookworm`.
 TEST_SUITE = "bookworm"
 
@@ -50,6 +52,17 @@ def docker_engine() -> Iterator[DockerEngine]:
     yield engine
     engine.close()
     _remove_images_made_since(before)
+
+
+@contextlib.contextmanager
+def images_removed_after() -> Iterator[None]:
+    """Remove the images made inside the block as it ends (bases excepted), for a module whose
+    images are too large to keep until the session ends (a CUDA image is about 6 GB a copy)."""
+    before = _image_ids()
+    try:
+        yield
+    finally:
+        _remove_images_made_since(before)
 
 
 def _image_ids() -> set[str]:

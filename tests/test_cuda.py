@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cli import Cli, reprobox
-from conftest import skip_or_fail
+from conftest import images_removed_after, skip_or_fail
 from registry import REGISTRY_BINARY, LocalRegistry, docker_config
 
 from reprobox.check import device_argv, gpu_probe_argv, run_selfcheck, selfcheck_argv
@@ -48,15 +48,20 @@ class CudaBuild:
 
 
 @pytest.fixture(scope="module")
-def cuda(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> CudaBuild:
+def cuda(
+    docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CudaBuild]:
+    """The build every test here shares; its images (the install stages, the image and its
+    normalised copy: GBs each) go when the module ends, not the session."""
     if _host_has_a_gpu():
         pytest.skip("this host has an NVIDIA GPU: test_examples' gpu test proves CUDA images here")
     spec = tmp_path_factory.mktemp("cuda") / SPEC.name
     shutil.copy(SPEC, spec)
-    checked = reprobox("build", spec)
-    unchecked = reprobox("build", spec, "--no-check", "--json")
-    assert unchecked.code == 0, unchecked.stderr
-    return CudaBuild(spec, checked, unchecked)
+    with images_removed_after():
+        checked = reprobox("build", spec)
+        unchecked = reprobox("build", spec, "--no-check", "--json")
+        assert unchecked.code == 0, unchecked.stderr
+        yield CudaBuild(spec, checked, unchecked)
 
 
 def _labels(engine: DockerEngine, ref: str) -> dict[str, str]:
