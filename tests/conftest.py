@@ -48,10 +48,9 @@ def require_docker() -> DockerEngine:
 def docker_engine() -> Iterator[DockerEngine]:
     """The real engine, pinged once per session; the images the session made go at its end."""
     engine = require_docker()
-    before = _image_ids()
-    yield engine
-    engine.close()
-    _remove_images_made_since(before)
+    with images_removed_after():
+        yield engine
+        engine.close()
 
 
 @contextlib.contextmanager

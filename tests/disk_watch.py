@@ -10,7 +10,7 @@ Loaded by conftest (`pytest_plugins`).
 from __future__ import annotations
 
 import contextlib
-import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from reprobox.context import default_cache_dir
+from reprobox.docker_engine import DockerEngine
+from reprobox.errors import EngineError
 
 _GB = 10**9
 #: How many of the largest falls the summary lists, and the least it lists.
@@ -46,20 +48,19 @@ class _Device:
 
 
 def _free(path: str) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
+    return shutil.disk_usage(path).free
 
 
 def _engine_root() -> str | None:
-    """The local engine's storage folder, or None (no engine, a remote one)."""
-    with contextlib.suppress(Exception):
-        import docker
-
-        with contextlib.closing(docker.from_env(timeout=5)) as client:
-            root = str(client.info().get("DockerRootDir") or "")
-            if root and Path(root).is_dir():
-                return root
-    return None
+    """The local engine's storage folder, or None (no engine, a remote one), as doctor finds it."""
+    engine = DockerEngine()
+    try:
+        info = engine.ping()
+    except EngineError:
+        return None
+    finally:
+        engine.close()
+    return info.root_dir if info.root_dir and info.host.startswith("unix://") else None
 
 
 class DiskWatch:
