@@ -7,6 +7,7 @@ the labelled image made from it last time, so normalising and the self-check are
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -164,6 +165,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
     base_ref, base_label = base_refs(ctx, spec)
     labels = {SELFCHECK_ARGV: json.dumps(selfcheck_argv(spec))}
+    known: tuple[str, _Outcome] | None = None
     with _context_dir(ctx) as ctx_dir:
         if options.assemble:
             rendered = render_context(
@@ -194,17 +196,23 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
             rendered = render_context(
                 spec, locked, ctx_dir, base_ref=base_ref, wheels=files, base_label=base_label
             )
-            with ctx.reporter.stage("build"):
-                built_id = ctx.engine.build(
-                    rendered.path,
-                    nocache=options.nocache,
-                    labels=labels,
-                    on_event=ctx.reporter.build_event,
-                )
+            inputs = _recipe_inputs(rendered, labels)
+            # Inputs this engine built, normalised and checked before: that image, no build.
+            known = _known_inputs(ctx, inputs, options)
+            built_id = known[0] if known else _build_recipe(ctx, rendered, labels, options)
     if not options.assemble:
-        outcome = _outcome(
-            ctx, spec, rendered, built_id, options, make=lambda: _normalize(ctx, rendered, built_id)
-        )
+        if known is not None:
+            outcome = known[1]
+        else:
+            outcome = _outcome(
+                ctx,
+                spec,
+                rendered,
+                built_id,
+                options,
+                make=lambda: _normalize(ctx, rendered, built_id),
+            )
+            _remember_inputs(ctx, inputs, built_id, outcome, options)
     # The assembled image differs from the recipe's (installer metadata): never the same tag,
     # here or in a registry that `publish` pushes both to.
     content_tag = rendered.content_tag + ("-assembled" if options.assemble else "")
@@ -285,6 +293,59 @@ def _outcome(
             {"image_id": outcome.image_id, "content_id": outcome.content_id, "checked": checked},
         )
     return outcome
+
+
+def _build_recipe(
+    ctx: Context, rendered: RenderedContext, labels: Mapping[str, str], options: BuildOptions
+) -> str:
+    """`docker build` of the rendered context: the raw image's ID."""
+    with ctx.reporter.stage("build"):
+        return ctx.engine.build(
+            rendered.path,
+            nocache=options.nocache,
+            labels=labels,
+            on_event=ctx.reporter.build_event,
+        )
+
+
+def _recipe_inputs(rendered: RenderedContext, labels: Mapping[str, str]) -> str:
+    """The index key of a recipe build: its context's inputs and the labels the engine adds."""
+    text = json.dumps({"context": rendered.inputs_sha256, "labels": dict(labels)}, sort_keys=True)
+    return f"recipe-inputs-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _known_inputs(ctx: Context, inputs: str, options: BuildOptions) -> tuple[str, _Outcome] | None:
+    """The raw build ID and the labelled image that these exact inputs gave last time, where
+    the engine still holds that image and it needs no check this build would add: then the
+    engine's build of the same context (every step from its cache) is not asked for."""
+    if options.nocache:
+        return None
+    record = _reusable(ctx, ReuseIndex(ctx.cache.builds), inputs)
+    if record is None or "built_id" not in record:
+        return None
+    if record.get("checked") != "yes" and options.check:
+        return None  # the build and check below decide, GPU preflight included
+    ctx.reporter.note(
+        f"    build: the inputs of {record['built_id']} (Dockerfile, files, wheels by sha256), "
+        "unchanged: not sent to the engine again"
+    )
+    return record["built_id"], _reused(ctx, record)
+
+
+def _remember_inputs(
+    ctx: Context, inputs: str, built_id: str, outcome: _Outcome, options: BuildOptions
+) -> None:
+    """Record what these inputs became, beside the raw build's own record."""
+    if outcome.passed:
+        ReuseIndex(ctx.cache.builds).put(
+            inputs,
+            {
+                "built_id": built_id,
+                "image_id": outcome.image_id,
+                "content_id": outcome.content_id,
+                "checked": "yes" if options.check else "no",
+            },
+        )
 
 
 def _reusable(ctx: Context, index: ReuseIndex, built_id: str) -> dict[str, str] | None:

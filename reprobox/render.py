@@ -69,6 +69,9 @@ class RenderedContext:
     env: tuple[tuple[str, str], ...]
     lock_sha256: str
     source_date_epoch: int
+    #: sha256 of everything the context holds (each file's path and bytes, each wheel's path
+    #: and verified sha256) and the umask its files were written with: the recipe build's inputs.
+    inputs_sha256: str
 
     @property
     def tag(self) -> str:
@@ -239,9 +242,7 @@ def _write_tree(
         denied = exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
         raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", missing=denied) from None
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
+        tmp.chmod(0o777 & ~_umask())
         for relative, text in files.items():
             path = tmp / relative
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,8 +336,27 @@ def render_context(
                 hint="load it with `load_spec(PATH)` (the CLI does)",
             )
         files[f"image/user/{script.name}"] = spec.script_text
+    inputs = _inputs_sha256(files, plan if wheels is not None else {}, _umask())
     _write_tree(out, files, plan, wheels)
-    return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch)
+    return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch, inputs)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _inputs_sha256(files: Mapping[str, str], plan: Mapping[str, str], mask: int) -> str:
+    """What a context of `files` and the wheels of `plan` holds, as one digest: two contexts
+    with the same digest give `docker build` the same input."""
+    digest = hashlib.sha256(f"reprobox context 1\numask {mask:o}\n".encode())
+    for relative in sorted(files):
+        content = hashlib.sha256(files[relative].encode("utf-8")).hexdigest()
+        digest.update(f"file {relative}\0{content}\n".encode())
+    for relative in sorted(plan):
+        digest.update(f"wheel {relative}\0{plan[relative]}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

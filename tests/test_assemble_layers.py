@@ -389,6 +389,7 @@ def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_pat
         env=(("OMP_NUM_THREADS", "1"), ("PYTHONHASHSEED", "0")),
         lock_sha256="c" * 64,
         source_date_epoch=EPOCH,
+        inputs_sha256="e" * 64,
     )
     diff_ids = ["sha256:" + "a" * 64, "sha256:" + "d" * 64]
     raw = _config(base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"])

@@ -117,6 +117,10 @@ def test_rebuild_with_nothing_changed_reuses_the_proof(demo: Built) -> None:
     report = again.json()
     assert report["image_id"] == demo.report["image_id"]
     assert report["selfcheck"]["reused"] is True
+    # The same inputs as the build the engine holds the image of: no build is sent to it.
+    assert "==> build" not in again.stderr
+    assert "unchanged: not sent to the engine again" in again.stderr
+    assert report["built_id"] == demo.report["built_id"]
 
 
 def test_check_reproduces_the_recorded_fingerprint(demo: Built) -> None:

@@ -271,6 +271,43 @@ def test_a_small_pin_change_leaves_the_torch_stage_and_its_dates_alone(tmp_path:
     assert ctx_c.source_date_epoch != ctx_a.source_date_epoch
 
 
+def test_the_inputs_digest_names_what_the_context_holds(tmp_path: Path) -> None:
+    """`build` skips the engine's build where this digest and the image it gave are known: it
+    is the same wherever the context is written, and moves with any pin, file or wheel."""
+    demo = (ROOT / "images" / "demo-cpu.yaml").read_text()
+    spec = parse_spec(demo)
+    lock = fake_lock(spec)
+    wheels: dict[str, Path] = {}
+    (tmp_path / "wheels").mkdir()
+
+    def digest(folder: str, the_spec: Spec = spec, the_lock: Lock = lock) -> str:
+        for wheel in the_lock.wheels:
+            wheels[wheel.sha256] = tmp_path / "wheels" / wheel.filename
+            wheels[wheel.sha256].write_bytes(b"stands in for a wheel")
+        rendered = render_context(
+            the_spec, LockFile.of(the_lock), tmp_path / folder, base_ref=BASE_ID, wheels=wheels
+        )
+        return rendered.inputs_sha256
+
+    first = digest("a")
+    assert digest("b") == first, "where it is written changes nothing"
+    # The controls: a pin, a file, the base, the wheels' absence.
+    other_pin = parse_spec(demo.replace("numpy==2.4.6", "numpy==2.4.5"))
+    assert digest("c", other_pin, fake_lock(other_pin)) != first
+    assert (
+        render_context(spec, LockFile.of(lock), tmp_path / "d", base_ref=BASE_ID).inputs_sha256
+        != first
+    )
+    assert (
+        render_context(
+            spec, LockFile.of(lock), tmp_path / "e", base_ref="sha256:" + "9" * 64, wheels=wheels
+        ).inputs_sha256
+        != first
+    )
+    other_wheel = replace(lock.wheels[0], sha256="f" * 64)
+    assert digest("f", spec, replace(lock, wheels=(other_wheel, *lock.wheels[1:]))) != first
+
+
 # -- the second wall: every value quoted where it enters the Dockerfile (issue 12) -------------
 
 #: Values that would change a Dockerfile or a shell command if they went in unquoted.

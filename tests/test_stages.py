@@ -168,6 +168,57 @@ def test_an_unchanged_rebuild_reuses_the_record_and_its_proof(tmp_path: Path) ->
     assert len(engine.runs) == 2
 
 
+def test_a_recipe_whose_inputs_did_not_change_is_not_built_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's build is skipped where the context's inputs (Dockerfile, files, wheels by
+    sha256, umask) and the build's labels are those of a checked image it still holds; any
+    change, a missing image, `--no-cache` or a record without a check builds it again."""
+    spec_path = project(tmp_path / "p")
+    engine = answering(selfcheck())
+    first = _build(context(engine, tmp_path / "cache"), spec_path)
+    assert "build" in _calls(engine)
+
+    def built_again(**options: bool) -> BuildResult:
+        since = len(engine.calls)
+        result = _build(context(engine, tmp_path / "cache"), spec_path, **options)
+        assert "build" in _calls(engine, since)
+        return result
+
+    since = len(engine.calls)
+    again = _build(context(engine, tmp_path / "cache"), spec_path)
+    assert "build" not in _calls(engine, since), "the same inputs: no engine build"
+    assert again.reused
+    assert (again.built_id, again.image_id, again.content_id) == (
+        first.built_id,
+        first.image_id,
+        first.content_id,
+    )
+    assert again.tags == first.tags
+    assert again.reproducible is not None
+    assert again.reproducible.matches is True
+    assert len(engine.runs) == 1, "no second self-check"
+    # The controls: each builds again.
+    assert built_again(nocache=True).image_id == first.image_id
+    monkeypatch.setattr("os.umask", lambda mask: 0o077)  # the context's files get other modes
+    built_again()
+    monkeypatch.undo()
+    engine.remove_image(first.image_id, force=True)
+    assert built_again().image_id == first.image_id, "the image is gone: made again"
+    monkeypatch.setattr("reprobox.render.__version__", "0.0.0+other")
+    built_again()  # another reprobox: its version heads the Dockerfile
+    monkeypatch.undo()
+    unchecked = project(tmp_path / "q")
+    _build(context(engine, tmp_path / "cache"), unchecked, check=False)
+    since = len(engine.calls)
+    _build(context(engine, tmp_path / "cache"), unchecked, check=False)
+    assert "build" not in _calls(engine, since), "--no-check again: its record will do"
+    since = len(engine.calls)
+    checked = _build(context(engine, tmp_path / "cache"), unchecked)
+    assert "build" in _calls(engine, since), "a check is asked for: the build decides"
+    assert checked.selfcheck is not None
+
+
 def test_a_failed_self_check_leaves_no_tag_and_no_record(tmp_path: Path) -> None:
     spec_path = project(tmp_path / "p")
     engine = answering(selfcheck(passed=False))
