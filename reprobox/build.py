@@ -311,7 +311,13 @@ def _build_recipe(
 def _recipe_inputs(rendered: RenderedContext, labels: Mapping[str, str]) -> str:
     """The index key of a recipe build: its context's inputs and the labels the engine adds."""
     text = json.dumps({"context": rendered.inputs_sha256, "labels": dict(labels)}, sort_keys=True)
-    return f"recipe-inputs-{hashlib.sha256(text.encode()).hexdigest()}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _inputs_index(ctx: Context) -> ReuseIndex:
+    """Recipe inputs -> what they became; a folder of its own, so that `recent_images` (the
+    chains an assembled load may skip) counts raw builds only."""
+    return ReuseIndex(ctx.cache.builds / "recipe-inputs")
 
 
 def _known_inputs(ctx: Context, inputs: str, options: BuildOptions) -> tuple[str, _Outcome] | None:
@@ -320,14 +326,17 @@ def _known_inputs(ctx: Context, inputs: str, options: BuildOptions) -> tuple[str
     engine's build of the same context (every step from its cache) is not asked for."""
     if options.nocache:
         return None
-    record = _reusable(ctx, ReuseIndex(ctx.cache.builds), inputs)
-    if record is None or "built_id" not in record:
-        return None
-    if record.get("checked") != "yes" and options.check:
+    record = _reusable(ctx, _inputs_index(ctx), inputs)
+    if record is None or (record.get("checked") != "yes" and options.check):
         return None  # the build and check below decide, GPU preflight included
+    # The raw build too: while the engine holds it, it holds that build's cached steps and
+    # would answer this build with it. Without them it would run every step again, and a
+    # step that reads a live mirror (`apt:` on a pinned base) could give other bytes.
+    if not ctx.engine.image_exists(record.get("built_id", "")):
+        return None
     ctx.reporter.note(
-        f"    build: the inputs of {record['built_id']} (Dockerfile, files, wheels by sha256), "
-        "unchanged: not sent to the engine again"
+        f"build: the inputs of {record['built_id']} (Dockerfile, files and modes, wheels by "
+        "sha256), unchanged: not sent to the engine again"
     )
     return record["built_id"], _reused(ctx, record)
 
@@ -337,13 +346,14 @@ def _remember_inputs(
 ) -> None:
     """Record what these inputs became, beside the raw build's own record."""
     if outcome.passed:
-        ReuseIndex(ctx.cache.builds).put(
+        _inputs_index(ctx).put(
             inputs,
             {
                 "built_id": built_id,
                 "image_id": outcome.image_id,
                 "content_id": outcome.content_id,
-                "checked": "yes" if options.check else "no",
+                # An image checked before keeps its proof through a `--no-check` build.
+                "checked": "yes" if options.check or outcome.fingerprints else "no",
             },
         )
 

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -336,8 +337,8 @@ def render_context(
                 hint="load it with `load_spec(PATH)` (the CLI does)",
             )
         files[f"image/user/{script.name}"] = spec.script_text
-    inputs = _inputs_sha256(files, plan if wheels is not None else {}, _umask())
     _write_tree(out, files, plan, wheels)
+    inputs = _inputs_sha256(out, files, plan if wheels is not None else {})
     return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch, inputs)
 
 
@@ -347,15 +348,28 @@ def _umask() -> int:
     return mask
 
 
-def _inputs_sha256(files: Mapping[str, str], plan: Mapping[str, str], mask: int) -> str:
-    """What a context of `files` and the wheels of `plan` holds, as one digest: two contexts
-    with the same digest give `docker build` the same input."""
-    digest = hashlib.sha256(f"reprobox context 1\numask {mask:o}\n".encode())
-    for relative in sorted(files):
-        content = hashlib.sha256(files[relative].encode("utf-8")).hexdigest()
-        digest.update(f"file {relative}\0{content}\n".encode())
-    for relative in sorted(plan):
-        digest.update(f"wheel {relative}\0{plan[relative]}\n".encode())
+def _inputs_sha256(out: Path, files: Mapping[str, str], plan: Mapping[str, str]) -> str:
+    """What the context written at `out` holds, as one digest: two contexts with the same
+    digest give `docker build` the same input. Each entry's kind and mode as written (COPY
+    keeps them; a umask or a default ACL sets them), each file's bytes (`files`), each wheel's
+    verified sha256 (`plan`). Paths were checked when the context was planned: no NUL, no
+    newline. A hard-linked wheel's mode is the cache's; it reaches no image."""
+    digest = hashlib.sha256(b"reprobox context 2\n")
+    for path in sorted(out.rglob("*")):
+        relative = path.relative_to(out).as_posix()
+        st = path.lstat()
+        kind = (
+            "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+        )
+        if relative in files:
+            content = hashlib.sha256(files[relative].encode("utf-8")).hexdigest()
+        elif relative in plan:
+            content = plan[relative]
+        elif kind == "file":  # none is written today; hashed all the same
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            content = "-"
+        digest.update(f"{kind} {stat.S_IMODE(st.st_mode):o} {relative}\0{content}\n".encode())
     return digest.hexdigest()
 
 

@@ -291,7 +291,17 @@ def test_the_inputs_digest_names_what_the_context_holds(tmp_path: Path) -> None:
 
     first = digest("a")
     assert digest("b") == first, "where it is written changes nothing"
-    # The controls: a pin, a file, the base, the wheels' absence.
+    # The controls: a pin, a file's bytes, the modes written, the base, a wheel's sha256, the
+    # wheels' absence.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("reprobox.render._spec_text", lambda spec: "other: text\n")
+        assert digest("g") != first
+    mask = os.umask(0o077)
+    try:
+        assert digest("h") != first
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "h" / "image").stat().st_mode != (tmp_path / "a" / "image").stat().st_mode
     other_pin = parse_spec(demo.replace("numpy==2.4.6", "numpy==2.4.5"))
     assert digest("c", other_pin, fake_lock(other_pin)) != first
     assert (

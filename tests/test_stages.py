@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -200,14 +201,19 @@ def test_a_recipe_whose_inputs_did_not_change_is_not_built_again(
     assert len(engine.runs) == 1, "no second self-check"
     # The controls: each builds again.
     assert built_again(nocache=True).image_id == first.image_id
-    monkeypatch.setattr("os.umask", lambda mask: 0o077)  # the context's files get other modes
-    built_again()
-    monkeypatch.undo()
+    mask = os.umask(0o077)  # the context's files and folders are written with other modes
+    try:
+        built_again()
+    finally:
+        os.umask(mask)
     engine.remove_image(first.image_id, force=True)
     assert built_again().image_id == first.image_id, "the image is gone: made again"
+    engine.remove_image(first.built_id, force=True)
+    assert built_again().built_id == first.built_id, "the raw build (its cached steps) is gone"
     monkeypatch.setattr("reprobox.render.__version__", "0.0.0+other")
     built_again()  # another reprobox: its version heads the Dockerfile
     monkeypatch.undo()
+    # Another project (its lock names its own wheel files): recorded without a check first.
     unchecked = project(tmp_path / "q")
     _build(context(engine, tmp_path / "cache"), unchecked, check=False)
     since = len(engine.calls)
