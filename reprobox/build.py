@@ -212,7 +212,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 options,
                 make=lambda: _normalize(ctx, rendered, built_id),
             )
-            _remember_inputs(ctx, inputs, built_id, outcome, options)
+            _remember_inputs(ctx, inputs, built_id, outcome)
     # The assembled image differs from the recipe's (installer metadata): never the same tag,
     # here or in a registry that `publish` pushes both to.
     content_tag = rendered.content_tag + ("-assembled" if options.assemble else "")
@@ -341,21 +341,12 @@ def _known_inputs(ctx: Context, inputs: str, options: BuildOptions) -> tuple[str
     return record["built_id"], _reused(ctx, record)
 
 
-def _remember_inputs(
-    ctx: Context, inputs: str, built_id: str, outcome: _Outcome, options: BuildOptions
-) -> None:
-    """Record what these inputs became, beside the raw build's own record."""
-    if outcome.passed:
-        _inputs_index(ctx).put(
-            inputs,
-            {
-                "built_id": built_id,
-                "image_id": outcome.image_id,
-                "content_id": outcome.content_id,
-                # An image checked before keeps its proof through a `--no-check` build.
-                "checked": "yes" if options.check or outcome.fingerprints else "no",
-            },
-        )
+def _remember_inputs(ctx: Context, inputs: str, built_id: str, outcome: _Outcome) -> None:
+    """Record what these inputs became: the raw build's own record (which `_outcome` wrote, or
+    reused with the proof it names), and that raw build."""
+    record = ReuseIndex(ctx.cache.builds).get(built_id) if outcome.passed else None
+    if record is not None:
+        _inputs_index(ctx).put(inputs, {**record, "built_id": built_id})
 
 
 def _reusable(ctx: Context, index: ReuseIndex, built_id: str) -> dict[str, str] | None:

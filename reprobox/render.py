@@ -70,8 +70,8 @@ class RenderedContext:
     env: tuple[tuple[str, str], ...]
     lock_sha256: str
     source_date_epoch: int
-    #: sha256 of everything the context holds (each file's path and bytes, each wheel's path
-    #: and verified sha256) and the umask its files were written with: the recipe build's inputs.
+    #: sha256 of everything the context holds, as written (each entry's path, kind and mode, each
+    #: file's bytes, each wheel's verified sha256): the recipe build's inputs.
     inputs_sha256: str
 
     @property
@@ -243,7 +243,9 @@ def _write_tree(
         denied = exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
         raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", missing=denied) from None
     try:
-        tmp.chmod(0o777 & ~_umask())
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
         for relative, text in files.items():
             path = tmp / relative
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,12 +342,6 @@ def render_context(
     _write_tree(out, files, plan, wheels)
     inputs = _inputs_sha256(out, files, plan if wheels is not None else {})
     return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch, inputs)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _inputs_sha256(out: Path, files: Mapping[str, str], plan: Mapping[str, str]) -> str:

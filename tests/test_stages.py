@@ -199,6 +199,16 @@ def test_a_recipe_whose_inputs_did_not_change_is_not_built_again(
     assert again.reproducible is not None
     assert again.reproducible.matches is True
     assert len(engine.runs) == 1, "no second self-check"
+    # A `--no-check` build after a checked one keeps the proof: a checked build after it still
+    # needs no engine build.
+    (tmp_path / "cache" / "builds" / "recipe-inputs").rename(tmp_path / "inputs-kept")
+    since = len(engine.calls)
+    _build(context(engine, tmp_path / "cache"), spec_path, check=False)
+    assert "build" in _calls(engine, since), "no inputs record: the engine answers from cache"
+    since = len(engine.calls)
+    _build(context(engine, tmp_path / "cache"), spec_path)
+    assert "build" not in _calls(engine, since), "recorded as checked, as the image is"
+    assert len(engine.runs) == 1
     # The controls: each builds again.
     assert built_again(nocache=True).image_id == first.image_id
     mask = os.umask(0o077)  # the context's files and folders are written with other modes
