@@ -36,13 +36,13 @@ from typing import IO, Any, cast
 from reprobox._files import CHUNK, HashingWriter, rfc3339, write_text_atomic
 from reprobox.archive import index_members, manifest_entries, member_stream, read_image
 from reprobox.context import Context
-from reprobox.errors import BadInputError, EngineError, ImageNotFoundError
+from reprobox.errors import BadInputError, EngineError
 from reprobox.identity import manifest_digest
 from reprobox.layer_cache import LIMIT_ENV, LayerCache
 from reprobox.layer_tar import Layer, archive_stream
 from reprobox.locked import LockedWheel
 from reprobox.lockfile import LockFile
-from reprobox.normalize import NormalizedImage, normalize_config
+from reprobox.normalize import NormalizedImage, held_chains, normalize_config
 from reprobox.opt_layers import files_layer, hook_layer
 from reprobox.pylayer import VENV, LayerJob, TargetPython, probe_target, python_layers
 from reprobox.render import RenderedContext
@@ -288,7 +288,7 @@ def load_assembled(
         send += [(layer.diff_id, layer.path, layer.size) for layer in assembled.layers]
         shown = manifest_digest(assembled.config, [(d, size) for d, _, size in send])
     else:
-        have = _chains(ctx, [*chains_from])
+        have = held_chains(ctx.engine, chains_from)
         chain: list[str] = list(assembled.base_diff_ids)
         send = [(d, None, 0) for d in assembled.base_diff_ids]
         for layer in assembled.layers:
@@ -307,18 +307,6 @@ def load_assembled(
         )
     image = assembled.normalized()
     return image if shown == image.image_id else replace(image, engine_id=shown)
-
-
-def _chains(ctx: Context, images: list[str]) -> set[tuple[str, ...]]:
-    """Every layer chain (bottom-up prefix of diff IDs) of the images the engine still holds."""
-    chains: set[tuple[str, ...]] = set()
-    for image in images:
-        try:
-            diff_ids = ctx.engine.inspect_image(image).diff_ids
-        except ImageNotFoundError:
-            continue  # removed meanwhile (an untagged chain image by `docker image prune`)
-        chains.update(tuple(diff_ids[:end]) for end in range(1, len(diff_ids) + 1))
-    return chains
 
 
 def _sha256(path: Path) -> str:

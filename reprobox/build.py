@@ -45,7 +45,13 @@ from reprobox.labels import (
 from reprobox.layer_cache import limit_from_env
 from reprobox.lock import locked_spec
 from reprobox.lockfile import LockFile, default_lock_path, record_image_id
-from reprobox.normalize import NormalizedImage, normalize_image, relabel
+from reprobox.normalize import (
+    KnownLayers,
+    NormalizedImage,
+    held_chains,
+    normalize_image,
+    relabel,
+)
 from reprobox.render import RenderedContext, render_context
 from reprobox.spec import Spec
 from reprobox.spec_load import load_spec
@@ -204,14 +210,18 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         if known is not None:
             outcome = known[1]
         else:
-            outcome = _outcome(
-                ctx,
-                spec,
-                rendered,
-                built_id,
-                options,
-                make=lambda: _normalize(ctx, rendered, built_id),
-            )
+            try:
+                outcome = _outcome(
+                    ctx,
+                    spec,
+                    rendered,
+                    built_id,
+                    options,
+                    make=lambda: _normalize(ctx, rendered, built_id, nocache=options.nocache),
+                )
+            except GpuUnavailableError:
+                _remember_unproven(ctx, inputs, built_id)
+                raise
             _remember_inputs(ctx, inputs, built_id, outcome)
     # The assembled image differs from the recipe's (installer metadata): never the same tag,
     # here or in a registry that `publish` pushes both to.
@@ -250,15 +260,29 @@ def _context_dir(ctx: Context) -> Iterator[Path]:
         yield Path(tmp) / "context"
 
 
-def _normalize(ctx: Context, rendered: RenderedContext, built_id: str) -> NormalizedImage:
+def _normalize(
+    ctx: Context, rendered: RenderedContext, built_id: str, *, nocache: bool
+) -> NormalizedImage:
+    known = None
+    if not nocache and not ctx.engine_info().containerd_store:
+        # The containerd store takes no layer from what it holds: every layer goes.
+        images = ReuseIndex(ctx.cache.builds).recent_images()
+        known = KnownLayers(ctx.cache.root / "normalised-layers", held_chains(ctx.engine, images))
     with ctx.reporter.stage("normalize (sorted entries, clamped times, no build debris)"):
-        return normalize_image(
+        image = normalize_image(
             ctx.engine,
             built_id,
             source_date_epoch=rendered.source_date_epoch,
             workdir=ctx.cache.work,
             base_image=rendered.base_ref,
+            known=known,
         )
+        if image.layers_not_sent:
+            ctx.reporter.note(
+                f"{image.layers_not_sent} layer(s) as an earlier build normalised them: the "
+                "engine holds them, neither rewritten nor sent"
+            )
+        return image
 
 
 def _outcome(
@@ -346,6 +370,14 @@ def _remember_inputs(ctx: Context, inputs: str, built_id: str, outcome: _Outcome
     reused with the proof it names), and that raw build."""
     record = ReuseIndex(ctx.cache.builds).get(built_id) if outcome.passed else None
     if record is not None:
+        _inputs_index(ctx).put(inputs, {**record, "built_id": built_id})
+
+
+def _remember_unproven(ctx: Context, inputs: str, built_id: str) -> None:
+    """A CUDA image built and normalised on a host without a GPU: its inputs name it too, so
+    that the `--no-check` build the refusal suggests does not send the context again."""
+    record = ReuseIndex(ctx.cache.builds).get(built_id)
+    if record is not None and record.get("checked") == "no":
         _inputs_index(ctx).put(inputs, {**record, "built_id": built_id})
 
 

@@ -25,9 +25,12 @@ bootstrapped base) or pinned by digest, and keeping them keeps them shared with 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from reprobox._files import CHUNK, rfc3339
+from reprobox import archive as archive_module
+from reprobox._files import CHUNK, rfc3339, write_text_atomic
 from reprobox.archive import (
     ArchiveImage,
     add_image,
@@ -47,11 +51,13 @@ from reprobox.archive import (
     write_normalized_layer,
 )
 from reprobox.engine import Engine
-from reprobox.errors import BadInputError
+from reprobox.errors import BadInputError, EngineError, ImageNotFoundError
 from reprobox.identity import loaded_as
 
 __all__ = [
+    "KnownLayers",
     "NormalizedImage",
+    "held_chains",
     "normalize_config",
     "normalize_image",
     "relabel",
@@ -104,6 +110,8 @@ class NormalizedImage:
     #: The ID the engine shows for it, where not `image_id` (the containerd image store shows
     #: the manifest digest: see `identity`).
     engine_id: str = ""
+    #: Layers an earlier build normalised, whose chain the engine held: not sent again.
+    layers_not_sent: int = 0
 
     @property
     def ref(self) -> str:
@@ -115,6 +123,67 @@ class NormalizedImage:
 class _Layer:
     diff_id: str
     removed: frozenset[str]
+    #: False where the engine holds this layer's chain and it was neither rewritten nor sent.
+    sent: bool = True
+
+
+_LAYER_RECORD = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _writer_digest() -> str:
+    """This Python's version and the bytes of the modules that write a normalised layer."""
+    digest = hashlib.sha256(f"normalised layer 1 {sys.version_info[:2]}".encode())
+    for module in (archive_module, sys.modules[__name__]):
+        digest.update(Path(inspect.getfile(module)).read_bytes())
+    return digest.hexdigest()
+
+
+_WRITER = _writer_digest()
+
+
+@dataclass(frozen=True)
+class KnownLayers:
+    """What earlier normalisations made of a raw layer, and the layer chains the engine holds.
+
+    A record maps the normaliser's version, the raw layer's diff ID, the epoch and the debris it
+    drops to the normalised layer's diff ID (a small file under `records`). Where the engine
+    holds the chain that layer ends (an earlier build's image: the classic store, which skips
+    the file of a layer whose chain it has), the layer is neither rewritten nor put into the
+    archive. `--no-cache` passes none: every layer is rewritten and sent.
+    """
+
+    records: Path
+    chains: frozenset[tuple[str, ...]]
+
+    def key(self, raw_diff_id: str, epoch: int, removed: frozenset[str]) -> str:
+        """The record's name: everything the normalised bytes follow from, the code that
+        writes them included (a changed normaliser never reads an older one's records)."""
+        parts = [_WRITER, raw_diff_id, epoch, sorted(removed)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        """The normalised diff ID recorded for `key`; None when absent or unreadable."""
+        try:
+            found = (self.records / key).read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            return None
+        return found if _LAYER_RECORD.fullmatch(found) else None
+
+    def put(self, key: str, diff_id: str) -> None:
+        self.records.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.records / key, diff_id + "\n")
+
+
+def held_chains(engine: Engine, images: Iterable[str]) -> frozenset[tuple[str, ...]]:
+    """Every layer chain (bottom-up prefix of diff IDs) of the images the engine still holds."""
+    chains: set[tuple[str, ...]] = set()
+    for image in images:
+        try:
+            diff_ids = engine.inspect_image(image).diff_ids
+        except ImageNotFoundError:
+            continue  # removed meanwhile (an untagged image by `docker image prune`)
+        chains.update(tuple(diff_ids[:end]) for end in range(1, len(diff_ids) + 1))
+    return frozenset(chains)
 
 
 def normalize_image(
@@ -125,21 +194,37 @@ def normalize_image(
     workdir: Path,
     labels: Mapping[str, str] | None = None,
     base_image: str | None = None,
+    known: KnownLayers | None = None,
 ) -> NormalizedImage:
     """Rewrite `image_id` reproducibly (see the module docstring), load it, and describe it.
 
     `labels` are merged into the config, so labels can be set without a rebuild; `base_image`
-    names the image it was built FROM, whose layers are kept as they are. Temporary files go to
-    a directory under `workdir` that is removed afterwards.
+    names the image it was built FROM, whose layers are kept as they are; `known` lets a layer
+    an earlier build normalised, whose chain the engine holds, go unwritten and unsent (the
+    classic store only). Temporary files go to a directory under `workdir` that is removed
+    afterwards.
     """
     base_ids = _base_layers(engine, image_id, base_image)
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="normalize-", dir=workdir) as tmp:
         saved, out = Path(tmp) / "saved.tar", Path(tmp) / "normalized.tar"
         engine.save([image_id], saved)
-        new_id, layers, config = _rewrite(saved, out, base_ids, source_date_epoch, labels)
-        saved.unlink()  # before the load: the engine copies the archive, so the disk holds three
-        loaded = engine.load(out)
+        new_id, layers, config = _rewrite(
+            saved, out, base_ids, source_date_epoch, labels, known=known
+        )
+        skipped = not all(layer.sent for layer in layers)
+        if not skipped:
+            saved.unlink()  # before the load: the engine copies the archive, so the disk holds three
+        try:
+            loaded = engine.load(out)
+        except EngineError:
+            if not skipped:
+                raise
+            # A layer's chain went from the engine since it was looked at (an image removed
+            # meanwhile): every layer rewritten and sent, as without a record.
+            new_id, layers, config = _rewrite(saved, out, base_ids, source_date_epoch, labels)
+            loaded = engine.load(out)
+        saved.unlink(missing_ok=True)
         shown = loaded_as(out, new_id, loaded, f"the normalised {image_id}")
     return NormalizedImage(
         image_id=new_id,
@@ -149,6 +234,7 @@ def normalize_image(
         removed=tuple(sorted({f"/{name}" for layer in layers for name in layer.removed})),
         config=config,
         engine_id="" if shown == new_id else shown,
+        layers_not_sent=sum(not layer.sent for layer in layers),
     )
 
 
@@ -250,6 +336,8 @@ def _rewrite(
     base_ids: Sequence[str],
     epoch: int,
     labels: Mapping[str, str] | None,
+    *,
+    known: KnownLayers | None = None,
 ) -> tuple[str, list[_Layer], bytes]:
     """Write the normalised docker-archive of the image saved at `saved`; its ID, layers, config."""
     with (
@@ -257,11 +345,19 @@ def _rewrite(
         tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dest,
     ):
         image = _saved_image(archive, saved)
-        rewriter = _Rewriter(archive, dest, saved.parent, epoch)
-        layers = [
-            rewriter.keep(name, base_ids[i]) if i < len(base_ids) else rewriter.normalize(name)
-            for i, name in enumerate(image.layers)
-        ]
+        raw_ids = image.diff_ids
+        if len(raw_ids) != len(image.layers):
+            raise BadInputError(
+                f"{saved}: its config lists {len(raw_ids)} layers, not {len(image.layers)}"
+            )
+        rewriter = _Rewriter(archive, dest, saved.parent, epoch, known)
+        layers: list[_Layer] = []
+        for i, name in enumerate(image.layers):
+            below = tuple(layer.diff_id for layer in layers)
+            if i < len(base_ids):
+                layers.append(rewriter.keep(name, base_ids[i]))
+            else:
+                layers.append(rewriter.normalize(name, raw_ids[i], below))
         diff_ids = [layer.diff_id for layer in layers]
         blob = normalize_config(
             image.config, diff_ids=diff_ids, source_date_epoch=epoch, labels=labels
@@ -285,9 +381,15 @@ class _Rewriter:
     """Adds a saved image's layers to `dest`, bottom to top: the base's as they are, others normalised."""
 
     def __init__(
-        self, archive: tarfile.TarFile, dest: tarfile.TarFile, work: Path, epoch: int
+        self,
+        archive: tarfile.TarFile,
+        dest: tarfile.TarFile,
+        work: Path,
+        epoch: int,
+        known: KnownLayers | None = None,
     ) -> None:
         self._archive, self._dest, self._work, self._epoch = archive, dest, work, epoch
+        self._known = known
         self._held: set[str] = set()  # what the layers so far hold, with ancestors
 
     def keep(self, name: str, diff_id: str) -> _Layer:
@@ -298,14 +400,20 @@ class _Rewriter:
             add_layer(self._dest, diff_id, data, self._epoch)
         return _Layer(diff_id, frozenset())
 
-    def normalize(self, name: str) -> _Layer:
-        """Add a layer rewritten by `write_normalized_layer`, less its debris."""
+    def normalize(self, name: str, raw_diff_id: str, below: tuple[str, ...]) -> _Layer:
+        """Add a layer rewritten by `write_normalized_layer`, less its debris; or, where an
+        earlier build normalised the same raw layer and the engine holds that chain, nothing."""
+        with self._open(name) as data, tarfile.open(fileobj=data) as layer:
+            removed = _debris(layer, self._held)
+            _hold(self._held, (clean_name(m.name) for m in layer.getmembers()), removed)
+        key = self._known.key(raw_diff_id, self._epoch, removed) if self._known else ""
+        if self._known is not None:
+            recorded = self._known.get(key)
+            if recorded is not None and (*below, recorded) in self._known.chains:
+                return _Layer(recorded, removed, sent=False)
         raw, normal = self._work / "layer.tar", self._work / "layer.normal.tar"
         with self._open(name) as data, raw.open("wb") as copy:
             shutil.copyfileobj(data, copy, CHUNK)
-        with tarfile.open(raw) as layer:
-            removed = _debris(layer, self._held)
-            _hold(self._held, (clean_name(m.name) for m in layer.getmembers()), removed)
         diff_id = write_normalized_layer(
             raw, normal, source_date_epoch=self._epoch, drop=removed.__contains__
         )
@@ -313,6 +421,8 @@ class _Rewriter:
         with normal.open("rb") as data:
             add_layer(self._dest, diff_id, data, self._epoch)
         normal.unlink()
+        if self._known is not None:
+            self._known.put(key, diff_id)
         return _Layer(diff_id, removed)
 
     def _open(self, name: str) -> IO[bytes]:

@@ -312,16 +312,28 @@ class FakeEngine:
             names = set(tar.getnames())
             for entry in json.loads(_member(tar, "manifest.json")):
                 raw = _member(tar, entry["Config"])
-                for layer in entry.get("Layers") or []:
+                diff_ids = json.loads(raw).get("rootfs", {}).get("diff_ids") or []
+                for number, layer in enumerate(entry.get("Layers") or []):
                     if layer in names:
                         data = _member(tar, layer)
                         self.layers.setdefault(_bytes_id(data), data)
                     elif self.containerd_store:
                         raise EngineError(f'failed to resolve layers: layer "{layer}" not found')
+                    elif tuple(diff_ids[: number + 1]) not in self._chains():
+                        # The classic store skips only a layer whose chain it holds.
+                        raise EngineError(f"open {layer}: no such file or directory")
                 tags = entry.get("RepoTags") or []
                 image_id = shown.get(_bytes_id(raw), _bytes_id(raw))
                 ids.append(self.add_image(json.loads(raw), *tags, image_id=image_id))
         return sorted(set(ids))
+
+    def _chains(self) -> set[tuple[str, ...]]:
+        """Every bottom-up prefix of diff IDs of the images held."""
+        chains: set[tuple[str, ...]] = set()
+        for image in self.images.values():
+            diff_ids = image.config.get("rootfs", {}).get("diff_ids") or []
+            chains.update(tuple(diff_ids[:end]) for end in range(1, len(diff_ids) + 1))
+        return chains
 
     def load_stream(self, chunks: Iterable[bytes], what: str) -> list[str]:
         """`load` of an archive given as chunks (spooled to a temporary file first)."""

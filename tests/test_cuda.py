@@ -87,6 +87,7 @@ def test_no_check_builds_in_seconds_and_the_image_carries_no_fingerprint(
     report = cuda.unchecked.json()
     assert report["selfcheck"] is None
     assert "unchanged since its last build" in report["summary"], "the checked build is reused"
+    assert "unchanged: not sent to the engine again" in cuda.unchecked.stderr, "nor the context"
     labels = _labels(docker_engine, cuda.tag)
     assert not [key for key in labels if key.startswith("reprobox.fingerprint.")]
     assert labels["reprobox.cuda"] == "12.4"

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import FakeEngine, context
@@ -24,6 +25,7 @@ from reprobox.engine import RunResult
 from reprobox.errors import EXIT_CHECK_FAILED, EXIT_MISSING, GpuUnavailableError
 from reprobox.labels import CONTENT_ID, fingerprint_label, trace_label
 from reprobox.lockfile import default_lock_path, read_lockfile, write_lockfile
+from reprobox.normalize import NormalizedImage, held_chains, normalize_image
 from reprobox.spec_load import load_spec
 
 BASE = "registry.example/team/base:1@sha256:" + "b" * 64
@@ -45,12 +47,13 @@ FINGERPRINT = "a" * 64
 RUN = {"losses": ["0x1.8p-1", "0x1p-1"], "state_sha256": "5" * 64}
 
 
-def project(folder: Path, *, cuda: str = "cpu") -> Path:
+def project(folder: Path, *, cuda: str = "cpu", numpy: str = "2.4.6") -> Path:
     """A spec on a digest-pinned base, and its lock, whose wheels are small local files."""
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.yaml"
     torch = "2.13.0" if cuda == "cpu" else "2.5.1"
-    spec_path.write_text(SPEC.format(torch=torch, cuda=cuda if cuda == "cpu" else f'"{cuda}"'))
+    text = SPEC.format(torch=torch, cuda=cuda if cuda == "cpu" else f'"{cuda}"')
+    spec_path.write_text(text.replace("numpy==2.4.6", f"numpy=={numpy}"))
     lock = fake_lock(load_spec(spec_path))
     served = folder / "served"
     served.mkdir()
@@ -235,6 +238,57 @@ def test_a_recipe_whose_inputs_did_not_change_is_not_built_again(
     assert checked.selfcheck is not None
 
 
+def test_a_layer_an_earlier_build_normalised_is_neither_rewritten_nor_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a pin change torch's layer is the same raw layer: its normalised form is on
+    record and the engine holds its chain, so it is not rewritten and not in the archive. The
+    image is the one a `--no-cache` build (every layer rewritten and sent) gives."""
+    normalised: list[NormalizedImage] = []
+
+    def spy(*args: Any, **kwargs: Any) -> NormalizedImage:
+        normalised.append(normalize_image(*args, **kwargs))
+        return normalised[-1]
+
+    monkeypatch.setattr("reprobox.build.normalize_image", spy)
+    engine = answering(selfcheck())
+    _build(context(engine, tmp_path / "cache"), project(tmp_path / "p"))
+    assert normalised[-1].layers_not_sent == 0, "nothing on record yet"
+    pinned = project(tmp_path / "q", numpy="2.4.5")
+    changed = _build(context(engine, tmp_path / "cache"), pinned)
+    # The fake's layers follow each step's text, not the files it copies: every layer is the
+    # same raw layer as before (a real engine changes those above torch's; tests/test_build.py).
+    assert normalised[-1].layers_not_sent == len(normalised[-1].diff_ids) > 0
+    again = _build(context(engine, tmp_path / "cache"), pinned, nocache=True)
+    assert normalised[-1].layers_not_sent == 0
+    assert (again.content_id, again.image_id) == (changed.content_id, changed.image_id)
+    assert list((tmp_path / "cache" / "normalised-layers").iterdir()), "the records"
+    # On record, but the engine no longer holds the chains: every layer rewritten and sent.
+    held = {image_id for image_id, image in engine.images.items() if BASE in image.tags}
+    stale = held_chains(engine, list(engine.images))
+    for image_id in set(engine.images) - held:
+        del engine.images[image_id]
+    rebuilt = _build(context(engine, tmp_path / "cache"), pinned)
+    assert normalised[-1].layers_not_sent == 0
+    assert rebuilt.content_id == changed.content_id
+    # Held when looked at, gone by the load (an image removed meanwhile): the load fails, and
+    # every layer is rewritten and sent instead, with the same result.
+    for image_id in set(engine.images) - held:
+        del engine.images[image_id]
+    monkeypatch.setattr("reprobox.build.held_chains", lambda engine, images: stale)
+    raced = _build(context(engine, tmp_path / "cache"), pinned)
+    assert normalised[-1].layers_not_sent == 0
+    assert raced.content_id == changed.content_id
+    monkeypatch.undo()
+    monkeypatch.setattr("reprobox.build.normalize_image", spy)
+    # The containerd store takes no layer from what it holds: every layer goes.
+    modern = answering(selfcheck())
+    modern.containerd_store = True
+    _build(context(modern, tmp_path / "cache-b"), project(tmp_path / "r"))
+    _build(context(modern, tmp_path / "cache-b"), project(tmp_path / "s", numpy="2.4.5"))
+    assert normalised[-1].layers_not_sent == 0
+
+
 def test_a_failed_self_check_leaves_no_tag_and_no_record(tmp_path: Path) -> None:
     spec_path = project(tmp_path / "p")
     engine = answering(selfcheck(passed=False))
@@ -290,7 +344,7 @@ def test_a_cuda_image_without_a_gpu_is_built_then_exit_3_then_reused_unproven(
     assert unproven.passed
     assert unproven.reused, "--no-check reuses the image the refused build normalised"
     assert unproven.selfcheck is None
-    assert not {"save", "load"} & set(_calls(engine, since))
+    assert not {"build", "save", "load"} & set(_calls(engine, since)), "nor sends the context"
     assert engine.inspect_image(unproven.tags[0]).id == unproven.image_id
     # Asked to prove it again on this host: a one-step probe says no before any normalising.
     since = len(engine.calls)
