@@ -92,7 +92,8 @@ class TargetPython:
     skeleton: Path
 
     def scheme(self, project: str) -> dict[str, str]:
-        """The scheme pip uses in the venv for `project` (the recipe installs with pip)."""
+        """The scheme for `project` in the venv: its paths, and headers where pip puts them
+        (the recipe's install step uses the same scheme, and pip before Python 3.10)."""
         paths = {
             "purelib": self.purelib,
             "platlib": self.platlib,

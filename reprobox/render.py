@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import os
@@ -11,7 +12,7 @@ import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 
 import jinja2
@@ -323,6 +324,7 @@ def render_context(
         "requirements/torch.txt": requirements_text(by_group["torch"]),
         "requirements/rest.txt": requirements_text(by_group["rest"] + installer),
         "build/reprobox_install.py": templates.joinpath("build/reprobox_install.py").read_text(),
+        **_pypa_installer_files(),
         **{
             f"image/{name}": templates.joinpath(f"image/{name}").read_text()
             for name in _IMAGE_FILES
@@ -342,6 +344,32 @@ def render_context(
     _write_tree(out, files, plan, wheels)
     inputs = _inputs_sha256(out, files, plan if wheels is not None else {})
     return RenderedContext(out, base_ref, spec.name, tag, labels, env, lock_sha256, epoch, inputs)
+
+
+def _pypa_installer_files() -> dict[str, str]:
+    """pypa/installer's source as reprobox runs it (`--assemble`), for the recipe's install
+    step: `build/pypa/installer/...`. Each file is checked against its installed RECORD, so
+    what the image's build runs is what this process runs; the Windows launchers stay out."""
+    dist = metadata.distribution("installer")
+    files: dict[str, str] = {}
+    for entry in dist.files or ():
+        name = entry.as_posix()
+        if not (name.startswith("installer/") and name.endswith(".py")):
+            continue
+        data = Path(str(entry.locate())).read_bytes()
+        if entry.hash is None or entry.hash.mode != "sha256" or entry.hash.value != _urlsafe(data):
+            raise MissingError(
+                f"pypa/installer's {name} is not the file its RECORD names",
+                hint="reinstall reprobox (`make install`, or pip install --force-reinstall)",
+            )
+        files[f"build/pypa/{name}"] = data.decode("utf-8")
+    if "build/pypa/installer/__init__.py" not in files:
+        raise MissingError("pypa/installer's source was not found beside reprobox")
+    return files
+
+
+def _urlsafe(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def _inputs_sha256(out: Path, files: Mapping[str, str], plan: Mapping[str, str]) -> str:
