@@ -169,6 +169,8 @@ class _TarDestination(SchemeDictionaryDestination):
         spool_dir: Path,
         scheme_dict: dict[str, str],
         seen: dict[str, str],
+        *,
+        skeleton: tuple[frozenset[str], frozenset[str]],
     ) -> None:
         super().__init__(
             scheme_dict=scheme_dict,
@@ -178,6 +180,7 @@ class _TarDestination(SchemeDictionaryDestination):
         )
         self._layer, self._sources, self._spool_dir = layer, sources, spool_dir
         self._seen = seen  # .py files already in `sources`, by name: their sha256
+        self._reserved, self._links = skeleton  # the venv's own files, and its links
         self.python_files: list[str] = []
 
     def write_to_fs(
@@ -189,6 +192,12 @@ class _TarDestination(SchemeDictionaryDestination):
         # characters: a name becomes a tar header and a line of the compile list.
         if not name.startswith(folder + "/") or _CONTROL.search(path):
             raise BadInputError(f"a wheel's file {path!r:.200} would land outside /{folder}")
+        # As the recipe's install step refuses them: the venv's own files are not a wheel's
+        # to replace, in any layer, and nothing lands through its links (`lib64`).
+        if name in self._reserved:
+            raise BadInputError(f"a wheel's file would replace the venv's own /{name}")
+        if any(name.startswith(link + "/") for link in self._links):
+            raise BadInputError(f"a wheel's file /{name} would land through a link")
         if self._layer is None and not name.endswith(".py"):
             return RecordEntry(path, None, None)
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
@@ -361,8 +370,11 @@ def write_wheels(
     """
     python_files: list[str] = []
     seen: dict[str, str] = {}
+    skeleton = _skeleton_names(target.skeleton)
     for wheel in sorted(wheels, key=lambda w: (w.name, w.filename)):
-        destination = _TarDestination(layer, sources, spool_dir, target.scheme(wheel.name), seen)
+        destination = _TarDestination(
+            layer, sources, spool_dir, target.scheme(wheel.name), seen, skeleton=skeleton
+        )
         try:
             with zipfile.ZipFile(files[wheel.sha256]) as archive:
                 archive.filename = wheel.filename  # the cache names files by their hash
@@ -371,6 +383,22 @@ def write_wheels(
             raise BadInputError(f"{wheel.filename}: not an installable wheel: {err}") from err
         python_files += destination.python_files
     return python_files
+
+
+def _skeleton_names(skeleton: Path) -> tuple[frozenset[str], frozenset[str]]:
+    """The venv skeleton's files and links, and its links alone, as layer names; none where
+    there is no skeleton file (a test's target)."""
+    if not skeleton.is_file():
+        return frozenset(), frozenset()
+    files, links = set(), set()
+    with engine_tar(skeleton) as tar:
+        for member in tar.getmembers():
+            name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
+            if not member.isdir():
+                files.add(name.lstrip("/"))
+            if member.issym():
+                links.add(name.lstrip("/"))
+    return frozenset(files), frozenset(links)
 
 
 def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 
+import installer
 import jinja2
 import yaml
 
@@ -348,23 +349,36 @@ def render_context(
 
 def _pypa_installer_files() -> dict[str, str]:
     """pypa/installer's source as reprobox runs it (`--assemble`), for the recipe's install
-    step: `build/pypa/installer/...`. Each file is checked against its installed RECORD, so
-    what the image's build runs is what this process runs; the Windows launchers stay out."""
+    step: `build/pypa/installer/...`. The distribution must be the one this process imports,
+    and each file is checked against its installed RECORD, so what the image's build runs is
+    what this process runs; the Windows launchers stay out."""
+    hint = "reinstall reprobox (`make setup`, or `pip install --force-reinstall installer==1.1.0`)"
     dist = metadata.distribution("installer")
+    if dist.version != installer.__version__:
+        raise MissingError(
+            f"pypa/installer {installer.__version__} is imported, but its installed metadata "
+            f"says {dist.version}",
+            hint=hint,
+        )
     files: dict[str, str] = {}
     for entry in dist.files or ():
         name = entry.as_posix()
         if not (name.startswith("installer/") and name.endswith(".py")):
             continue
-        data = Path(str(entry.locate())).read_bytes()
+        try:
+            data = entry.read_binary()
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise MissingError(
+                f"pypa/installer's {name} could not be read: {err}", hint=hint
+            ) from err
         if entry.hash is None or entry.hash.mode != "sha256" or entry.hash.value != _urlsafe(data):
             raise MissingError(
-                f"pypa/installer's {name} is not the file its RECORD names",
-                hint="reinstall reprobox (`make install`, or pip install --force-reinstall)",
+                f"pypa/installer's {name} is not the file its RECORD names", hint=hint
             )
-        files[f"build/pypa/{name}"] = data.decode("utf-8")
+        files[f"build/pypa/{name}"] = text
     if "build/pypa/installer/__init__.py" not in files:
-        raise MissingError("pypa/installer's source was not found beside reprobox")
+        raise MissingError("pypa/installer's source was not found beside reprobox", hint=hint)
     return files
 
 

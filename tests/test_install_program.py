@@ -21,6 +21,7 @@ import pytest
 from test_assemble_layers import EPOCH, SITE, _locked, _target, _urlsafe, _wheel
 from test_compile_program import _interpreters
 
+from reprobox.errors import BadInputError
 from reprobox.layer_tar import LayerWriter
 from reprobox.locked import LockedWheel, requirements_text
 from reprobox.pylayer import write_wheels
@@ -98,7 +99,10 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
         for w, _ in wheels
     }
     python_files = program.install_wheels(
-        [(w.name, p) for w, p in wheels], schemes, interpreter="/opt/venv/bin/python"
+        [(w.name, p) for w, p in wheels],
+        schemes,
+        "/opt/venv/bin/python",
+        root=root / "opt" / "venv",
     )
     disk = {}
     for path in root.rglob("*"):
@@ -116,7 +120,7 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
 
 
 def _run_program(
-    tmp_path: Path, python: str, requirements: str, *folders: Path
+    tmp_path: Path, python: str, requirements: str, *folders: Path, delta: bool = False
 ) -> subprocess.CompletedProcess[str]:
     pypa = tmp_path / "pypa"
     if not pypa.exists():
@@ -138,6 +142,9 @@ def _run_program(
         *(arg for folder in folders for arg in ("--wheels", str(folder))),
         "--requirements",
         str(listing),
+        "--skeleton",
+        str(tmp_path / "venv-skeleton.txt"),
+        *(["--delta", str(tmp_path / "delta")] if delta else []),
     ]
     return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
 
@@ -221,3 +228,98 @@ def test_a_requirement_that_is_not_pinned_and_hashed_is_refused(tmp_path: Path, 
     done = _run_program(tmp_path, sys.executable, line + "\n", tmp_path / "wheels")
     assert done.returncode != 0
     assert "not a pinned, hashed requirement" in done.stderr
+
+
+def _one(folder: Path, name: str, files: dict[str, bytes], **extra: bytes) -> LockedWheel:
+    """A wheel of `files` in `folder`, locked; `extra` members go in as they are named."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _small_wheel(folder / f"{name}-1.0-py3-none-any.whl", name, {**files, **extra})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LockedWheel(
+        name.replace("_", "-"), "1.0", path.name, "https://x.invalid/", digest, "rest"
+    )
+
+
+@pytest.mark.parametrize("python", _py310_and_later())
+def test_a_file_the_upper_stage_replaces_gets_its_own_pyc(tmp_path: Path, python: str) -> None:
+    """The rest stage replaces a `.py` file of the torch stage: its pyc is compiled again, not
+    the lower one kept (an unchecked-hash pyc is never compared with its source)."""
+    lower = _one(tmp_path / "lower", "aa_low", {"shared/mod.py": b"VALUE = 'lower'\n"})
+    done = _run_program(tmp_path, python, requirements_text([lower]), tmp_path / "lower")
+    assert done.returncode == 0, done.stderr
+    upper = _one(tmp_path / "upper", "bb_up", {"shared/mod.py": b"VALUE = 'upper'\n"})
+    done = _run_program(
+        tmp_path, python, requirements_text([upper]), tmp_path / "upper", delta=True
+    )
+    assert done.returncode == 0, done.stderr
+    site = next((tmp_path / "venv" / "lib").glob("python3.*/site-packages"))
+    run = subprocess.run(
+        [str(tmp_path / "venv" / "bin" / "python"), "-c", "import shared.mod as m; print(m.VALUE)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": ""},
+    )
+    assert run.stdout.strip() == "upper"
+    pyc = next((site / "shared" / "__pycache__").glob("mod.*.pyc"))
+    assert b"upper" in pyc.read_bytes()
+    delta = tmp_path / "delta" / pyc.relative_to("/")
+    assert delta.is_file(), "the replaced file's pyc goes to the upper layer"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # Through the venv's lib64 link, onto another wheel's file.
+        {"evil-1.0.data/data/lib64/python3.X/site-packages/demo_pkg/__init__.py": b"X = 1\n"},
+        # A console script named like the venv's own interpreter.
+        {"evil-1.0.dist-info/entry_points.txt": b"[console_scripts]\npython = evil:main\n"},
+        # The venv's own configuration.
+        {"evil-1.0.data/data/pyvenv.cfg": b"home = /tmp\n"},
+    ],
+    ids=["through-lib64", "bin-python", "pyvenv-cfg"],
+)
+def test_a_wheel_may_not_replace_the_venvs_own_files_in_either_route(
+    tmp_path: Path, extra: dict[str, bytes]
+) -> None:
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    extra = {name.replace("3.X", version): data for name, data in extra.items()}
+    evil = _one(tmp_path / "wheels", "evil", {"evil.py": b"def main():\n    return 0\n"}, **extra)
+    # The recipe's step, in the rest stage (the venv and its skeleton list made before).
+    done = _run_program(tmp_path, sys.executable, "", tmp_path / "wheels")
+    assert done.returncode == 0, done.stderr
+    if "lib64" in next(iter(extra)):
+        assert (tmp_path / "venv" / "lib64").is_symlink(), "CPython's venv on Linux makes it"
+    done = _run_program(
+        tmp_path, sys.executable, requirements_text([evil]), tmp_path / "wheels", delta=True
+    )
+    assert done.returncode != 0
+    assert "the venv's own" in done.stderr or "would land through a link" in done.stderr
+    # The assembled route, with the same venv's skeleton.
+    skeleton = tmp_path / "skeleton.tar"
+    with tarfile.open(skeleton, "w") as tar:
+        tar.add(tmp_path / "venv", arcname="venv")
+    target = _target(skeleton)
+    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv")
+    with pytest.raises(BadInputError, match=r"the venv's own|would land through a link"):
+        write_wheels(
+            writer,
+            None,
+            spool_dir=tmp_path,
+            target=target,
+            wheels=[evil],
+            files={evil.sha256: tmp_path / "wheels" / evil.filename},
+        )
+    writer.abort()
+
+
+def test_two_requirements_with_one_sha256_are_refused(tmp_path: Path) -> None:
+    wheels = _wheels(tmp_path / "wheels")
+    first = wheels[0][0]
+    twin = LockedWheel("twin", "1.0", first.filename, first.url, first.sha256, "rest")
+    done = _run_program(
+        tmp_path, sys.executable, requirements_text([first, twin]), tmp_path / "wheels"
+    )
+    assert done.returncode != 0
+    assert "shares its sha256 with another requirement" in done.stderr

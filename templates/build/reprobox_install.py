@@ -106,7 +106,12 @@ def _locate(
         for path in sorted(folder.glob("*.whl")):
             by_hash.setdefault(_sha256(path), path)
     chosen = []
+    hashes = [sha256 for _, _, sha256 in requirements]
     for name, version, sha256 in requirements:
+        if hashes.count(sha256) > 1:
+            raise SystemExit(
+                f"reprobox_install: {name}=={version} shares its sha256 with another requirement"
+            )
         found = by_hash.get(sha256)
         if found is None:
             raise SystemExit(f"reprobox_install: no wheel with the sha256 of {name}=={version}")
@@ -115,15 +120,29 @@ def _locate(
 
 
 def install_wheels(
-    wheels: list[tuple[str, Path]], schemes: dict[str, dict[str, str]], interpreter: str
+    wheels: list[tuple[str, Path]],
+    schemes: dict[str, dict[str, str]],
+    interpreter: str,
+    *,
+    root: Path,
+    keep: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Install `wheels` (`(name, path)`, in order) with pypa/installer, each into the scheme
-    `schemes[name]` gives; the paths of the `.py` files written, in the order written."""
+    `schemes[name]` gives; the paths of the `.py` files written, in the order written.
+
+    Nothing may be written through a link below `root` (the venv's `lib64`), nor replace a
+    path of `keep` (the venv's own files: `bin/python`, `pyvenv.cfg`, ...).
+    """
+    import zipfile
+
     from installer import install
     from installer.destinations import SchemeDictionaryDestination
+    from installer.exceptions import InstallerError
     from installer.records import Hash, RecordEntry
     from installer.sources import WheelFile
     from installer.utils import Scheme, copyfileobj_with_hashing
+
+    real_root = Path(os.path.realpath(root))
 
     written: dict[str, str] = {}  # this run's files: their sha256
     python_files: list[str] = []
@@ -138,6 +157,14 @@ def install_wheels(
                     f"reprobox_install: a wheel's file {path!r:.200} holds a control character"
                 )
             key = str(target)
+            if key in keep:
+                raise SystemExit(
+                    f"reprobox_install: a wheel's file would replace the venv's own {key}"
+                )
+            if Path(os.path.realpath(target.parent)) != real_root / target.parent.relative_to(root):
+                raise SystemExit(
+                    f"reprobox_install: a wheel's file {key} would land through a link"
+                )
             if key in written:
                 with Path(os.devnull).open("wb") as discard:
                     digest, size = copyfileobj_with_hashing(stream, discard, self.hash_algorithm)
@@ -160,8 +187,13 @@ def install_wheels(
             script_kind="posix",
             bytecode_optimization_levels=[],
         )
-        with WheelFile.open(path) as source:
-            install(source, destination, additional_metadata={})
+        try:
+            with WheelFile.open(path) as source:
+                install(source, destination, additional_metadata={})
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile, InstallerError) as err:
+            raise SystemExit(
+                f"reprobox_install: {path.name}: not an installable wheel: {err}"
+            ) from err
     return python_files
 
 
@@ -171,7 +203,11 @@ def _venv_paths(python: str) -> dict[str, str]:
         "import json, sysconfig; p = sysconfig.get_paths(); "
         "p['py_version_short'] = sysconfig.get_python_version(); print(json.dumps(p))"
     )
-    answer = subprocess.run([python, "-c", program], check=True, capture_output=True, text=True)
+    answer = subprocess.run([python, "-c", program], check=False, capture_output=True, text=True)
+    if answer.returncode != 0:
+        raise SystemExit(
+            f"reprobox_install: the venv's Python did not say where it keeps what: {answer.stderr[-2000:]}"
+        )
     paths: dict[str, str] = json.loads(answer.stdout)
     return paths
 
@@ -188,7 +224,7 @@ def _schemes(venv: Path, names: list[str]) -> dict[str, dict[str, str]]:
 
 def _pip(args: argparse.Namespace, python: str) -> list[str]:
     """Before Python 3.10: pip from its locked wheel. The `.py` files are what it added."""
-    before = {p for p in _snapshot(args.venv) if p.endswith(".py")}
+    before = _snapshot(args.venv)
     # --no-index and --require-hashes: nothing but the verified wheels can be installed.
     _run(
         [
@@ -207,7 +243,10 @@ def _pip(args: argparse.Namespace, python: str) -> list[str]:
             str(args.requirements),
         ]
     )
-    return [p for p in _snapshot(args.venv) if p.endswith(".py") and p not in before]
+    # New or replaced: a replaced file's lower pyc is unchecked-hash, never looked at again.
+    return [
+        p for p, st in _snapshot(args.venv).items() if p.endswith(".py") and before.get(p) != st
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,10 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, action="append", required=True)
     parser.add_argument("--requirements", type=Path, required=True)
     parser.add_argument("--delta", type=Path, help="copy what this run adds under this directory")
+    parser.add_argument(
+        "--skeleton",
+        type=Path,
+        required=True,
+        help="the list of the venv's own files: written where this run makes the venv, else read",
+    )
     args = parser.parse_args(argv)
 
     if not (args.venv / "bin" / "python").exists():
         _run([sys.executable, "-m", "venv", "--without-pip", str(args.venv)])
+        made = sorted(
+            p for p in _snapshot(args.venv) if not Path(p).is_dir() or Path(p).is_symlink()
+        )
+        args.skeleton.write_text("".join(f"{p}\n" for p in made), encoding="utf-8")
+    keep = frozenset(args.skeleton.read_text(encoding="utf-8").splitlines())
     before = _snapshot(args.venv)
     python = str(args.venv / "bin" / "python")
     requirements = read_requirements(args.requirements.read_text(encoding="utf-8"))
@@ -234,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(args.pypa))
         wheels = _locate(requirements, args.wheels)
         schemes = _schemes(args.venv, [name for name, _ in wheels])
-        new_sources = install_wheels(wheels, schemes, interpreter=python)
+        new_sources = install_wheels(wheels, schemes, python, root=args.venv, keep=keep)
         print(f"reprobox: {len(wheels)} wheels installed by pypa/installer", flush=True)
     else:
         new_sources = _pip(args, python)

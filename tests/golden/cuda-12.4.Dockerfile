@@ -9,13 +9,13 @@ COPY build/pypa/ /reprobox-build/pypa/
 COPY wheels/installer/ /reprobox-build/installer/
 COPY requirements/torch.txt /reprobox-build/torch.txt
 COPY wheels/torch/ /reprobox-build/wheels/
-RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --pypa /reprobox-build/pypa --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt
+RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --pypa /reprobox-build/pypa --wheels /reprobox-build/wheels --requirements /reprobox-build/torch.txt --skeleton /reprobox-build/venv-skeleton.txt
 
 # Stage 2: everything else; only the files it adds travel to the final image.
 FROM torch AS rest
 COPY requirements/rest.txt /reprobox-build/rest.txt
 COPY wheels/rest/ /reprobox-build/wheels-rest/
-RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --pypa /reprobox-build/pypa --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --delta /reprobox-delta
+RUN PYTHONDONTWRITEBYTECODE=1 python3 /reprobox-build/reprobox_install.py --venv /opt/venv --installer /reprobox-build/installer/pip-26.3-py3-none-any.whl --pypa /reprobox-build/pypa --wheels /reprobox-build/wheels-rest --wheels /reprobox-build/installer --requirements /reprobox-build/rest.txt --skeleton /reprobox-build/venv-skeleton.txt --delta /reprobox-delta
 
 # Final stage: the base, the two package layers, the seed-on-import hook and the self-check.
 # Build-only files (wheels, requirement subsets, the installer script) never reach it.
