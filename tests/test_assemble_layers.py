@@ -34,6 +34,29 @@ EPOCH = 1_600_000_000
 SITE = "/opt/venv/lib/python3.11/site-packages"
 
 
+def layer_files(path: Path) -> dict[str, tuple[bytes, int]]:
+    """A layer tar's regular files: name -> (bytes, mode)."""
+    files = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member)
+                assert data is not None
+                files[member.name] = (data.read(), member.mode)
+    return files
+
+
+def disk_files(root: Path) -> dict[str, tuple[bytes, int]]:
+    """The regular files under `root` as a layer would hold them: relative name -> (bytes,
+    0755 or 0644 by the owner's executable bit)."""
+    files = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
+            files[path.relative_to(root).as_posix()] = (path.read_bytes(), mode)
+    return files
+
+
 def _members(path: Path) -> list[tarfile.TarInfo]:
     with tarfile.open(path) as tar:
         return tar.getmembers()
@@ -241,19 +264,8 @@ def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(
     )
     with zipfile.ZipFile(wheel_path) as archive:
         install(WheelFile(archive), on_disk, additional_metadata={})
-    disk = {}
-    for path in root.rglob("*"):
-        if path.is_file():
-            mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
-            disk[path.relative_to(root).as_posix()] = (path.read_bytes(), mode)
-    layer = {}
-    with tarfile.open(layer_path) as tar:
-        for member in tar:
-            if member.isfile():
-                data = tar.extractfile(member)
-                assert data is not None
-                layer[member.name] = (data.read(), member.mode)
-    assert layer == disk
+    layer = layer_files(layer_path)
+    assert layer == disk_files(root)
     assert f"{SITE[1:]}/demo_pkg-1.0.dist-info/RECORD" in layer
     assert layer["opt/venv/bin/demo-tool"][0].startswith(b"#!/opt/venv/bin/python\n")
     assert layer["opt/venv/bin/demo"][1] == 0o755

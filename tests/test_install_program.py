@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import stat
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from test_assemble_layers import EPOCH, SITE, _locked, _target, _urlsafe, _wheel
+from test_assemble_layers import (
+    EPOCH,
+    SITE,
+    _locked,
+    _target,
+    _urlsafe,
+    _wheel,
+    disk_files,
+    layer_files,
+)
 from test_compile_program import _interpreters
 
 from reprobox.errors import BadInputError
@@ -84,13 +92,7 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
         files={w.sha256: p for w, p in wheels},
     )
     writer.close()
-    layer = {}
-    with tarfile.open(layer_path) as tar:
-        for member in tar:
-            if member.isfile():
-                data = tar.extractfile(member)
-                assert data is not None
-                layer[member.name] = (data.read(), member.mode)
+    layer = layer_files(layer_path)
 
     root = tmp_path / "root"
     program = _program()
@@ -104,11 +106,7 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
         "/opt/venv/bin/python",
         root=root / "opt" / "venv",
     )
-    disk = {}
-    for path in root.rglob("*"):
-        if path.is_file():
-            mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
-            disk[path.relative_to(root).as_posix()] = (path.read_bytes(), mode)
+    disk = disk_files(root)
     assert disk == layer
     assert f"{SITE[1:]}/ns_extra-1.0.dist-info/RECORD" in disk
     assert not [name for name in disk if name.endswith(("/INSTALLER", "/REQUESTED"))]
