@@ -10,11 +10,13 @@ No `docker build`, no `docker save`, no normalising pass: the layers are born no
 | 3 | /opt/reprobox: hook, self-check, spec, lock, the user's script | this host |
 | 4 | the hook installed into the base's Python (what `reprobox_hook.py install` changes) | one container, its changes read back |
 
-reprobox writes the config (the base's, with the image's ENV, labels, one history entry per
-layer, all times at SOURCE_DATE_EPOCH) and streams one `docker load`. The content ID is the
-sha256 of the config bytes, known before the load and checked after it. Layers 1, 2 and 4 are
-kept under the cache by the hash of their inputs (`layer_cache`, bounded); a small pin change rewrites layer 2 only and
-sends the engine only the layers it lacks. `--no-cache` ignores them and gives the same bytes.
+Every layer is in the normaliser's order, and reprobox writes the config that a `docker build`
+of the recipe gets once normalised (the base's, with the image's ENV, labels and the recipe's
+history, all times at SOURCE_DATE_EPOCH): both routes give one image ID. It streams one
+`docker load`. The content ID is the sha256 of the config bytes, known before the load and
+checked after it. Layers 1, 2 and 4 are kept under the cache by the hash of their inputs
+(`layer_cache`, bounded); a small pin change rewrites layer 2 only and sends the engine only the
+layers it lacks. `--no-cache` ignores them and gives the same bytes.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ from reprobox.pylayer import VENV, LayerJob, TargetPython, probe_target, python_
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
-__all__ = ["Assembled", "assemble", "load_assembled", "refuse_unsupported"]
+__all__ = ["Assembled", "assemble", "load_assembled", "recipe_history", "refuse_unsupported"]
 
 #: Bumped whenever the bytes a layer is made of could change: it is part of every layer key.
-FORMAT = "assemble-2"
+FORMAT = "assemble-3"
 _HOOK_FILES = ("reprobox_hook.py", "reprobox_cpu.py")
 
 
@@ -150,12 +152,6 @@ def assemble(
         if hook is not None:
             hook.discard()  # the pool is joined: nothing writes its file any more
         raise
-    history = [
-        f"reprobox assemble: {VENV}, torch ({len(torch_wheels)} wheels)",
-        f"reprobox assemble: {VENV}, rest ({len(rest_wheels)} wheels)",
-        "reprobox assemble: /opt/reprobox (hook, self-check, spec, lock)",
-        "reprobox assemble: python3 /opt/reprobox/reprobox_hook.py install",
-    ]
     pruned = cache.prune(cache_limit, in_use=[layer.path for layer in layers])
     if pruned.entries:
         ctx.reporter.note(
@@ -168,7 +164,7 @@ def assemble(
         rendered,
         labels,
         [*base_diff_ids, *(layer.diff_id for layer in layers)],
-        history,
+        recipe_history(rendered, labels),
     )
     return Assembled(config, base_diff_ids, tuple(layers), epoch, base, base_dir)
 
@@ -399,14 +395,45 @@ def _base_diff_ids(config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(str(d) for d in (config.get("rootfs") or {}).get("diff_ids") or [])
 
 
+#: The image's PATH (the recipe's ENV line).
+_PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: How the classic builder names a step that runs nothing (COPY, ENV, LABEL) in the history.
+_NOP = "/bin/sh -c #(nop) "
+
+
+def recipe_history(rendered: RenderedContext, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The history entries above the base that a `docker build` of the recipe writes, as the
+    normaliser keeps them (a COPY's source hash dropped): one per Dockerfile step after FROM,
+    then the build's own `labels` (one LABEL step). The assembled config carries these lines,
+    so that both routes give one config, and one image ID, for one spec and lock.
+
+    The recipe's Dockerfile (templates/Dockerfile.j2) and this list change together:
+    tests/test_assemble.py builds both and compares their IDs.
+    """
+
+    def step(word: str, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        text = " ".join(f"{key}={value}" for key, value in pairs)
+        return {"created_by": f"{_NOP} {word} {text}", "empty_layer": True}
+
+    return [
+        {"created_by": f"{_NOP}COPY dir in {VENV} "},
+        {"created_by": f"{_NOP}COPY dir in / "},
+        {"created_by": f"{_NOP}COPY dir in /opt/reprobox/ "},
+        {"created_by": "/bin/sh -c python3 /opt/reprobox/reprobox_hook.py install"},
+        step("ENV", [("VIRTUAL_ENV", VENV), ("PATH", _PATH), *rendered.env]),
+        step("LABEL", rendered.labels),
+        step("LABEL", sorted(labels.items())),
+    ]
+
+
 def _config(
     base: Mapping[str, Any],
     rendered: RenderedContext,
     labels: Mapping[str, str],
     diff_ids: Sequence[str],
-    history: Sequence[str],
+    history: Sequence[Mapping[str, Any]],
 ) -> bytes:
-    """The image config: the base's, with the recipe's ENV and labels, one entry per layer."""
+    """The image config: the base's, with the recipe's ENV, labels and history."""
     out: dict[str, Any] = json.loads(json.dumps(base))
     inner = out.get("config") or {}
     env: dict[str, str] = {}
@@ -414,7 +441,7 @@ def _config(
         key, _, value = str(item).partition("=")
         env[key] = value
     env["VIRTUAL_ENV"] = VENV
-    env["PATH"] = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env["PATH"] = _PATH
     env.update(dict(rendered.env))
     inner["Env"] = [f"{key}={value}" for key, value in env.items()]
     inner["Labels"] = {**(inner.get("Labels") or {}), **dict(rendered.labels), **labels}
@@ -422,6 +449,6 @@ def _config(
     created = rfc3339(rendered.source_date_epoch)
     out["history"] = [
         *(out.get("history") or []),
-        *({"created": created, "created_by": line} for line in history),
+        *({**entry, "created": created} for entry in history),
     ]
     return normalize_config(out, diff_ids=diff_ids, source_date_epoch=rendered.source_date_epoch)

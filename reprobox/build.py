@@ -223,9 +223,6 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 _remember_unproven(ctx, inputs, built_id)
                 raise
             _remember_inputs(ctx, inputs, built_id, outcome)
-    # The assembled image differs from the recipe's (installer metadata): never the same tag,
-    # here or in a registry that `publish` pushes both to.
-    content_tag = rendered.content_tag + ("-assembled" if options.assemble else "")
     result = BuildResult(
         spec=spec_path,
         lock=options.lock_path or default_lock_path(spec_path),
@@ -235,8 +232,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         built_id=built_id,
         image_id=outcome.image_id,
         content_id=outcome.content_id,
-        content_tag=content_tag,
-        tags=(options.tag or f"{rendered.name}:{content_tag}",) if outcome.passed else (),
+        content_tag=rendered.content_tag,
+        tags=(options.tag or rendered.tag,) if outcome.passed else (),
         passed=outcome.passed,
         checked=options.check,
         reused=outcome.reused,
@@ -245,7 +242,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     )
     if not outcome.passed:
         return result
-    reproducible = _compare_recorded(locked, outcome.content_id, assembled=options.assemble)
+    reproducible = _compare_recorded(locked, outcome.content_id)
     for ref in result.tags:
         ctx.engine.tag(outcome.image_id, ref)
     seconds = round(time.monotonic() - started, 1)
@@ -464,11 +461,10 @@ def _needs_gpu(err: GpuUnavailableError, image_id: str) -> GpuUnavailableError:
     )
 
 
-def _compare_recorded(locked: LockFile, content_id: str, *, assembled: bool) -> Verdict:
-    """Did this build give the image ID the lock recorded (for its route: an assembled image
-    differs from the recipe's in installer metadata)? Record it where none is."""
-    recorded = locked.assembled_image_id if assembled else locked.image_id
-    verdict = Verdict(here=content_id, recorded=recorded)
+def _compare_recorded(locked: LockFile, content_id: str) -> Verdict:
+    """Did this build give the image ID the lock recorded (either route: both give one ID)?
+    Record it where none is."""
+    verdict = Verdict(here=content_id, recorded=locked.image_id)
     if verdict.recorded is None:
-        record_image_id(locked, content_id, assembled=assembled)
+        record_image_id(locked, content_id)
     return verdict

@@ -1,9 +1,12 @@
 """Layer tars written by reprobox itself, and the image archive streamed from them.
 
-A layer is written once and hashed while it is written (its diff ID needs no second read). Every
-header is normalised: owner 0:0 with blank names, mtime at or below SOURCE_DATE_EPOCH, no atime
-or ctime, PAX format. Each directory is written once, before its first child. The image archive
-is never written to disk: `archive_stream` yields it as chunks for the engine's load endpoint.
+A layer comes out as the normaliser (`archive.write_normalized_layer`) writes the recipe's
+layers: entries sorted by name, owner 0:0 with blank names, mtime at or below SOURCE_DATE_EPOCH,
+no atime or ctime, PAX format, so that the same entries give the same bytes on either route. A
+layer whose entries were added in that order is written once and hashed while it is written; one
+added in another order (pypa/installer's, with the pycs last) is put in order by one more pass
+of the normaliser itself. The image archive is never written to disk: `archive_stream` yields it
+as chunks for the engine's load endpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from reprobox._files import CHUNK, HashingWriter
+from reprobox.archive import write_normalized_layer
 from reprobox.errors import BadInputError
 
 __all__ = ["Layer", "LayerWriter", "ancestors", "archive_stream", "installed_mode", "tar_stream"]
@@ -59,7 +63,7 @@ class _Counter(HashingWriter):
 
 
 class LayerWriter:
-    """Entries in the order added; each ancestor directory once (0755), before its children.
+    """Each ancestor directory once (0755), before its children; the layer in sorted order.
 
     A second entry at a path already written is skipped when it is a directory or the same
     file (the same sha256: namespace packages such as `nvidia/__init__.py` ship it in several
@@ -83,6 +87,8 @@ class LayerWriter:
         self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
         # name -> "dir", "link", or a file's sha256 ("-" when not given)
         self._seen: dict[str, str] = {}
+        # The last name added, and whether every name so far came after the one before it.
+        self._last, self._in_order = "", True
 
     def _info(
         self, name: str, kind: bytes, mode: int, *, size: int = 0, linkname: str = "", mtime: float
@@ -92,6 +98,9 @@ class LayerWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         info.mtime = min(int(mtime), self.epoch)
+        if name <= self._last:
+            self._in_order = False
+        self._last = name
         return info
 
     def _check(self, name: str, linkname: str = "") -> None:
@@ -168,10 +177,21 @@ class LayerWriter:
         return True
 
     def close(self) -> Layer:
-        """Finish the tar; the layer it is."""
+        """Finish the tar (put in sorted order if it was not written so); the layer it is."""
         self._tar.close()
         self._raw.close()
-        return Layer(f"sha256:{self._sink.hexdigest()}", self.path, self._sink.size)
+        if self._in_order:
+            return Layer(f"sha256:{self._sink.hexdigest()}", self.path, self._sink.size)
+        unsorted = self._unsorted_path()
+        self.path.replace(unsorted)
+        try:
+            diff_id = write_normalized_layer(unsorted, self.path, source_date_epoch=self.epoch)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        finally:
+            unsorted.unlink(missing_ok=True)
+        return Layer(diff_id, self.path, self.path.stat().st_size)
 
     def abort(self) -> None:
         """Drop a half-written layer."""
@@ -179,6 +199,10 @@ class LayerWriter:
             self._tar.close()
         self._raw.close()
         self.path.unlink(missing_ok=True)
+        self._unsorted_path().unlink(missing_ok=True)
+
+    def _unsorted_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".unsorted")
 
 
 def _header(name: str, size: int, epoch: int) -> bytes:

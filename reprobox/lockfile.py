@@ -42,7 +42,9 @@ _NOTE = re.compile(r"^\s+# (?P<key>group|file|url|size): (?P<value>\S+)$")
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*\.whl$")
 _ASSUMED = " (assumed: the glibc of a base.image is not known)"
 _HEADER = re.compile(r"^# (?P<key>[a-z0-9-]+): (?P<value>.*)$")
-# The recipe's image ID, and the one `build --assemble` gives (it differs in installer metadata).
+# The image ID both routes give. `assembled-image-id` is read past: an earlier reprobox recorded
+# `build --assemble`'s ID on a line of its own while its layers' order and history differed from
+# the recipe's (it is never part of the lock's body, so such a lock keeps its sha256).
 _IMAGE_LINE = re.compile(
     r"^# (?P<key>image-id|assembled-image-id): (?P<id>sha256:[0-9a-f]{64})\n", re.MULTILINE
 )
@@ -209,8 +211,6 @@ class LockFile:
     body: str
     image_id: str | None = None
     path: Path | None = None
-    #: The image ID `build --assemble` recorded.
-    assembled_image_id: str | None = None
 
     @classmethod
     def of(cls, lock: Lock) -> LockFile:
@@ -235,13 +235,7 @@ def parse_lockfile(text: str, path: Path | None = None) -> LockFile:
     recorded = {match["key"]: match["id"] for match in _IMAGE_LINE.finditer(text)}
     body = _IMAGE_LINE.sub("", text)
     where = str(path) if path is not None else "<lock>"
-    return LockFile(
-        parse_lock(body, where),
-        body,
-        recorded.get("image-id"),
-        path,
-        recorded.get("assembled-image-id"),
-    )
+    return LockFile(parse_lock(body, where), body, recorded.get("image-id"), path)
 
 
 def read_lockfile(path: Path) -> LockFile:
@@ -264,21 +258,17 @@ def write_lockfile(path: Path, lock: Lock) -> LockFile:
     return written
 
 
-def record_image_id(lockfile: LockFile, image_id: str, *, assembled: bool = False) -> LockFile:
-    """Write `image_id` into the lock's header, where it records none yet (for the recipe, or
-    for `build --assemble`); the lock as it is now."""
-    recorded = lockfile.assembled_image_id if assembled else lockfile.image_id
-    if recorded is not None or lockfile.path is None:
+def record_image_id(lockfile: LockFile, image_id: str) -> LockFile:
+    """Write `image_id` into the lock's header, where it records none yet (either route: both
+    give one ID); the lock as it is now."""
+    if lockfile.image_id is not None or lockfile.path is None:
         return lockfile
     text = lockfile.path.read_text(encoding="utf-8")
     if parse_lockfile(text, lockfile.path).body != lockfile.body:
         return lockfile  # relocked meanwhile: this ID is not its image's
     anchor = _AFTER.search(text)
     position = anchor.end() if anchor else 0
-    key = "assembled-image-id" if assembled else "image-id"
-    write_text_atomic(lockfile.path, f"{text[:position]}# {key}: {image_id}\n{text[position:]}")
-    if assembled:
-        return replace(lockfile, assembled_image_id=image_id)
+    write_text_atomic(lockfile.path, f"{text[:position]}# image-id: {image_id}\n{text[position:]}")
     return replace(lockfile, image_id=image_id)
 
 

@@ -20,7 +20,8 @@ from installer import install
 from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
-from reprobox.assemble import _config
+from reprobox.archive import write_normalized_layer
+from reprobox.assemble import _config, recipe_history
 from reprobox.docker_engine import _go_mode, _go_time
 from reprobox.engine import Change
 from reprobox.errors import BadInputError, EngineError
@@ -108,7 +109,41 @@ def test_a_layer_is_the_same_bytes_every_time_and_on_every_host(tmp_path: Path) 
 
     first, second = write(tmp_path / "1.tar"), write(tmp_path / "2.tar")
     assert first == second
-    assert first == "sha256:e8e2d324fda9002d6bd0831fc743c05040d7ca86cb0a076e8104193949ab4fa4"
+    assert first == "sha256:622d58dc11a380c035eba98187d3a2163933271de235fa5bc7499d77c52a0429"
+
+
+def test_a_layer_written_out_of_order_comes_out_as_the_normaliser_writes_it(
+    tmp_path: Path,
+) -> None:
+    """pypa/installer writes a wheel's files in its zip's order and the pycs come last; the
+    layer must still be the bytes the recipe's normaliser makes of the same entries (sorted),
+    or the two routes give two image IDs for one set of files."""
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    writer.file("opt/venv/lib/pkg/b.py", io.BytesIO(b"b\n"), 2)
+    writer.file("opt/venv/bin/tool", io.BytesIO(b"#!x\n"), 4, mode=0o755)
+    writer.file("opt/venv/lib/pkg/a.py", io.BytesIO(b"a\n"), 2)
+    writer.file("opt/venv/lib/pkg/__pycache__/a.cpython-311.pyc", io.BytesIO(b"p"), 1)
+    layer = writer.close()
+    names = [m.name for m in _members(layer.path)]
+    assert names == sorted(names)
+    assert not (tmp_path / "l.tar.unsorted").exists()
+    again = write_normalized_layer(layer.path, tmp_path / "n.tar", source_date_epoch=EPOCH)
+    assert again == layer.diff_id
+    assert (tmp_path / "n.tar").read_bytes() == layer.path.read_bytes()
+    assert layer.size == layer.path.stat().st_size
+    assert layer.diff_id == "sha256:" + hashlib.sha256(layer.path.read_bytes()).hexdigest()
+
+
+def test_a_layer_written_in_order_is_already_what_the_normaliser_writes(tmp_path: Path) -> None:
+    """The one-pass case (no second pass over the tar) must give the normaliser's bytes too."""
+    writer = LayerWriter(tmp_path / "l.tar", EPOCH, root="opt/venv")
+    writer.file("opt/venv/a.py", io.BytesIO(b"a\n"), 2, mtime=EPOCH - 5)
+    writer.symlink("opt/venv/lib64", "lib")
+    writer.file("opt/venv/z/x.sh", io.BytesIO(b"#!\n"), 3, mode=0o755)
+    layer = writer.close()
+    normalised = write_normalized_layer(layer.path, tmp_path / "n.tar", source_date_epoch=EPOCH)
+    assert normalised == layer.diff_id
+    assert (tmp_path / "n.tar").read_bytes() == layer.path.read_bytes()
 
 
 def test_long_and_non_ascii_names_are_the_same_bytes_every_time_and_read_back_whole(
@@ -404,7 +439,9 @@ def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_pat
         inputs_sha256="e" * 64,
     )
     diff_ids = ["sha256:" + "a" * 64, "sha256:" + "d" * 64]
-    raw = _config(base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"])
+    labels = {"reprobox.selfcheck-argv": "[]"}
+    history = recipe_history(rendered, labels)
+    raw = _config(base, rendered, labels, diff_ids, history)
     config = json.loads(raw)
     assert config["config"]["Env"] == [
         "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -415,13 +452,27 @@ def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_pat
     ]
     assert config["config"]["Labels"] == {"reprobox.version": "1", "reprobox.selfcheck-argv": "[]"}
     assert config["config"]["Cmd"] == ["bash"]
-    assert [h["created_by"] for h in config["history"]] == ["base", "one layer"]
+    # The lines a `docker build` of the recipe writes (the classic builder's, a COPY's source
+    # hash dropped by the normaliser): ENV and LABEL steps make no layer.
+    nop = "/bin/sh -c #(nop) "
+    assert [(h["created_by"], h.get("empty_layer", False)) for h in config["history"]] == [
+        ("base", False),
+        (f"{nop}COPY dir in /opt/venv ", False),
+        (f"{nop}COPY dir in / ", False),
+        (f"{nop}COPY dir in /opt/reprobox/ ", False),
+        ("/bin/sh -c python3 /opt/reprobox/reprobox_hook.py install", False),
+        (
+            f"{nop} ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin"
+            ":/usr/sbin:/usr/bin:/sbin:/bin OMP_NUM_THREADS=1 PYTHONHASHSEED=0",
+            True,
+        ),
+        (f"{nop} LABEL reprobox.version=1", True),
+        (f"{nop} LABEL reprobox.selfcheck-argv=[]", True),
+    ]
     assert {h["created"] for h in config["history"]} == {"2020-09-13T12:26:40Z"}
     assert config["created"] == "2020-09-13T12:26:40Z"
     assert config["rootfs"]["diff_ids"] == diff_ids
-    assert raw == _config(
-        base, rendered, {"reprobox.selfcheck-argv": "[]"}, diff_ids, ["one layer"]
-    )
+    assert raw == _config(base, rendered, labels, diff_ids, recipe_history(rendered, labels))
 
 
 def test_a_failed_build_keeps_nothing_of_the_hook_layer_made_meanwhile(tmp_path: Path) -> None:

@@ -65,14 +65,21 @@ def test_a_lock_that_is_not_one_is_a_lock_error(tmp_path: Path) -> None:
         read_lockfile(path)
 
 
-def test_the_assembled_image_id_is_recorded_beside_the_recipes(tmp_path: Path) -> None:
+def test_an_earlier_assembled_image_id_line_is_read_past_and_keeps_the_locks_identity(
+    tmp_path: Path,
+) -> None:
+    """Before both routes gave one ID, `build --assemble` recorded its own line: such a lock
+    keeps its body and sha256, and either route records and compares `# image-id:`."""
     written = _written(tmp_path)
     path = tmp_path / "spec.lock"
-    assembled = "sha256:" + "3" * 64
-    record_image_id(read_lockfile(path), IMAGE)
-    record_image_id(read_lockfile(path), assembled, assembled=True)
-    record_image_id(read_lockfile(path), "sha256:" + "4" * 64, assembled=True)  # never moved
+    text = path.read_text()
+    old = "# assembled-image-id: sha256:" + "3" * 64 + "\n"
+    path.write_text(text.replace("# reprobox: 0.1.0\n", "# reprobox: 0.1.0\n" + old))
+    before = read_lockfile(path)
+    assert (before.image_id, before.body, before.sha256) == (None, written.body, written.sha256)
+    record_image_id(before, IMAGE)
+    record_image_id(read_lockfile(path), "sha256:" + "4" * 64)  # never moved
     again = read_lockfile(path)
-    assert (again.image_id, again.assembled_image_id) == (IMAGE, assembled)
+    assert again.image_id == IMAGE
     assert again.sha256 == written.sha256
     assert again.body == written.body
