@@ -5,12 +5,13 @@ verified wheels (containers here cannot reach PyPI, so the plain Dockerfile inst
 wheels as well, as a hand-written offline build would):
 
 - plain: COPY the wheels, pip install them in one RUN (no proof, wheels stay in a layer);
-- recipe: `reprobox build` (the rendered Dockerfile, normalised, self-checked);
-- assemble: `reprobox build --assemble` (layers written from the wheels, self-checked).
+- recipe: `reprobox build --recipe` (the rendered Dockerfile built, normalised, self-checked);
+- assemble: `reprobox build`, the default route (the same image written from the wheels,
+  self-checked).
 
 Rows: cold build, rebuild with nothing changed, rebuild after one small pin changed, final size
 against base + installed packages, reprobox's peak memory. Ratios are reprobox / plain. The cold
-builds of plain and --assemble are alternated, three of each, and the ratio is of their medians:
+builds of plain and the default route are alternated, three of each, and the ratio is of their medians:
 one cold build on a 2-core host varies by a quarter from one minute to the next. With
 BENCH_CUDA=1, the CUDA example with `--no-check` (about 3 GB of wheels) is measured the same way.
 Every figure moves with the machine's load: the load average is printed beside the table.
@@ -168,7 +169,9 @@ def _size_note(size: int, base: int, installed: int) -> str:
     return f"{_mb(size)} ({100 * (size / (base + installed) - 1):+.1f}% over base + installed)"
 
 
-COLD_ROUNDS = 3  # cold builds of plain and --assemble, alternated: this host's noise is +-25 %
+COLD_ROUNDS = (
+    3  # cold builds of plain and the default route, alternated: this host's noise is +-25 %
+)
 
 
 def _median(values: list[float]) -> float:
@@ -200,8 +203,8 @@ def _cpu_rows(engine: DockerEngine, folder: Path) -> tuple[list[tuple[str, ...]]
         _forget_earlier_images([spec, pinned])
         held = _held_layers()
         _settle()
-        run = _reprobox("build", str(spec), "--assemble", "--no-cache")
-        _cold_or_exit(engine, run.report["image_id"], held, "a cold --assemble build")
+        run = _reprobox("build", str(spec), "--no-cache")
+        _cold_or_exit(engine, run.report["image_id"], held, "a cold build")
         assemble_colds.append(run)
         base = run.report["base"]
         plain_ctx = plain_ctx or _plain_context(folder, spec, base)
@@ -221,12 +224,12 @@ def _cpu_rows(engine: DockerEngine, folder: Path) -> tuple[list[tuple[str, ...]]
     plain_pin, plain_changed = _timed_build(
         engine, _plain_context(folder, pinned, base), nocache=False
     )
-    assemble_warm = _reprobox("build", str(spec), "--assemble")
-    assemble_pin = _reprobox("build", str(pinned), "--assemble")
+    assemble_warm = _reprobox("build", str(spec))
+    assemble_pin = _reprobox("build", str(pinned))
     _settle()
-    recipe_cold = _reprobox("build", str(spec), "--no-cache")
-    recipe_warm = _reprobox("build", str(spec))
-    recipe_pin = _reprobox("build", str(pinned))
+    recipe_cold = _reprobox("build", str(spec), "--recipe", "--no-cache")
+    recipe_warm = _reprobox("build", str(spec), "--recipe")
+    recipe_pin = _reprobox("build", str(pinned), "--recipe")
 
     a_id, r_id = assemble_colds[-1].report["image_id"], recipe_cold.report["image_id"]
     # Both routes give one image: the recipe's build, normalised, has the assembled content ID.
@@ -316,9 +319,9 @@ def _cuda_rows(engine: DockerEngine, folder: Path) -> list[tuple[str, ...]]:
     _forget_earlier_images([spec])
     held = _held_layers()
     _settle()
-    assembled = _reprobox("build", str(spec), "--assemble", "--no-cache", "--no-check")
+    assembled = _reprobox("build", str(spec), "--no-cache", "--no-check")
     image = assembled.report["image_id"]
-    _cold_or_exit(engine, image, held, "the cold CUDA --assemble build")
+    _cold_or_exit(engine, image, held, "the cold CUDA build")
     base = assembled.report["base"]
     size = engine.inspect_image(image).size
     installed = _installed_bytes(engine, image)
@@ -362,7 +365,14 @@ def main() -> int:
         if os.environ.get("BENCH_CUDA") == "1":
             rows += _cuda_rows(engine, Path(tmp))
     load_after = os.getloadavg()
-    header = ("", "plain Dockerfile", "reprobox (recipe)", "ratio", "reprobox --assemble", "ratio")
+    header = (
+        "",
+        "plain Dockerfile",
+        "reprobox build --recipe",
+        "ratio",
+        "reprobox build (assembled)",
+        "ratio",
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))

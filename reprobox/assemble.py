@@ -50,7 +50,14 @@ from reprobox.pylayer import VENV, LayerJob, TargetPython, probe_target, python_
 from reprobox.render import RenderedContext
 from reprobox.spec import Spec
 
-__all__ = ["Assembled", "assemble", "load_assembled", "recipe_history", "refuse_unsupported"]
+__all__ = [
+    "Assembled",
+    "assemble",
+    "load_assembled",
+    "recipe_history",
+    "recipe_only",
+    "refuse_unsupported",
+]
 
 #: Bumped whenever the bytes a layer is made of could change: it is part of every layer key.
 FORMAT = "assemble-3"
@@ -260,6 +267,20 @@ class _PendingHook:
             self.dest.unlink(missing_ok=True)
 
 
+def recipe_only(spec: Spec) -> str | None:
+    """Why this image is built from the recipe by default (a reason to print), or None: then
+    assembling it gives the recipe's very image, and is the default."""
+    if spec.base.image is not None and spec.apt:
+        return "`apt:` packages on a pinned `base.image` are installed by a RUN step"
+    minor = int(spec.python.split(".")[1])  # the spec's check: "3." and digits
+    if minor < 10:
+        return (
+            f"on Python {spec.python} the recipe installs with pip (pypa/installer needs 3.10), "
+            "so an assembled image would differ from it"
+        )
+    return None
+
+
 def refuse_unsupported(spec: Spec) -> None:
     """What `--assemble` cannot build yet: a BadInputError (exit 2) before any work."""
     if spec.base.image is not None and spec.apt:
@@ -374,12 +395,22 @@ def _save_base(ctx: Context, base: str, cache: Path) -> None:
                         sink = HashingWriter(out)
                         shutil.copyfileobj(data, sink, CHUNK)
                     if f"sha256:{sink.hexdigest()}" != diff_id:
-                        raise EngineError(f"the saved base's layer {name} is not {diff_id}")
+                        raise EngineError(
+                            f"the saved base's layer {name} is not {diff_id}",
+                            hint=_RECIPE_HINT,
+                        )
                     partial.replace(dest)
         except (ValueError, tarfile.TarError, EOFError, OSError) as err:
-            raise EngineError(f"the engine's save of the base {base} is not usable: {err}") from err
+            raise EngineError(
+                f"the engine's save of the base {base} is not usable: {err}", hint=_RECIPE_HINT
+            ) from err
         record = {"config": image.config, "digest": image.image_id}
         write_text_atomic(cache / "base.json", json.dumps(record, sort_keys=True))
+
+
+#: A base whose saved layers reprobox cannot read (zstd on the containerd store) still builds
+#: by the recipe, which only names the base in FROM.
+_RECIPE_HINT = "`reprobox build --recipe` builds the same image with `docker build` of the recipe"
 
 
 def _uncompressed(data: IO[bytes]) -> IO[bytes]:

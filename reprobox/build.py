@@ -19,7 +19,7 @@ from pathlib import Path
 
 from reprobox._files import write_text_atomic
 from reprobox._registry import check_image_ref
-from reprobox.assemble import assemble, load_assembled, refuse_unsupported
+from reprobox.assemble import assemble, load_assembled, recipe_only, refuse_unsupported
 from reprobox.base_image import base_refs
 from reprobox.cache import fetch_locked
 from reprobox.check import (
@@ -69,8 +69,10 @@ class BuildOptions:
     nocache: bool = False
     check: bool = True
     refetch: bool = False
-    #: Write the layers from the wheels (`assemble`) instead of building the recipe.
-    assemble: bool = False
+    #: Write the layers from the wheels (`assemble`, True) or build the recipe (False); None:
+    #: assemble wherever that gives the recipe's image (`assemble.recipe_only`), the CLI's
+    #: default.
+    assemble: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,11 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     ctx.note_engine()
     if options.assemble:
         refuse_unsupported(load_spec(spec_path))
+    elif options.assemble is None:  # assembled wherever that gives the recipe's image
+        why_not = recipe_only(load_spec(spec_path))
+        if why_not is not None:
+            ctx.reporter.note(f"route: the recipe (`docker build`): {why_not}")
+        options = replace(options, assemble=why_not is None)
     cache_limit = limit_from_env(os.environ) if options.assemble else 0
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)

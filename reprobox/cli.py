@@ -224,11 +224,22 @@ def _lock_options(p: argparse.ArgumentParser) -> None:
 
 
 def _assemble_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    route = p.add_mutually_exclusive_group()
+    route.add_argument(
         "--assemble",
-        action="store_true",
-        help="write the image's layers from the verified wheels instead of `docker build` "
-        "(faster; its image ID differs from the recipe's: installer metadata)",
+        dest="assemble",
+        action="store_const",
+        const=True,
+        help="write the image from the verified wheels, no `docker build` (the default wherever "
+        "it gives the recipe's image ID; here also where it does not)",
+    )
+    route.add_argument(
+        "--recipe",
+        dest="assemble",
+        action="store_const",
+        const=False,
+        help="`docker build` the rendered Dockerfile and normalise the result (the same image "
+        "ID; slower)",
     )
 
 

@@ -56,7 +56,7 @@ def _build(spec: Path, *options: str) -> Built:
 @pytest.fixture(scope="module")
 def recipe(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Built:
     """The demo, built from its rendered Dockerfile (the recipe) and normalised."""
-    return _build(_spec(tmp_path_factory.mktemp("assemble") / "demo"))
+    return _build(_spec(tmp_path_factory.mktemp("assemble") / "demo"), "--recipe")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,23 @@ def test_the_assembled_image_trains_to_the_recipes_fingerprint(
         "2.4.6",
         "26.3",
     )
+
+
+def test_the_recipe_rebuilt_with_nothing_changed_is_not_sent_to_the_engine(
+    recipe: Built,
+) -> None:
+    again = _build(recipe.spec, "--recipe")
+    assert "unchanged: not sent to the engine again" in again.stderr
+    assert "==> build" not in again.stderr
+    assert again.report["built_id"] == recipe.report["built_id"] != recipe.report["content_id"]
+    assert again.report["image_id"] == recipe.report["image_id"]
+
+
+def test_the_default_route_assembles_the_recipes_image(recipe: Built) -> None:
+    default = _build(recipe.spec)  # neither --assemble nor --recipe
+    assert default.report["content_id"] == recipe.report["content_id"]
+    assert "route: the recipe" not in default.stderr
+    assert "==> build" not in default.stderr
 
 
 def test_the_assembled_image_is_the_recipes_layer_for_layer(

@@ -21,7 +21,7 @@ from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
 from reprobox.archive import write_normalized_layer
-from reprobox.assemble import _config, recipe_history
+from reprobox.assemble import _config, recipe_history, recipe_only
 from reprobox.docker_engine import _go_mode, _go_time
 from reprobox.engine import Change
 from reprobox.errors import BadInputError, EngineError
@@ -30,6 +30,7 @@ from reprobox.locked import LockedWheel
 from reprobox.opt_layers import hook_paths
 from reprobox.pylayer import TargetPython, write_wheels
 from reprobox.render import RenderedContext
+from reprobox.spec_load import load_spec
 
 EPOCH = 1_600_000_000
 SITE = "/opt/venv/lib/python3.11/site-packages"
@@ -539,3 +540,58 @@ def test_the_wait_for_the_pycs_ends_when_the_compile_ends_without_them() -> None
         _pycs_when_ready(ready, compiling)
     ready.set_result([None])
     assert _pycs_when_ready(ready, compiling) == [None]
+
+
+_ROUTE_SPEC = """\
+version: 1
+name: route
+base:
+  {base}
+python: "{python}"
+torch:
+  version: "{torch}"
+  cuda: cpu
+apt: [{apt}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("base", "python", "apt", "why"),
+    [
+        ("bootstrap: debian:bookworm", "3.11", "", None),
+        ("bootstrap: debian:bookworm", "3.11", "curl", None),  # in the bootstrapped base
+        ('image: "registry.example/b:1@sha256:' + "b" * 64 + '"', "3.12", "", None),
+        ('image: "registry.example/b:1@sha256:' + "b" * 64 + '"', "3.10", "", None),
+        (
+            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
+            "3.11",
+            "curl",
+            "`apt:` packages on a pinned `base.image` are installed by a RUN step",
+        ),
+        (
+            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
+            "3.9",
+            "",
+            "on Python 3.9 the recipe installs with pip",
+        ),
+        (
+            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
+            "3.8",
+            "",
+            "on Python 3.8 the recipe installs with pip",
+        ),
+    ],
+    ids=["bootstrap", "bootstrap-apt", "3.12", "3.10", "image-apt", "3.9", "3.8"],
+)
+def test_the_default_route_assembles_where_that_gives_the_recipes_image(
+    tmp_path: Path, base: str, python: str, apt: str, why: str | None
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    torch = "2.4.1" if python in {"3.8", "3.9"} else "2.13.0"  # torch 2.13 needs 3.10
+    spec.write_text(_ROUTE_SPEC.format(base=base, python=python, apt=apt, torch=torch))
+    found = recipe_only(load_spec(spec))
+    if why is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.startswith(why)

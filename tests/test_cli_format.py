@@ -81,13 +81,13 @@ def test_lock_and_render_reports(tmp_path: Path, run: Any) -> None:
 def test_build_reports_fresh_reused_and_failed(tmp_path: Path, run: Any) -> None:
     spec = project(tmp_path / "p")
     engine = answering(selfcheck())
-    code, fresh = run(engine, "build", str(spec))
+    code, fresh = run(engine, "build", str(spec), "--recipe")
     assert code == 0
     assert set(fresh) == BUILD | {"reproducible", "seconds"}
     assert set(fresh["selfcheck"]) == FRESH_CHECK
     assert set(fresh["reproducible"]) == {"recorded", "matches", "message"}
     assert fresh["reproducible"]["matches"] is None
-    code, reused = run(engine, "build", str(spec))
+    code, reused = run(engine, "build", str(spec), "--recipe")
     assert code == 0
     assert reused["selfcheck"] == {
         "passed": True,
@@ -95,10 +95,10 @@ def test_build_reports_fresh_reused_and_failed(tmp_path: Path, run: Any) -> None
         "fingerprints": {"cpu-x86_64": "a" * 64},
     }
     assert reused["reproducible"]["matches"] is True
-    code, unchecked = run(engine, "build", str(spec), "--no-check")
+    code, unchecked = run(engine, "build", str(spec), "--recipe", "--no-check")
     assert (code, unchecked["selfcheck"]) == (0, None)
     failing = project(tmp_path / "q")
-    code, failed = run(answering(selfcheck(passed=False)), "build", str(failing))
+    code, failed = run(answering(selfcheck(passed=False)), "build", str(failing), "--recipe")
     assert code == 1
     assert set(failed) == BUILD, "a failed build reports no reproducibility and no time"
     assert failed["tags"] == []
@@ -107,7 +107,7 @@ def test_build_reports_fresh_reused_and_failed(tmp_path: Path, run: Any) -> None
 def test_check_reports_the_recorded_fingerprint(tmp_path: Path, run: Any) -> None:
     spec = project(tmp_path / "p")
     engine = answering(selfcheck())
-    _, built = run(engine, "build", str(spec))
+    _, built = run(engine, "build", str(spec), "--recipe")
     code, checked = run(engine, "check", built["tags"][0])
     assert code == 0
     assert set(checked) == CHECK
@@ -130,7 +130,7 @@ def test_check_reports_a_differing_record_with_the_settings_that_differ(
         return RunResult(0, json.dumps(report), "")
 
     engine = answering(answer("a" * 64, "COMPATIBLE"))
-    _, built = run(engine, "build", str(project(tmp_path / "p")))
+    _, built = run(engine, "build", str(project(tmp_path / "p")), "--recipe")
     engine.run_handler = lambda *_: answer("b" * 64, "AUTO")
     code, checked = run(engine, "check", built["tags"][0])
     assert code == 1

@@ -41,7 +41,8 @@ class Demo:
 def demo(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Demo:
     spec = tmp_path_factory.mktemp("demo") / "spec.yaml"
     spec.write_text(DEMO.read_text())
-    here = reprobox("build", spec, "--json")
+    # The recipe here and on the current engines (the assembled route: its own test below).
+    here = reprobox("build", spec, "--recipe", "--json")
     assert here.code == 0, here.stderr
     report = here.json()
     assert read_lockfile(default_lock_path(spec)).image_id == report["content_id"]
@@ -89,7 +90,7 @@ def test_the_demo_gives_one_identity_on_20_10_and_on_the_containerd_store(
     assert who.containerd_store, who
     assert who.host != docker_engine.host
     on_current = {"DOCKER_HOST": containerd_engine.host}
-    there = reprobox("build", demo.spec, "--json", env=on_current)
+    there = reprobox("build", demo.spec, "--recipe", "--json", env=on_current)
     assert there.code == 0, there.stderr
     report = there.json()
     assert report["content_id"] == demo.content_id
@@ -114,7 +115,7 @@ def test_a_remote_engine_over_tcp_with_the_classic_store_gives_the_same_identity
     on_remote = {"DOCKER_HOST": remote_engine.host}
     doctor = reprobox("doctor", demo.spec, "--json", env=on_remote)
     assert doctor.json()["engine"]["store"] == "classic", doctor.stdout
-    there = reprobox("build", demo.spec, "--json", env=on_remote)
+    there = reprobox("build", demo.spec, "--recipe", "--json", env=on_remote)
     assert there.code == 0, there.stderr
     report = there.json()
     assert report["content_id"] == demo.content_id

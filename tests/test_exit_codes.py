@@ -260,7 +260,7 @@ def test_2_a_build_step_that_fails_on_what_the_spec_asks_for(
     monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
     said = "ERROR: numpy-2.4.6 is not a supported wheel on this platform"
     engine = engine_with_base(fail_on={"--requirements /reprobox-build/rest.txt": said})
-    assert cli.main(["build", str(spec_path)], engine=engine) == EXIT_BAD_INPUT
+    assert cli.main(["build", str(spec_path), "--recipe"], engine=engine) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "reprobox: error: docker build failed at step" in err
     assert "  step: RUN " in err

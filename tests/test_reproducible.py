@@ -30,7 +30,7 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def _build(spec: Path, *extra: str) -> dict[str, Any]:
-    result = _cli("build", str(spec), "--json", *extra)
+    result = _cli("build", str(spec), "--recipe", "--json", *extra)
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     return report

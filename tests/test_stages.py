@@ -47,12 +47,15 @@ FINGERPRINT = "a" * 64
 RUN = {"losses": ["0x1.8p-1", "0x1p-1"], "state_sha256": "5" * 64}
 
 
-def project(folder: Path, *, cuda: str = "cpu", numpy: str = "2.4.6") -> Path:
+def project(
+    folder: Path, *, cuda: str = "cpu", numpy: str = "2.4.6", apt: tuple[str, ...] = ()
+) -> Path:
     """A spec on a digest-pinned base, and its lock, whose wheels are small local files."""
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.yaml"
     torch = "2.13.0" if cuda == "cpu" else "2.5.1"
     text = SPEC.format(torch=torch, cuda=cuda if cuda == "cpu" else f'"{cuda}"')
+    text += "".join(f"apt:\n  - {name}\n" for name in apt[:1])
     spec_path.write_text(text.replace("numpy==2.4.6", f"numpy=={numpy}"))
     lock = fake_lock(load_spec(spec_path))
     served = folder / "served"
@@ -311,13 +314,30 @@ def test_a_failed_self_check_leaves_no_tag_and_no_record(tmp_path: Path) -> None
     assert read_lockfile(default_lock_path(spec_path)).image_id is None
 
 
+def test_the_cli_builds_the_recipe_where_assembling_would_not_give_its_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default route assembles; `apt:` on a pinned base.image needs the recipe's RUN step,
+    so there the CLI builds the recipe, and says why."""
+    spec_path = project(tmp_path / "p", apt=("curl",))
+    monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
+    engine = answering(selfcheck())
+    assert cli.main(["build", str(spec_path), "--json"], engine=engine) == 0
+    err = capsys.readouterr().err
+    assert "route: the recipe (`docker build`): `apt:` packages on a pinned `base.image`" in err
+    assert "build" in _calls(engine)
+
+
 def test_the_cli_says_a_failed_check_with_exit_1_and_tags_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec_path = project(tmp_path / "p")
     monkeypatch.setenv("REPROBOX_CACHE_DIR", str(tmp_path / "cache"))
     engine = answering(selfcheck(passed=False))
-    assert cli.main(["build", str(spec_path), "--json"], engine=engine) == EXIT_CHECK_FAILED
+    assert (
+        cli.main(["build", str(spec_path), "--recipe", "--json"], engine=engine)
+        == EXIT_CHECK_FAILED
+    )
     report = json.loads(capsys.readouterr().out)
     assert (report["passed"], report["tags"]) == (False, [])
     assert "self-check FAILED" in report["summary"]
