@@ -269,7 +269,14 @@ class _PendingHook:
 
 def recipe_only(spec: Spec) -> str | None:
     """Why this image is built from the recipe by default (a reason to print), or None: then
-    assembling it gives the recipe's very image, and is the default."""
+    assembling it gives the recipe's very image, and is the default.
+
+    Only a bootstrapped base is assembled by default: reprobox wrote its config. A pinned
+    `base.image` is someone else's, and the classic builder applies parts of it that the
+    assembled route does not (its SHELL names every history line, ONBUILD triggers run at each
+    FROM, the RUN step ignores its ENTRYPOINT, and it re-serialises the config), so there
+    the two routes are not shown to give one image.
+    """
     if spec.base.image is not None and spec.apt:
         return "`apt:` packages on a pinned `base.image` are installed by a RUN step"
     minor = int(spec.python.split(".")[1])  # the spec's check: "3." and digits
@@ -277,6 +284,11 @@ def recipe_only(spec: Spec) -> str | None:
         return (
             f"on Python {spec.python} the recipe installs with pip (pypa/installer needs 3.10), "
             "so an assembled image would differ from it"
+        )
+    if spec.base.image is not None:
+        return (
+            "a pinned `base.image` (its SHELL, ONBUILD, ENTRYPOINT and config are the "
+            "builder's to apply; assembling gives the recipe's image on bootstrapped bases)"
         )
     return None
 
@@ -435,7 +447,7 @@ _NOP = "/bin/sh -c #(nop) "
 def recipe_history(rendered: RenderedContext, labels: Mapping[str, str]) -> list[dict[str, Any]]:
     """The history entries above the base that a `docker build` of the recipe writes, as the
     normaliser keeps them (a COPY's source hash dropped): one per Dockerfile step after FROM,
-    then the build's own `labels` (one LABEL step). The assembled config carries these lines,
+    then one LABEL step per build label (sorted by key). The assembled config carries these lines,
     so that both routes give one config, and one image ID, for one spec and lock.
 
     The recipe's Dockerfile (templates/Dockerfile.j2) and this list change together:
@@ -453,7 +465,8 @@ def recipe_history(rendered: RenderedContext, labels: Mapping[str, str]) -> list
         {"created_by": "/bin/sh -c python3 /opt/reprobox/reprobox_hook.py install"},
         step("ENV", [("VIRTUAL_ENV", VENV), ("PATH", _PATH), *rendered.env]),
         step("LABEL", rendered.labels),
-        step("LABEL", sorted(labels.items())),
+        # The builder adds one LABEL step per build label, sorted by key.
+        *(step("LABEL", [(key, labels[key])]) for key in sorted(labels)),
     ]
 
 

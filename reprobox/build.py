@@ -166,13 +166,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         check_image_ref(options.tag, "--tag")
     ctx.cache.usable()  # before minutes of resolving: a cache it cannot write is exit 2 or 3 now
     ctx.note_engine()
-    if options.assemble:
-        refuse_unsupported(load_spec(spec_path))
-    elif options.assemble is None:  # assembled wherever that gives the recipe's image
-        why_not = recipe_only(load_spec(spec_path))
-        if why_not is not None:
-            ctx.reporter.note(f"route: the recipe (`docker build`): {why_not}")
-        options = replace(options, assemble=why_not is None)
+    options, twin = _route(ctx, spec_path, options)
     cache_limit = limit_from_env(os.environ) if options.assemble else 0
     spec, locked = locked_spec(ctx, spec_path, options.lock_path, relock=options.relock)
     files = fetch_locked(ctx, locked.lock, refetch=options.refetch)
@@ -230,6 +224,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
                 _remember_unproven(ctx, inputs, built_id)
                 raise
             _remember_inputs(ctx, inputs, built_id, outcome)
+    content_tag = rendered.content_tag + ("" if twin else "-assembled")
     result = BuildResult(
         spec=spec_path,
         lock=options.lock_path or default_lock_path(spec_path),
@@ -239,8 +234,8 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
         built_id=built_id,
         image_id=outcome.image_id,
         content_id=outcome.content_id,
-        content_tag=rendered.content_tag,
-        tags=(options.tag or rendered.tag,) if outcome.passed else (),
+        content_tag=content_tag,
+        tags=(options.tag or f"{rendered.name}:{content_tag}",) if outcome.passed else (),
         passed=outcome.passed,
         checked=options.check,
         reused=outcome.reused,
@@ -249,7 +244,7 @@ def build(ctx: Context, spec_path: Path, options: BuildOptions) -> BuildResult:
     )
     if not outcome.passed:
         return result
-    reproducible = _compare_recorded(locked, outcome.content_id)
+    reproducible = _compare_recorded(locked, outcome.content_id) if twin else None
     for ref in result.tags:
         ctx.engine.tag(outcome.image_id, ref)
     seconds = round(time.monotonic() - started, 1)
@@ -287,6 +282,28 @@ def _normalize(
                 "engine holds them, neither rewritten nor sent"
             )
         return image
+
+
+def _route(ctx: Context, spec_path: Path, options: BuildOptions) -> tuple[BuildOptions, bool]:
+    """The route (`options.assemble` True or False), and whether this image is the recipe's:
+    False where `--assemble` was asked for a spec whose assembled image is not shown to be the
+    recipe's; then it gets a tag of its own and the lock's image-id is neither compared nor
+    recorded. By default (None) a spec is assembled wherever that gives the recipe's image."""
+    if options.assemble is False:
+        return options, True
+    spec = load_spec(spec_path)
+    why_not = recipe_only(spec)
+    if options.assemble is None:
+        if why_not is not None:
+            ctx.reporter.note(f"route: the recipe (`docker build`): {why_not}")
+        return replace(options, assemble=why_not is None), True
+    refuse_unsupported(spec)
+    if why_not is not None:
+        ctx.reporter.note(
+            f"--assemble: not shown to give the recipe's image here ({why_not}): tagged "
+            "NAME:TAG-assembled; the lock's image-id is neither compared nor recorded"
+        )
+    return options, why_not is None
 
 
 def _outcome(

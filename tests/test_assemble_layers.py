@@ -474,6 +474,10 @@ def test_the_config_is_the_bases_with_the_recipes_env_labels_and_history(tmp_pat
     assert config["created"] == "2020-09-13T12:26:40Z"
     assert config["rootfs"]["diff_ids"] == diff_ids
     assert raw == _config(base, rendered, labels, diff_ids, recipe_history(rendered, labels))
+    # The builder adds one LABEL step per build label, sorted by key, and none without any.
+    two = recipe_history(rendered, {"b": "2", "a": "1"})[-2:]
+    assert [h["created_by"] for h in two] == [f"{nop} LABEL a=1", f"{nop} LABEL b=2"]
+    assert recipe_history(rendered, {})[-1]["created_by"] == f"{nop} LABEL reprobox.version=1"
 
 
 def test_a_failed_build_keeps_nothing_of_the_hook_layer_made_meanwhile(tmp_path: Path) -> None:
@@ -560,8 +564,13 @@ apt: [{apt}]
     [
         ("bootstrap: debian:bookworm", "3.11", "", None),
         ("bootstrap: debian:bookworm", "3.11", "curl", None),  # in the bootstrapped base
-        ('image: "registry.example/b:1@sha256:' + "b" * 64 + '"', "3.12", "", None),
-        ('image: "registry.example/b:1@sha256:' + "b" * 64 + '"', "3.10", "", None),
+        ("bootstrap: debian:trixie", "3.13", "", None),
+        (
+            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
+            "3.12",
+            "",
+            "a pinned `base.image`",
+        ),
         (
             'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
             "3.11",
@@ -581,7 +590,7 @@ apt: [{apt}]
             "on Python 3.8 the recipe installs with pip",
         ),
     ],
-    ids=["bootstrap", "bootstrap-apt", "3.12", "3.10", "image-apt", "3.9", "3.8"],
+    ids=["bootstrap", "bootstrap-apt", "trixie", "image", "image-apt", "image-3.9", "image-3.8"],
 )
 def test_the_default_route_assembles_where_that_gives_the_recipes_image(
     tmp_path: Path, base: str, python: str, apt: str, why: str | None
