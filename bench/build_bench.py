@@ -11,8 +11,8 @@ wheels as well, as a hand-written offline build would):
 
 Rows: cold build, rebuild with nothing changed, rebuild after one small pin changed, final size
 against base + installed packages, reprobox's peak memory. Ratios are reprobox / plain. The cold
-builds of plain and the default route are alternated, three of each, and the ratio is of their medians:
-one cold build on a 2-core host varies by a quarter from one minute to the next. With
+builds of plain and the default route are alternated, three of each, and the ratio is of their
+medians: one cold build on a 2-core host varies by a quarter from one minute to the next. With
 BENCH_CUDA=1, the CUDA example with `--no-check` (about 3 GB of wheels) is measured the same way.
 Every figure moves with the machine's load: the load average is printed beside the table.
 """
@@ -169,9 +169,8 @@ def _size_note(size: int, base: int, installed: int) -> str:
     return f"{_mb(size)} ({100 * (size / (base + installed) - 1):+.1f}% over base + installed)"
 
 
-COLD_ROUNDS = (
-    3  # cold builds of plain and the default route, alternated: this host's noise is +-25 %
-)
+# Cold builds of plain and the default route, alternated: this host's noise is +-25 %.
+COLD_ROUNDS = 3
 
 
 def _median(values: list[float]) -> float:

@@ -557,6 +557,7 @@ torch:
   cuda: cpu
 apt: [{apt}]
 """
+_PINNED = 'image: "registry.example/b:1@sha256:' + "b" * 64 + '"'
 
 
 @pytest.mark.parametrize(
@@ -565,30 +566,15 @@ apt: [{apt}]
         ("bootstrap: debian:bookworm", "3.11", "", None),
         ("bootstrap: debian:bookworm", "3.11", "curl", None),  # in the bootstrapped base
         ("bootstrap: debian:trixie", "3.13", "", None),
+        (_PINNED, "3.12", "", "a pinned `base.image`"),
         (
-            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
-            "3.12",
-            "",
-            "a pinned `base.image`",
-        ),
-        (
-            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
+            _PINNED,
             "3.11",
             "curl",
             "`apt:` packages on a pinned `base.image` are installed by a RUN step",
         ),
-        (
-            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
-            "3.9",
-            "",
-            "on Python 3.9 the recipe installs with pip",
-        ),
-        (
-            'image: "registry.example/b:1@sha256:' + "b" * 64 + '"',
-            "3.8",
-            "",
-            "on Python 3.8 the recipe installs with pip",
-        ),
+        (_PINNED, "3.9", "", "on Python 3.9 the recipe installs with pip"),
+        (_PINNED, "3.8", "", "on Python 3.8 the recipe installs with pip"),
     ],
     ids=["bootstrap", "bootstrap-apt", "trixie", "image", "image-apt", "image-3.9", "image-3.8"],
 )
