@@ -90,15 +90,22 @@ def sha256_hex(stream: _Reader, on_chunk: Callable[[int], None] | None = None) -
 
 
 class HashingWriter:
-    """A write-only file that hashes what passes through it (a tar's diff ID as it is written)."""
+    """A write-only file that hashes and counts what passes through it (a tar's diff ID as it
+    is written). It says where it is (`tell`), so that a tarfile writes to it directly, not
+    through its own stream buffer (a copy in 10 KB pieces)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
         self._digest = hashlib.sha256()
+        self.size = 0
 
     def write(self, data: bytes) -> int:
         self._digest.update(data)
+        self.size += len(data)
         return self._raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()

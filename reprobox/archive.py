@@ -22,9 +22,9 @@ import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from reprobox._files import HashingWriter, sha256_hex
+from reprobox._files import CHUNK, HashingWriter, sha256_hex
 from reprobox.errors import BadInputError
 
 __all__ = [
@@ -228,7 +228,12 @@ def write_normalized_layer(
         first: dict[str, str] = {}  # hard-link group -> the kept name that carries the data
         with dst.open("wb") as raw:
             sink = HashingWriter(raw)
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:  # type: ignore[call-overload]
+            with tarfile.TarFile(
+                fileobj=cast(IO[bytes], sink),
+                mode="w",
+                format=tarfile.PAX_FORMAT,
+                copybufsize=CHUNK,
+            ) as out:
                 for name in kept:
                     member = everything[name]
                     info = _normalized_info(name, member, source_date_epoch)

@@ -17,18 +17,32 @@ import json
 import re
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from reprobox._files import CHUNK, HashingWriter
 from reprobox.archive import write_normalized_layer
 from reprobox.errors import BadInputError
 
-__all__ = ["Layer", "LayerWriter", "ancestors", "archive_stream", "installed_mode", "tar_stream"]
+__all__ = [
+    "Layer",
+    "LayerIndex",
+    "LayerWriter",
+    "Opener",
+    "ancestors",
+    "archive_stream",
+    "installed_mode",
+    "tar_stream",
+]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: An entry's bytes when its layer is written: the writer reads the entry's size from what
+#: the context gives (an open file is one), then leaves the context.
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
 
 
 @dataclass(frozen=True)
@@ -47,19 +61,32 @@ def ancestors(name: str) -> Iterator[str]:
         yield "/".join(parts[:end])
 
 
+def _tar_writer(sink: HashingWriter) -> tarfile.TarFile:
+    """A PAX tar written straight to `sink`, a file's data copied in `CHUNK`s (the bytes are
+    those of a stream-mode tar: the padding is the tar's, not the buffer's)."""
+    return tarfile.TarFile(
+        fileobj=cast(IO[bytes], sink), mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK
+    )
+
+
+def _under(root: str, name: str) -> bool:
+    return not root or name == root or name.startswith(root + "/")
+
+
+def _check_name(root: str, name: str, linkname: str = "") -> None:
+    if not _under(root, name) or any(part in {"", ".", ".."} for part in name.split("/")):
+        raise BadInputError(f"a layer entry {name!r} lies outside /{root}")
+    # Every name here comes from a wheel or an engine's answer: none may hold a newline
+    # (a line of the compile list, a header a reader splits) or another control character.
+    if _CONTROL.search(name) or _CONTROL.search(linkname):
+        raise BadInputError(
+            f"a layer entry {name!r:.200} {linkname!r:.200} holds a control character"
+        )
+
+
 def installed_mode(st_mode: int) -> int:
     """What an installer run with umask 022 makes: 0755 for directories and executables."""
     return 0o755 if stat.S_ISDIR(st_mode) or st_mode & 0o111 else 0o644
-
-
-class _Counter(HashingWriter):
-    def __init__(self, raw: IO[bytes]) -> None:
-        super().__init__(raw)
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.size += len(data)
-        return super().write(data)
 
 
 class LayerWriter:
@@ -83,8 +110,8 @@ class LayerWriter:
         self.path, self.epoch, self.root = path, epoch, root
         self._dir_meta = dict(dir_meta or {})
         self._raw = path.open("wb")
-        self._sink = _Counter(self._raw)
-        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
+        self._sink = HashingWriter(self._raw)
+        self._tar = _tar_writer(self._sink)
         # name -> "dir", "link", or a file's sha256 ("-" when not given)
         self._seen: dict[str, str] = {}
         # The last name added, and whether every name so far came after the one before it.
@@ -104,15 +131,7 @@ class LayerWriter:
         return info
 
     def _check(self, name: str, linkname: str = "") -> None:
-        outside = self.root and name != self.root and not name.startswith(self.root + "/")
-        if outside or any(part in {"", ".", ".."} for part in name.split("/")):
-            raise BadInputError(f"a layer entry {name!r} lies outside /{self.root}")
-        # Every name here comes from a wheel or an engine's answer: none may hold a newline
-        # (a line of the compile list, a header a reader splits) or another control character.
-        if _CONTROL.search(name) or _CONTROL.search(linkname):
-            raise BadInputError(
-                f"a layer entry {name!r:.200} {linkname!r:.200} holds a control character"
-            )
+        _check_name(self.root, name, linkname)
 
     def _parents(self, name: str) -> None:
         for parent in ancestors(name):
@@ -203,6 +222,82 @@ class LayerWriter:
 
     def _unsorted_path(self) -> Path:
         return self.path.with_name(self.path.name + ".unsorted")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """An entry of a `LayerIndex`: "dir", "link" (to `target`) or "file" (`size` bytes)."""
+
+    kind: str
+    mode: int = 0o755
+    size: int = 0
+    target: str = ""
+    sha256: str = ""
+    opener: Opener | None = None
+
+
+class LayerIndex:
+    """A layer's entries, each named with where its bytes are, written in one sorted pass.
+
+    The same rules as `LayerWriter`'s: every name under `root`; a second entry at a path is
+    skipped when it is a directory or the same file (the same sha256), refused when it differs.
+    No bytes are held here beyond what the openers hold.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._entries: dict[str, _Planned] = {}
+
+    def directory(self, name: str) -> None:
+        """A directory (its ancestors come with it when the layer is written)."""
+        _check_name(self.root, name)
+        found = self._entries.setdefault(name, _Planned("dir"))
+        if found.kind != "dir":
+            raise BadInputError(f"/{name} is a folder and a file in one layer")
+
+    def symlink(self, name: str, target: str) -> None:
+        """A symbolic link (the venv's `bin/python`)."""
+        _check_name(self.root, name, target)
+        if name in self._entries:
+            raise BadInputError(f"two entries at {name} in one layer")
+        self._entries[name] = _Planned("link", 0o777, target=target)
+
+    def file(
+        self, name: str, opener: Opener, size: int, *, mode: int = 0o644, sha256: str = ""
+    ) -> bool:
+        """A regular file of `size` bytes, read from `opener()` when the layer is written;
+        False when the same file is there already."""
+        _check_name(self.root, name)
+        found = self._entries.get(name)
+        if found is not None:
+            if sha256 and found.kind == "file" and found.sha256 == sha256:
+                return False
+            raise BadInputError(f"two different entries at /{name} in one layer")
+        self._entries[name] = _Planned("file", mode, size, sha256=sha256, opener=opener)
+        return True
+
+    def write(self, path: Path, epoch: int) -> Layer:
+        """The layer, written to `path` in the normaliser's order: each folder that holds an
+        entry, as `LayerWriter` makes it, sorted in among the entries."""
+        names = set(self._entries)
+        for name in self._entries:
+            names.update(parent for parent in ancestors(name) if _under(self.root, parent))
+        writer = LayerWriter(path, epoch, root=self.root)
+        try:
+            for name in sorted(names):
+                entry = self._entries.get(name, _Planned("dir"))
+                if entry.kind == "dir":
+                    writer.directory(name)
+                elif entry.kind == "link":
+                    writer.symlink(name, entry.target)
+                else:
+                    assert entry.opener is not None
+                    with entry.opener() as data:
+                        writer.file(name, data, entry.size, mode=entry.mode, sha256=entry.sha256)
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def _header(name: str, size: int, epoch: int) -> bytes:

@@ -20,6 +20,7 @@ container's own filesystem (overlay) costs about a millisecond here: putting the
 from __future__ import annotations
 
 import contextlib
+import functools
 import posixpath
 import shlex
 import shutil
@@ -30,11 +31,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 from reprobox._files import CHUNK
 from reprobox.engine import Engine
 from reprobox.errors import ContainerCancelledError, EngineError
-from reprobox.layer_tar import LayerWriter, tar_stream
+from reprobox.layer_tar import LayerIndex, tar_stream
 
 __all__ = ["Sources", "append_pycs", "compile_all", "engine_tar"]
 
@@ -175,43 +177,56 @@ def _unwrap(outer: Path, name: str, dest: Path) -> None:
 
 
 def append_pycs(
-    layers: Sequence[LayerWriter],
+    layers: Sequence[LayerIndex],
     compiled: Sequence[Path | None],
     sources: Sequence[Sources],
     cache_tag: str,
+    opened: contextlib.ExitStack,
 ) -> None:
-    """Into each layer the pycs of its `sources` (`compiled[i]` holds layer i's), sorted, each
-    into its `__pycache__`. Each tar is read once; a pyc of no layer's `.py` file (or with
-    another tag than the probe's) fails, instead of being dropped without a word."""
+    """Into each layer's index the pycs of its `sources` (`compiled[i]` holds layer i's), each
+    into its `__pycache__`, read from their tar (left open on `opened`) when the layer is
+    written. Each tar's headers are read once; a pyc of no layer's `.py` file (or with another
+    tag than the probe's) fails, instead of being dropped without a word."""
     suffix = f".{cache_tag}.pyc"
     for pycs in dict.fromkeys(p for p in compiled if p is not None):
         owners = [i for i, p in enumerate(compiled) if p == pycs]
         taken: dict[int, list[tarfile.TarInfo]] = {i: [] for i in owners}
         stray: list[str] = []
-        with engine_tar(pycs) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc, of /opt/venv/.../pkg/mod.py
-                source = member.name.removeprefix("reprobox-pyc").removesuffix(suffix) + ".py"
-                owner = next((i for i in owners if source in sources[i].files), None)
-                if owner is None:
-                    stray.append(member.name)
-                else:
-                    taken[owner].append(member)
-            if stray:
-                raise EngineError(
-                    f"the compile gave {len(stray)} pycs of no layer's `.py` file: "
-                    + ", ".join(sorted(stray)[:5]),
-                    hint="the base's Python names its pycs otherwise than it said when asked "
-                    "(its cache tag); build with `--no-cache` to ask it again",
-                )
-            for owner, members in taken.items():
-                for member in sorted(members, key=lambda m: m.name):
-                    folder, _, name = member.name.removeprefix("reprobox-pyc/").rpartition("/")
-                    data = tar.extractfile(member)
-                    assert data is not None
-                    layers[owner].file(f"{folder}/__pycache__/{name}", data, member.size)
+        try:
+            tar = opened.enter_context(tarfile.open(pycs))  # noqa: SIM115  # closed by `opened`
+            members = [member for member in tar if member.isfile()]
+        except (tarfile.TarError, EOFError) as err:
+            raise _unusable(pycs, err) from err
+        for member in members:
+            # reprobox-pyc/opt/venv/.../pkg/mod.cpython-311.pyc, of /opt/venv/.../pkg/mod.py
+            source = member.name.removeprefix("reprobox-pyc").removesuffix(suffix) + ".py"
+            owner = next((i for i in owners if source in sources[i].files), None)
+            if owner is None:
+                stray.append(member.name)
+            else:
+                taken[owner].append(member)
+        if stray:
+            raise EngineError(
+                f"the compile gave {len(stray)} pycs of no layer's `.py` file: "
+                + ", ".join(sorted(stray)[:5]),
+                hint="the base's Python names its pycs otherwise than it said when asked "
+                "(its cache tag); build with `--no-cache` to ask it again",
+            )
+        for owner, found in taken.items():
+            for member in found:
+                folder, _, name = member.name.removeprefix("reprobox-pyc/").rpartition("/")
+                opener = functools.partial(_member, tar, member)
+                layers[owner].file(f"{folder}/__pycache__/{name}", opener, member.size)
+
+
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    data = tar.extractfile(member)
+    assert data is not None  # a regular file's
+    return data
+
+
+def _unusable(path: Path, err: BaseException) -> EngineError:
+    return EngineError(f"the engine's archive {path.name} is not a usable tar: {err}")
 
 
 @contextlib.contextmanager
@@ -222,4 +237,4 @@ def engine_tar(path: Path) -> Iterator[tarfile.TarFile]:
         with tarfile.open(path) as tar:
             yield tar
     except (tarfile.TarError, EOFError, KeyError) as err:
-        raise EngineError(f"the engine's archive {path.name} is not a usable tar: {err}") from err
+        raise _unusable(path, err) from err

@@ -2,20 +2,22 @@
 
 pypa/installer runs in reprobox's own process with a destination whose one file-writing method
 is replaced: every file it would write (wheel members, generated console scripts, the RECORD it
-rewrites) becomes an entry of the layer tar, in the installer's own order (wheels sorted by
-name; in a wheel, its scripts, then the zip's member order), a pure function of the wheel bytes.
-No installed tree ever exists on this host.
+rewrites) becomes an entry of the layer's index, a pure function of the wheel bytes. Each
+file's bytes go once into a spool file, hashed on the way (for the RECORD); once the pycs are
+there, each layer is written in one pass, sorted, every file read from where it lies in the
+spool. No installed tree ever exists on this host.
 
 Bytecode is the base's Python's to write: the group's `.py` files (only they) go into one short
 container of the base without network, which compiles them with `PYTHONPYCACHEPREFIX` to the bytes
 today's install step writes (a sorted list, unchecked-hash pycs; in shards, one process per CPU,
-which write what one process writes); only the pycs come back, and
-are appended in sorted order. Their code objects name `/opt/venv/...`, as an in-place compile does.
+which write what one process writes); only the pycs come back, into the index. Their code objects
+name `/opt/venv/...`, as an in-place compile does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import posixpath
@@ -29,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 from installer import install
 from installer.destinations import SchemeDictionaryDestination
@@ -42,7 +44,7 @@ from installer.utils import Scheme, copyfileobj_with_hashing
 from reprobox._files import atomic_path, write_text_atomic
 from reprobox.engine import Engine
 from reprobox.errors import BadInputError, EngineError
-from reprobox.layer_tar import Layer, LayerWriter, installed_mode
+from reprobox.layer_tar import Layer, LayerIndex, Opener, installed_mode
 from reprobox.locked import LockedWheel
 from reprobox.pycompile import Sources, append_pycs, compile_all, engine_tar
 
@@ -58,7 +60,7 @@ __all__ = [
 
 #: Where the image's venv lives (the recipe's path too).
 VENV = "/opt/venv"
-#: Files larger than this pass through one temporary file on disk, not memory.
+#: The quick pass's `.py` files larger than this pass through a temporary file, not memory.
 _SPOOL_BYTES = 16 << 20
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -155,8 +157,46 @@ def _target(answer: str, skeleton: Path) -> TargetPython:
     return target
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A file's bytes in the spool: the spool's reader, at the file's first byte. The layer
+    writer reads exactly the file's size from it."""
+
+    reader: IO[bytes]
+    offset: int
+
+    def __enter__(self) -> IO[bytes]:
+        self.reader.seek(self.offset)
+        return self.reader
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Spool:
+    """Every file installer writes, one after another in one file on disk, hashed on the way
+    in and read back where it lies when its layer is written: each wheel is decompressed once,
+    and no file is held in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w+b")
+        self._end = 0
+
+    def add(self, stream: BinaryIO, algorithm: str) -> tuple[str, int, Opener]:
+        """`stream`'s bytes appended: their hash (as installer writes it in RECORD), their
+        size, and where they are."""
+        self._file.seek(self._end)
+        digest, size = copyfileobj_with_hashing(stream, cast(BinaryIO, self._file), algorithm)
+        offset, self._end = self._end, self._end + size
+        return digest, size, functools.partial(_Part, self._file, offset)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _TarDestination(SchemeDictionaryDestination):
-    """pypa/installer's destination, writing into the layer and/or a tar of the `.py` files.
+    """pypa/installer's destination, indexing into the layer (its bytes into the spool) and/or
+    copying into a tar of the `.py` files.
 
     Without a layer (the first, quick pass) only the `.py` files are read from the wheel; the
     others are never decompressed.
@@ -164,12 +204,12 @@ class _TarDestination(SchemeDictionaryDestination):
 
     def __init__(
         self,
-        layer: LayerWriter | None,
+        layer: tuple[LayerIndex, _Spool] | None,
         sources: tarfile.TarFile | None,
+        *,
         spool_dir: Path,
         scheme_dict: dict[str, str],
         seen: dict[str, str],
-        *,
         skeleton: tuple[frozenset[str], frozenset[str]],
     ) -> None:
         super().__init__(
@@ -200,23 +240,33 @@ class _TarDestination(SchemeDictionaryDestination):
             raise BadInputError(f"a wheel's file /{name} would land through a link")
         if self._layer is None and not name.endswith(".py"):
             return RecordEntry(path, None, None)
-        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
-            digest, size = copyfileobj_with_hashing(
-                stream, cast(BinaryIO, buf), self.hash_algorithm
-            )
-            if self._layer is not None:
-                buf.seek(0)
-                mode = 0o755 if is_executable else 0o644
-                self._layer.file(name, buf, size, mode=mode, sha256=digest)
-            if self._sources is not None and name.endswith(".py") and name not in self._seen:
-                # A second copy (namespace packages) is the layer's to accept or refuse.
-                self._seen[name] = digest
-                buf.seek(0)
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = size, 0o644, 0
-                self._sources.addfile(info, buf)
-                self.python_files.append("/" + name)
+        # A second copy (namespace packages) is the layer's to accept or refuse.
+        copy = self._sources is not None and name.endswith(".py") and name not in self._seen
+        if self._layer is not None:
+            index, spool = self._layer
+            digest, size, opener = spool.add(stream, self.hash_algorithm)
+            index.file(name, opener, size, mode=0o755 if is_executable else 0o644, sha256=digest)
+            if copy:
+                with opener() as data:
+                    self._copy(name, data, size, digest)
+        else:
+            with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, dir=str(self._spool_dir)) as buf:
+                digest, size = copyfileobj_with_hashing(
+                    stream, cast(BinaryIO, buf), self.hash_algorithm
+                )
+                if copy:
+                    buf.seek(0)
+                    self._copy(name, buf, size, digest)
         return RecordEntry(path, Hash(self.hash_algorithm, digest), size)
+
+    def _copy(self, name: str, data: IO[bytes], size: int, digest: str) -> None:
+        """A `.py` file into the sources tar (the compile container's input)."""
+        assert self._sources is not None
+        self._seen[name] = digest
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, 0
+        self._sources.addfile(info, data)
+        self.python_files.append("/" + name)
 
     def write_script(self, name: str, module: str, attr: str, section: str) -> RecordEntry:
         # The parent's version chmods the file it wrote on disk; here the mode is in the header.
@@ -267,61 +317,76 @@ def python_layers(
 ) -> list[Layer]:
     """Each job's layer: its wheels installed into the venv, with their pycs.
 
-    The `.py` files of every job are compiled in one container, started before any layer is
-    written, so that the base's Python compiles while this process writes the layers (one
+    The `.py` files of every job are compiled in one container, started before the wheels are
+    indexed, so that the base's Python compiles while this process reads the wheels (one
     container start, not one per layer). A pyc does not depend on what else its process
     compiled, so each layer gets the bytes a compile of its own files gives. When two jobs
     ship a file at the same path, each job is compiled in a container of its own (in turn).
+    Each layer is written once, sorted, when its pycs are there.
     """
     if not jobs:
         return []
-    writers: list[LayerWriter] = []
+    written: list[Layer] = []
     work = Path(tempfile.mkdtemp(prefix="pylayer-", dir=jobs[0].dest.parent))
     try:
-        # First the `.py` files alone (a tenth of the bytes), so that the compile starts early.
-        sources = [
-            _python_sources(work / f"sources-{index}.tar", job, work, target, files)
-            for index, job in enumerate(jobs)
-        ]
-        # Set when this thread fails or is interrupted: the compile container is then removed
-        # within a second, not waited for until it finishes.
-        stop = threading.Event()
-        # The pycs, as soon as they are read: the container is removed while they are appended.
-        ready: Future[list[Path | None]] = Future()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
-            try:
-                compiling = pool.submit(
-                    compile_all,
-                    engine,
-                    base,
-                    sources=sources,
-                    venv=VENV,
-                    work=work,
-                    ready=ready,
-                    cancel=stop,
-                )
-                for job in jobs:
-                    _raise_if_failed(ready)  # a failed compile is not waited out
-                    layer = LayerWriter(job.dest, epoch, root=VENV.lstrip("/"))
-                    writers.append(layer)
-                    if job.bottom:
-                        _add_skeleton(layer, target.skeleton)
-                    write_wheels(
-                        layer, None, spool_dir=work, target=target, wheels=job.wheels, files=files
+        # The spool and the pyc tars the indexes read from stay open until the layers are
+        # written.
+        with contextlib.ExitStack() as opened:
+            spool = _Spool(work / "spool")
+            opened.callback(spool.close)
+            # First the `.py` files alone (a tenth of the bytes), so that the compile starts
+            # early.
+            sources = [
+                _python_sources(work / f"sources-{index}.tar", job, work, target, files)
+                for index, job in enumerate(jobs)
+            ]
+            # Set when this thread fails or is interrupted: the compile container is then
+            # removed within a second, not waited for until it finishes.
+            stop = threading.Event()
+            # The pycs, as soon as they are read: the container is removed while the layers
+            # are written.
+            ready: Future[list[Path | None]] = Future()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile") as pool:
+                try:
+                    compiling = pool.submit(
+                        compile_all,
+                        engine,
+                        base,
+                        sources=sources,
+                        venv=VENV,
+                        work=work,
+                        ready=ready,
+                        cancel=stop,
                     )
-                pycs = _pycs_when_ready(ready, compiling)
-                append_pycs(writers, pycs, sources, target.cache_tag)
-                layers = [layer.close() for layer in writers]
-                compiling.result()  # the container removed
-            except BaseException:
-                stop.set()
-                raise
+                    indexes: list[LayerIndex] = []
+                    for job in jobs:
+                        _raise_if_failed(ready)  # a failed compile is not waited out
+                        index = LayerIndex(VENV.lstrip("/"))
+                        indexes.append(index)
+                        if job.bottom:
+                            _add_skeleton(index, target.skeleton)
+                        write_wheels(
+                            (index, spool),
+                            None,
+                            spool_dir=work,
+                            target=target,
+                            wheels=job.wheels,
+                            files=files,
+                        )
+                    pycs = _pycs_when_ready(ready, compiling)
+                    append_pycs(indexes, pycs, sources, target.cache_tag, opened)
+                    for job, index in zip(jobs, indexes, strict=True):
+                        written.append(index.write(job.dest, epoch))
+                    compiling.result()  # the container removed
+                except BaseException:
+                    stop.set()
+                    raise
     except BaseException:
-        for layer in writers:
-            layer.abort()
+        for layer in written:
+            layer.path.unlink(missing_ok=True)
         raise
     else:
-        return layers
+        return written
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -357,7 +422,7 @@ def _python_sources(
 
 
 def write_wheels(
-    layer: LayerWriter | None,
+    layer: tuple[LayerIndex, _Spool] | None,
     sources: tarfile.TarFile | None,
     *,
     spool_dir: Path,
@@ -365,15 +430,21 @@ def write_wheels(
     wheels: Sequence[LockedWheel],
     files: Mapping[str, Path],
 ) -> list[str]:
-    """Install `wheels` (sorted by name) with pypa/installer into `layer`, and/or a copy of each
-    `.py` file into `sources`; the `.py` files' absolute paths in the image, in the order met.
+    """Install `wheels` (sorted by name) with pypa/installer into a layer's index (the bytes
+    into its spool), and/or a copy of each `.py` file into `sources`; the `.py` files'
+    absolute paths in the image, in the order met.
     """
     python_files: list[str] = []
     seen: dict[str, str] = {}
     skeleton = _skeleton_names(target.skeleton)
     for wheel in sorted(wheels, key=lambda w: (w.name, w.filename)):
         destination = _TarDestination(
-            layer, sources, spool_dir, target.scheme(wheel.name), seen, skeleton=skeleton
+            layer,
+            sources,
+            spool_dir=spool_dir,
+            scheme_dict=target.scheme(wheel.name),
+            seen=seen,
+            skeleton=skeleton,
         )
         try:
             with zipfile.ZipFile(files[wheel.sha256]) as archive:
@@ -401,8 +472,8 @@ def _skeleton_names(skeleton: Path) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(files), frozenset(links)
 
 
-def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
-    """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), sorted."""
+def _add_skeleton(layer: LayerIndex, skeleton: Path) -> None:
+    """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), held in memory."""
     with engine_tar(skeleton) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
@@ -414,6 +485,8 @@ def _add_skeleton(layer: LayerWriter, skeleton: Path) -> None:
             elif member.isfile():
                 data = tar.extractfile(member)
                 assert data is not None
-                layer.file(name, data, member.size, mode=installed_mode(member.mode))
+                held = data.read()
+                opener = functools.partial(io.BytesIO, held)
+                layer.file(name, opener, len(held), mode=installed_mode(member.mode))
             else:
                 raise EngineError(f"the base's venv holds {member.name}, not a file or link")

@@ -6,6 +6,8 @@ test_assemble.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -20,15 +22,16 @@ from installer import install
 from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
+from reprobox import layer_tar
 from reprobox.archive import write_normalized_layer
 from reprobox.assemble import _config, recipe_history, recipe_only
 from reprobox.docker_engine import _go_mode, _go_time
 from reprobox.engine import Change
 from reprobox.errors import BadInputError, EngineError
-from reprobox.layer_tar import LayerWriter, archive_stream
+from reprobox.layer_tar import LayerIndex, LayerWriter, archive_stream
 from reprobox.locked import LockedWheel
 from reprobox.opt_layers import hook_paths
-from reprobox.pylayer import TargetPython, write_wheels
+from reprobox.pylayer import TargetPython, _Spool, write_wheels
 from reprobox.render import RenderedContext
 from reprobox.spec_load import load_spec
 
@@ -205,6 +208,64 @@ def test_the_same_file_twice_is_written_once_and_a_different_one_is_refused(
     assert not (tmp_path / "l.tar").exists()
 
 
+def _no_second_pass(*args: object, **kwargs: object) -> str:
+    raise AssertionError("the layer took the normaliser's second pass")
+
+
+def test_an_index_writes_its_layer_in_one_pass_in_the_normalisers_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries given in installer's order (pycs last), and a folder (`pkg/b`) that sorts after
+    a file beside it (`pkg/b!x`): written once, sorted, each folder in its sorted place, the
+    bytes the normaliser (and the writer's second pass) give."""
+    entries = [
+        ("opt/venv/lib/pkg/b/c.py", b"c\n", 0o644),
+        ("opt/venv/bin/tool", b"#!x\n", 0o755),
+        ("opt/venv/lib/pkg/b!x", b"x", 0o644),
+        ("opt/venv/lib/pkg/__pycache__/a.cpython-311.pyc", b"p", 0o644),
+        ("opt/venv/lib/pkg/a.py", b"a\n", 0o644),
+    ]
+    index = LayerIndex("opt/venv")
+    writer = LayerWriter(tmp_path / "w.tar", EPOCH, root="opt/venv")
+    for name, data, mode in entries:
+        assert index.file(name, functools.partial(io.BytesIO, data), len(data), mode=mode)
+        writer.file(name, io.BytesIO(data), len(data), mode=mode)
+    index.symlink("opt/venv/lib64", "lib")
+    writer.symlink("opt/venv/lib64", "lib")
+    expected = writer.close()  # out of order: its second pass sorts it
+    with monkeypatch.context() as patched:
+        patched.setattr(layer_tar, "write_normalized_layer", _no_second_pass)
+        layer = index.write(tmp_path / "i.tar", EPOCH)
+    names = [m.name for m in _members(layer.path)]
+    assert names == sorted(names)
+    assert names.index("opt/venv/lib/pkg/b") < names.index("opt/venv/lib/pkg/b!x")
+    assert layer.diff_id == expected.diff_id
+    assert layer.path.read_bytes() == expected.path.read_bytes()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(layer.path.read_bytes()).hexdigest()
+
+
+def test_an_index_takes_the_same_file_once_and_refuses_a_different_one(tmp_path: Path) -> None:
+    index = LayerIndex("opt/venv")
+    digest = hashlib.sha256(b"").hexdigest()
+    empty = functools.partial(io.BytesIO, b"")
+    assert index.file("opt/venv/nvidia/__init__.py", empty, 0, sha256=digest)
+    assert not index.file("opt/venv/nvidia/__init__.py", empty, 0, sha256=digest)
+    with pytest.raises(BadInputError, match="two different entries"):
+        index.file("opt/venv/nvidia/__init__.py", empty, 0, sha256="0" * 64)
+    with pytest.raises(BadInputError, match="a folder and a file"):
+        index.directory("opt/venv/nvidia/__init__.py")
+    with pytest.raises(BadInputError, match="outside"):
+        index.file("opt/venv/../etc/passwd", empty, 0)
+    with pytest.raises(BadInputError, match="control character"):
+        index.symlink("opt/venv/link", "lib\nx")
+    # A file with an entry under it is refused when the layer is written, and no layer is left.
+    index.file("opt/venv/a", empty, 0)
+    index.file("opt/venv/a/b.py", empty, 0)
+    with pytest.raises(BadInputError, match="not a folder"):
+        index.write(tmp_path / "l.tar", EPOCH)
+    assert not (tmp_path / "l.tar").exists()
+
+
 @pytest.mark.parametrize(
     "name", ["opt/venv/../etc/passwd", "etc/passwd", "opt/venvx/a", "opt/venv//a", "opt/venv/./a"]
 )
@@ -268,24 +329,35 @@ def _target(skeleton: Path) -> TargetPython:
 
 @pytest.mark.parametrize("with_sources", [False, True], ids=["layer-alone", "layer-and-sources"])
 def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(
-    tmp_path: Path, with_sources: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_sources: bool
 ) -> None:
-    """The layer alone, as a build writes it, and with the `.py` files copied out on the way."""
+    """The layer alone, as a build writes it, and with the `.py` files copied out on the way
+    (read back from the spool)."""
     wheel_path = _wheel(tmp_path / "demo_pkg-1.0-py3-none-any.whl")
     locked, digest = _locked(wheel_path, "demo-pkg")
     target = _target(tmp_path / "unused")
     layer_path, sources_path = tmp_path / "layer.tar", tmp_path / "sources.tar"
-    writer = LayerWriter(layer_path, EPOCH, root="opt/venv")
-    with tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources:
+    index, spool = LayerIndex("opt/venv"), _Spool(tmp_path / "spool")
+    with (
+        tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources,
+        contextlib.closing(spool),
+    ):
         python_files = write_wheels(
-            writer,
+            (index, spool),
             sources if with_sources else None,
             spool_dir=tmp_path,
             target=target,
             wheels=[locked],
             files={digest: wheel_path},
         )
-    writer.close()
+        with monkeypatch.context() as patched:
+            patched.setattr(layer_tar, "write_normalized_layer", _no_second_pass)
+            written = index.write(layer_path, EPOCH)
+    # Written once, already in the normaliser's order, each file read back from the spool.
+    names = [m.name for m in _members(layer_path)]
+    assert names == sorted(names)
+    again = write_normalized_layer(layer_path, tmp_path / "n.tar", source_date_epoch=EPOCH)
+    assert again == written.diff_id
     if with_sources:
         assert python_files == [f"{SITE}/demo_pkg/__init__.py", f"{SITE}/demo_pkg/sub/mod.py"]
 
@@ -330,21 +402,20 @@ def test_a_wheel_that_would_write_outside_its_folder_is_refused(
         archive.writestr("evil-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
         archive.writestr("evil-1.0.dist-info/RECORD", b"")
     locked, digest = _locked(wheel_path, "evil")
-    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv") if with_layer else None
+    spool = _Spool(tmp_path / "spool")
     with (
         tarfile.open(tmp_path / "s.tar", "w") as sources,
+        contextlib.closing(spool),
         pytest.raises(BadInputError, match="would land outside"),
     ):
         write_wheels(
-            writer,
+            (LayerIndex("opt/venv"), spool) if with_layer else None,
             sources,
             spool_dir=tmp_path,
             target=_target(tmp_path / "unused"),
             wheels=[locked],
             files={digest: wheel_path},
         )
-    if writer is not None:
-        writer.abort()
     with tarfile.open(tmp_path / "s.tar") as written:
         assert written.getnames() == []  # nothing reached the compile container's input
 
@@ -517,19 +588,25 @@ def test_each_layer_takes_its_own_pycs_from_the_shared_tar_and_a_stray_one_fails
         tmp_path / "pycs.tar",
         [f"{pkg}/b.cpython-311.pyc", f"{pkg}/x.y.cpython-311.pyc", f"{pkg}/a.cpython-311.pyc"],
     )
-    layers = [LayerWriter(tmp_path / f"{n}.tar", EPOCH, root="opt/venv") for n in "ab"]
-    append_pycs(layers, [shared, shared], sources, "cpython-311")
-    written = [[m.name for m in _members(w.close().path) if m.isfile()] for w in layers]
+    layers = [LayerIndex("opt/venv") for _ in "ab"]
+    with contextlib.ExitStack() as opened:
+        append_pycs(layers, [shared, shared], sources, "cpython-311", opened)
+        paths = [
+            index.write(tmp_path / f"{n}.tar", EPOCH).path
+            for n, index in zip("ab", layers, strict=True)
+        ]
+    written = [[m.name for m in _members(path) if m.isfile()] for path in paths]
     assert written == [
         [f"{pkg[1:]}/__pycache__/a.cpython-311.pyc", f"{pkg[1:]}/__pycache__/x.y.cpython-311.pyc"],
         [f"{pkg[1:]}/__pycache__/b.cpython-311.pyc"],
     ]
     # A pyc of no layer's file (here: another cache tag) is named, not dropped.
     stray = _pyc_tar(tmp_path / "stray.tar", [f"{pkg}/a.cpython-399.pyc"])
-    layer = LayerWriter(tmp_path / "c.tar", EPOCH, root="opt/venv")
-    with pytest.raises(EngineError, match=r"1 pycs of no layer.*a\.cpython-399\.pyc"):
-        append_pycs([layer], [stray], sources[:1], "cpython-311")
-    layer.abort()
+    with (
+        contextlib.ExitStack() as opened,
+        pytest.raises(EngineError, match=r"1 pycs of no layer.*a\.cpython-399\.pyc"),
+    ):
+        append_pycs([LayerIndex("opt/venv")], [stray], sources[:1], "cpython-311", opened)
 
 
 def test_the_wait_for_the_pycs_ends_when_the_compile_ends_without_them() -> None:

@@ -7,6 +7,7 @@ the two images) is in test_assemble.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import subprocess
@@ -30,9 +31,9 @@ from test_assemble_layers import (
 from test_compile_program import _interpreters
 
 from reprobox.errors import BadInputError
-from reprobox.layer_tar import LayerWriter
+from reprobox.layer_tar import LayerIndex
 from reprobox.locked import LockedWheel, requirements_text
-from reprobox.pylayer import write_wheels
+from reprobox.pylayer import _Spool, write_wheels
 from reprobox.render import _pypa_installer_files
 
 PROGRAM = Path(__file__).parents[1] / "templates" / "build" / "reprobox_install.py"
@@ -82,16 +83,17 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
     wheels = _wheels(tmp_path / "wheels")
     target = _target(tmp_path / "unused")
     layer_path = tmp_path / "layer.tar"
-    writer = LayerWriter(layer_path, EPOCH, root="opt/venv")
-    write_wheels(
-        writer,
-        None,
-        spool_dir=tmp_path,
-        target=target,
-        wheels=[w for w, _ in wheels],
-        files={w.sha256: p for w, p in wheels},
-    )
-    writer.close()
+    index = LayerIndex("opt/venv")
+    with contextlib.closing(_Spool(tmp_path / "spool")) as spool:
+        write_wheels(
+            (index, spool),
+            None,
+            spool_dir=tmp_path,
+            target=target,
+            wheels=[w for w, _ in wheels],
+            files={w.sha256: p for w, p in wheels},
+        )
+        index.write(layer_path, EPOCH)
     layer = layer_files(layer_path)
 
     root = tmp_path / "root"
@@ -299,17 +301,18 @@ def test_a_wheel_may_not_replace_the_venvs_own_files_in_either_route(
     with tarfile.open(skeleton, "w") as tar:
         tar.add(tmp_path / "venv", arcname="venv")
     target = _target(skeleton)
-    writer = LayerWriter(tmp_path / "layer.tar", EPOCH, root="opt/venv")
-    with pytest.raises(BadInputError, match=r"the venv's own|would land through a link"):
+    with (
+        contextlib.closing(_Spool(tmp_path / "spool")) as spool,
+        pytest.raises(BadInputError, match=r"the venv's own|would land through a link"),
+    ):
         write_wheels(
-            writer,
+            (LayerIndex("opt/venv"), spool),
             None,
             spool_dir=tmp_path,
             target=target,
             wheels=[evil],
             files={evil.sha256: tmp_path / "wheels" / evil.filename},
         )
-    writer.abort()
 
 
 def test_two_requirements_with_one_sha256_are_refused(tmp_path: Path) -> None:
