@@ -237,6 +237,10 @@ def _write_tree(
 
     rename(2) replaces an absent or empty directory but never a non-empty one, so of two
     renders racing into one new folder exactly one wins, and a reader never sees half a context.
+    What it holds is 0644 (files) and 0755 (folders) whatever the umask or a default ACL would
+    make: COPY keeps the modes, so `/opt/reprobox` and the image ID would follow the host's
+    umask. The folder itself keeps the umask's mode; the wheels keep the cache's (they are hard
+    links, and reach no image's layer).
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +256,11 @@ def _write_tree(
             path = tmp / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
+            path.chmod(0o644)
         _place_wheels(tmp, plan, wheels)
+        for folder in tmp.rglob("*"):
+            if folder.is_dir() and not folder.is_symlink():
+                folder.chmod(0o755)
         try:
             tmp.rename(out)
         except OSError as exc:

@@ -23,6 +23,8 @@ from reprobox.locked import IndexSettings, Lock, LockedWheel
 from reprobox.lockfile import LockFile, format_lock
 from reprobox.render import (
     _environment,
+    _inputs_sha256,
+    _wheel_plan,
     _write_tree,
     render_context,
     starter_spec,
@@ -296,12 +298,32 @@ def test_the_inputs_digest_names_what_the_context_holds(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("reprobox.render._spec_text", lambda spec: "other: text\n")
         assert digest("g") != first
-    mask = os.umask(0o077)
-    try:
-        assert digest("h") != first
-    finally:
-        os.umask(mask)
-    assert (tmp_path / "h" / "image").stat().st_mode != (tmp_path / "a" / "image").stat().st_mode
+    # Written under another umask, the context holds the same modes (COPY keeps them: the
+    # recipe's `/opt/reprobox` layer would follow the host's umask).
+    for umask in (0o077, 0o002):
+        mask = os.umask(umask)
+        try:
+            assert digest(f"h{umask:o}") == first
+        finally:
+            os.umask(mask)
+        written = tmp_path / f"h{umask:o}" / "image"
+        assert {p.stat().st_mode & 0o777 for p in written.rglob("*") if p.is_file()} == {0o644}
+        assert written.stat().st_mode & 0o777 == 0o755
+    # A mode that differs is another input (the digest read again from the context as it
+    # lies, first unchanged).
+    plan = _wheel_plan(lock)
+
+    def read_again(out: Path) -> str:
+        files = {
+            path.relative_to(out).as_posix(): path.read_text(encoding="utf-8")
+            for path in out.rglob("*")
+            if path.is_file() and path.relative_to(out).as_posix() not in plan
+        }
+        return _inputs_sha256(out, files, plan)
+
+    assert read_again(tmp_path / "a") == first
+    (tmp_path / "a" / "image" / "reprobox_hook.py").chmod(0o600)
+    assert read_again(tmp_path / "a") != first
     other_pin = parse_spec(demo.replace("numpy==2.4.6", "numpy==2.4.5"))
     assert digest("c", other_pin, fake_lock(other_pin)) != first
     assert (
