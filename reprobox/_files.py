@@ -65,7 +65,7 @@ def write_text_atomic(dest: Path, text: str) -> None:
 
 def place(source: Path, target: Path) -> None:
     """`target` becomes what `source` holds, atomically: a hard link where possible (same
-    filesystem, so no bytes are copied), else a copy."""
+    filesystem, so no bytes are copied), else a copy with its mode."""
     if target.exists() and target.samefile(source):
         return
     with atomic_path(target) as tmp:
@@ -74,6 +74,7 @@ def place(source: Path, target: Path) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
+            shutil.copymode(source, tmp)  # as a link would: not the umask's
 
 
 def sha256_hex(stream: _Reader, on_chunk: Callable[[int], None] | None = None) -> str:

@@ -4,9 +4,11 @@ A layer comes out as the normaliser (`archive.write_normalized_layer`) writes th
 layers: entries sorted by name, owner 0:0 with blank names, mtime at or below SOURCE_DATE_EPOCH,
 no atime or ctime, PAX format, so that the same entries give the same bytes on either route. A
 layer whose entries were added in that order is written once and hashed while it is written; one
-added in another order (pypa/installer's, with the pycs last) is put in order by one more pass
-of the normaliser itself. The image archive is never written to disk: `archive_stream` yields it
-as chunks for the engine's load endpoint.
+added in another order is put in order by one more pass of the normaliser itself (a safety net).
+A `LayerIndex` gathers a layer's entries first, each with where its bytes are (pypa/installer's
+output in a spool, a pyc in the compile's tar), and writes them in that order: the Python
+layers are written once, in one pass. The image archive is never written to disk:
+`archive_stream` yields it as chunks for the engine's load endpoint.
 """
 
 from __future__ import annotations
@@ -214,11 +216,14 @@ class LayerWriter:
 
     def abort(self) -> None:
         """Drop a half-written layer."""
-        with contextlib.suppress(OSError, ValueError, tarfile.TarError):
-            self._tar.close()
-        self._raw.close()
-        self.path.unlink(missing_ok=True)
-        self._unsorted_path().unlink(missing_ok=True)
+        try:
+            with contextlib.suppress(OSError, ValueError, tarfile.TarError):
+                self._tar.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush once more
+                self._raw.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+            self._unsorted_path().unlink(missing_ok=True)
 
     def _unsorted_path(self) -> Path:
         return self.path.with_name(self.path.name + ".unsorted")

@@ -178,8 +178,9 @@ class _Spool:
     in and read back where it lies when its layer is written: each wheel is decompressed once,
     and no file is held in memory."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("w+b")
+    def __init__(self, folder: Path) -> None:
+        # Unnamed: a killed build leaves no spool (GBs for a CUDA stack) in the layer cache.
+        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  # closed by close()
         self._end = 0
 
     def add(self, stream: BinaryIO, algorithm: str) -> tuple[str, int, Opener]:
@@ -332,7 +333,7 @@ def python_layers(
         # The spool and the pyc tars the indexes read from stay open until the layers are
         # written.
         with contextlib.ExitStack() as opened:
-            spool = _Spool(work / "spool")
+            spool = _Spool(work)
             opened.callback(spool.close)
             # First the `.py` files alone (a tenth of the bytes), so that the compile starts
             # early.

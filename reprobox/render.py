@@ -249,18 +249,19 @@ def _write_tree(
         denied = exc.errno in {errno.EACCES, errno.EPERM, errno.EROFS}
         raise _bad_output(f"cannot create {out}: {exc.strerror or exc}", missing=denied) from None
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
         for relative, text in files.items():
             path = tmp / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             path.chmod(0o644)
         _place_wheels(tmp, plan, wheels)
+        # While `tmp` is mkdtemp's 0700 nobody else can swap a folder for a link under it.
         for folder in tmp.rglob("*"):
             if folder.is_dir() and not folder.is_symlink():
                 folder.chmod(0o755)
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
         try:
             tmp.rename(out)
         except OSError as exc:

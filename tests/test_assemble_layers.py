@@ -208,6 +208,37 @@ def test_the_same_file_twice_is_written_once_and_a_different_one_is_refused(
     assert not (tmp_path / "l.tar").exists()
 
 
+def test_a_tar_written_straight_to_its_sink_is_the_stream_modes_bytes(tmp_path: Path) -> None:
+    """Layers are written with `mode="w"` and 1 MB copies; the normaliser's bytes were those
+    of tarfile's stream mode. Files past one 10 KB record and one copy, of odd sizes, and an
+    empty one: the same bytes either way."""
+    from reprobox._files import HashingWriter
+    from reprobox.layer_tar import _tar_writer
+
+    sizes = [0, 1, 10_241, (2 << 20) + 12_345, 513]
+    blobs = [bytes((i * 7 + n) % 251 for i in range(n)) for n in sizes]
+
+    def add(tar: tarfile.TarFile) -> None:
+        for number, blob in enumerate(blobs):
+            info = tarfile.TarInfo(f"opt/venv/f{number}")
+            info.size, info.mtime = len(blob), EPOCH
+            tar.addfile(info, io.BytesIO(blob))
+
+    with (
+        (tmp_path / "stream.tar").open("wb") as raw,
+        tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as stream,
+    ):
+        add(stream)
+    with (tmp_path / "direct.tar").open("wb") as raw:
+        sink = HashingWriter(raw)
+        with _tar_writer(sink) as direct:
+            add(direct)
+    expected = (tmp_path / "stream.tar").read_bytes()
+    assert (tmp_path / "direct.tar").read_bytes() == expected
+    assert sink.size == len(expected)
+    assert sink.hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
 def _no_second_pass(*args: object, **kwargs: object) -> str:
     raise AssertionError("the layer took the normaliser's second pass")
 
@@ -215,9 +246,10 @@ def _no_second_pass(*args: object, **kwargs: object) -> str:
 def test_an_index_writes_its_layer_in_one_pass_in_the_normalisers_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Entries given in installer's order (pycs last), and a folder (`pkg/b`) that sorts after
-    a file beside it (`pkg/b!x`): written once, sorted, each folder in its sorted place, the
-    bytes the normaliser (and the writer's second pass) give."""
+    """Entries given in installer's order (pycs last), and a folder (`pkg/b`) whose only entry
+    (`pkg/b/c.py`) sorts after a file beside the folder (`pkg/b!x`): a folder made when its
+    first entry is written would come out of order. Written once, sorted, each folder in its
+    sorted place, the bytes the normaliser (and the writer's second pass) give."""
     entries = [
         ("opt/venv/lib/pkg/b/c.py", b"c\n", 0o644),
         ("opt/venv/bin/tool", b"#!x\n", 0o755),
@@ -337,7 +369,7 @@ def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(
     locked, digest = _locked(wheel_path, "demo-pkg")
     target = _target(tmp_path / "unused")
     layer_path, sources_path = tmp_path / "layer.tar", tmp_path / "sources.tar"
-    index, spool = LayerIndex("opt/venv"), _Spool(tmp_path / "spool")
+    index, spool = LayerIndex("opt/venv"), _Spool(tmp_path)
     with (
         tarfile.open(sources_path, "w", format=tarfile.PAX_FORMAT) as sources,
         contextlib.closing(spool),
@@ -381,6 +413,10 @@ def test_wheels_go_into_the_layer_as_pypa_installer_writes_them_on_disk(
     assert "opt/venv/share/demo/readme.txt" in layer
     with tarfile.open(sources_path) as tar:
         assert sorted(tar.getnames()) == [p.lstrip("/") for p in python_files]
+        for member in tar:
+            data = tar.extractfile(member)
+            assert data is not None
+            assert (data.read(), 0o644) == layer[member.name]  # the bytes the layer holds
 
 
 @pytest.mark.parametrize(
@@ -402,7 +438,7 @@ def test_a_wheel_that_would_write_outside_its_folder_is_refused(
         archive.writestr("evil-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
         archive.writestr("evil-1.0.dist-info/RECORD", b"")
     locked, digest = _locked(wheel_path, "evil")
-    spool = _Spool(tmp_path / "spool")
+    spool = _Spool(tmp_path)
     with (
         tarfile.open(tmp_path / "s.tar", "w") as sources,
         contextlib.closing(spool),

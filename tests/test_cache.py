@@ -474,3 +474,32 @@ def test_a_lock_url_with_a_control_character_is_refused(tmp_path: Path) -> None:
         WheelCache(tmp_path / "cache").fetch([hostile])
     assert caught.value.exit_code == EXIT_BAD_INPUT
     assert "\x1b" not in caught.value.render()
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["hard-link", "copy"])
+def test_a_placed_file_keeps_the_mode_of_its_source_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linked: bool
+) -> None:
+    """A wheel goes into the context as a hard link, or as a copy where the cache is on
+    another filesystem: either way with the cache's mode, not the umask's (the context's
+    inputs digest holds every mode)."""
+    from reprobox._files import place
+
+    source = tmp_path / "cache.whl"
+    source.write_bytes(b"wheel")
+    source.chmod(0o600)
+    if not linked:
+
+        def no_link(*args: object) -> None:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr("reprobox._files.os.link", no_link)
+    mask = os.umask(0o002)
+    try:
+        place(source, tmp_path / "ctx.whl")
+    finally:
+        os.umask(mask)
+    placed = tmp_path / "ctx.whl"
+    assert placed.read_bytes() == b"wheel"
+    assert placed.stat().st_mode & 0o777 == 0o600
+    assert placed.samefile(source) == linked

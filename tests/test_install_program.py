@@ -84,7 +84,7 @@ def test_the_recipe_installs_the_files_the_assembled_layer_holds(tmp_path: Path)
     target = _target(tmp_path / "unused")
     layer_path = tmp_path / "layer.tar"
     index = LayerIndex("opt/venv")
-    with contextlib.closing(_Spool(tmp_path / "spool")) as spool:
+    with contextlib.closing(_Spool(tmp_path)) as spool:
         write_wheels(
             (index, spool),
             None,
@@ -302,7 +302,7 @@ def test_a_wheel_may_not_replace_the_venvs_own_files_in_either_route(
         tar.add(tmp_path / "venv", arcname="venv")
     target = _target(skeleton)
     with (
-        contextlib.closing(_Spool(tmp_path / "spool")) as spool,
+        contextlib.closing(_Spool(tmp_path)) as spool,
         pytest.raises(BadInputError, match=r"the venv's own|would land through a link"),
     ):
         write_wheels(
