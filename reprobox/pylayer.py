@@ -474,9 +474,10 @@ def _skeleton_names(skeleton: Path) -> tuple[frozenset[str], frozenset[str]]:
 
 
 def _add_skeleton(layer: LayerIndex, skeleton: Path) -> None:
-    """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), held in memory."""
+    """The venv skeleton (pyvenv.cfg, bin/python links, activate scripts), held in memory
+    (the index puts it in order)."""
     with engine_tar(skeleton) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+        for member in tar.getmembers():
             name = posixpath.normpath(posixpath.join(posixpath.dirname(VENV), member.name))
             name = name.lstrip("/")
             if member.isdir():
